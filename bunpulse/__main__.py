@@ -1,0 +1,31 @@
+"""`python -m bunpulse`: the embedded gevent server."""
+from gevent import monkey
+
+monkey.patch_all()
+
+import logging  # noqa: E402 - after monkey-patching, as gevent requires
+import sys  # noqa: E402
+
+from .config import ConfigError, build_parser, load_settings  # noqa: E402
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    build_parser().parse_args(argv)  # --help exits here, before anything starts
+    try:
+        settings = load_settings(argv)
+        from .server import serve_forever
+        logging.basicConfig(level=settings.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        serve_forever(settings)
+    except ConfigError as exc:
+        print(f"bunpulse: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"bunpulse: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

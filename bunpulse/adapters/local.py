@@ -1,0 +1,92 @@
+"""The in-process adapter: this worker is the whole deployment."""
+
+
+class LocalAdapter:
+    def __init__(self, hub):
+        self.hub = hub
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+    # ---------------------------------------------------------------- connections
+
+    def add_connection(self, conn):
+        self.hub.add_connection(conn)
+
+    def connection_count(self, app_id):
+        return self.hub.connection_count(app_id)
+
+    def remove_connection(self, conn):
+        """Returns ([(channel, vacated, removed user_id)], user_id gone offline or None)."""
+        return self.hub.remove_connection(conn)
+
+    # ---------------------------------------------------------------- delivery
+
+    def publish(self, app_id, channel, frame, except_socket_id=None):
+        """Deliver a prebuilt WebSocket frame to a channel's subscribers."""
+        return self.hub.broadcast(app_id, channel, frame, except_socket_id)
+
+    def send_to_connections(self, conns, frame):
+        for conn in conns:
+            conn.outbox.send(frame)
+
+    def terminate_user(self, app_id, user_id):
+        for conn in self.hub.user_connections(app_id, user_id):
+            conn.terminate()
+
+    # ---------------------------------------------------------------- membership
+
+    def subscribe(self, conn, channel, member=None):
+        """Returns (channel became occupied, member is new to the channel)."""
+        return self.hub.subscribe(conn, channel, member)
+
+    def unsubscribe(self, conn, channel):
+        """Returns None or (channel, vacated, removed user_id or None)."""
+        return self.hub.unsubscribe(conn, channel)
+
+    def sign_in(self, conn, user_id):
+        """Returns whether the user came online."""
+        return self.hub.sign_in(conn, user_id)
+
+    def watch(self, conn, user_ids):
+        self.hub.watch(conn, user_ids)
+
+    def watchers(self, app_id, user_id):
+        return self.hub.watchers(app_id, user_id)
+
+    def user_online(self, app_id, user_id):
+        return self.hub.user_online(app_id, user_id)
+
+    # ---------------------------------------------------------------- queries
+
+    def channel_counts(self, app_id):
+        """{channel: (subscription_count, user_count)} for every occupied channel."""
+        return {name: (len(ch.subscribers), len(ch.members))
+                for name, ch in self.hub.channels(app_id).items()}
+
+    def subscription_count(self, app_id, channel):
+        ch = self.hub.channel(app_id, channel)
+        return len(ch.subscribers) if ch else 0
+
+    def members(self, app_id, channel):
+        """{user_id: user_info} of a presence channel."""
+        ch = self.hub.channel(app_id, channel)
+        return {uid: entry[0] for uid, entry in ch.members.items()} if ch else {}
+
+    def member_count(self, app_id, channel):
+        ch = self.hub.channel(app_id, channel)
+        return len(ch.members) if ch else 0
+
+    def has_member(self, app_id, channel, user_id):
+        return self.hub.has_member(app_id, channel, user_id)
+
+    # ---------------------------------------------------------------- cache channels
+
+    def cache_set(self, app_id, channel, event, data, ttl):
+        self.hub.cache_set(app_id, channel, event, data, ttl)
+
+    def cache_get(self, app_id, channel):
+        return self.hub.cache_get(app_id, channel)

@@ -1,0 +1,155 @@
+"""The app record (credentials, limits, webhooks) and lookup by key or id."""
+import dataclasses
+import json
+
+from .config import DEV_APP, ConfigError
+
+WEBHOOK_EVENTS = frozenset(("channel_occupied", "channel_vacated", "member_added",
+                            "member_removed", "client_event", "cache_miss",
+                            "subscription_count"))
+
+
+@dataclasses.dataclass(frozen=True)
+class WebhookTarget:
+    url: str
+    event_types: frozenset = WEBHOOK_EVENTS
+
+    def wants(self, name):
+        return name in self.event_types
+
+
+@dataclasses.dataclass(frozen=True)
+class App:
+    id: str
+    key: str
+    secret: str
+    enabled: bool = True
+    client_events: bool = True
+    max_connections: int = 0                 # 0: no limit
+    max_client_events_per_second: int = 10
+    user_authentication_timeout: int = 0     # ms to sign in or join a private channel; 0: off
+    max_event_data_size: int = 10240         # bytes
+    max_channels_per_event: int = 100
+    max_batch_size: int = 10
+    max_channel_name_length: int = 200
+    max_event_name_length: int = 200
+    max_presence_members: int = 100
+    webhooks: tuple = ()
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(App)}
+
+
+class AppRegistry:
+    def __init__(self, apps):
+        self._by_key = {}
+        self._by_id = {}
+        for app in apps:
+            for index, value, what in ((self._by_key, app.key, "key"), (self._by_id, app.id, "id")):
+                if value in index:
+                    raise ConfigError(f"two apps share the {what} {value!r}")
+                index[value] = app
+
+    def by_key(self, key):
+        return self._by_key.get(key)
+
+    def by_id(self, app_id):
+        return self._by_id.get(str(app_id))
+
+    def __iter__(self):
+        return iter(self._by_id.values())
+
+    def __len__(self):
+        return len(self._by_id)
+
+
+def _targets(settings):
+    targets = []
+    if settings.webhook_url:
+        targets.append(WebhookTarget(settings.webhook_url))
+    if settings.subscription_vacancy_url:
+        targets.append(WebhookTarget(settings.subscription_vacancy_url,
+                                     frozenset(("channel_vacated",))))
+    return tuple(targets)
+
+
+def _parse_webhooks(raw, where):
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: field 'webhooks' must be a list")
+    targets = []
+    for n, hook in enumerate(raw):
+        spot = f"{where}: webhooks[{n}]"
+        if not isinstance(hook, dict) or not isinstance(hook.get("url"), str) \
+                or not hook["url"].startswith(("http://", "https://")):
+            raise ConfigError(f"{spot}: field 'url' must be an http(s) URL")
+        types = hook.get("event_types", sorted(WEBHOOK_EVENTS))
+        if not isinstance(types, list) or not set(types) <= WEBHOOK_EVENTS:
+            raise ConfigError(f"{spot}: field 'event_types' must list some of "
+                              f"{', '.join(sorted(WEBHOOK_EVENTS))}")
+        targets.append(WebhookTarget(hook["url"], frozenset(types)))
+    return tuple(targets)
+
+
+def parse_app(raw, where):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: each app must be a JSON object")
+    values = {}
+    for name, value in raw.items():
+        field = _FIELDS.get(name)
+        if field is None:
+            raise ConfigError(f"{where}: unknown field {name!r}")
+        if name == "webhooks":
+            value = _parse_webhooks(value, where)
+        elif name == "id":
+            if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value) == "":
+                raise ConfigError(f"{where}: field 'id' must be a non-empty string or number")
+            value = str(value)
+        elif field.type == "str" or field.type is str:
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{where}: field {name!r} must be a non-empty string")
+        elif field.type == "bool" or field.type is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: field {name!r} must be true or false")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{where}: field {name!r} must be a whole number of at least 0")
+        values[name] = value
+    for required in ("id", "key", "secret"):
+        if required not in values:
+            raise ConfigError(f"{where}: field {required!r} is missing")
+    return App(**values)
+
+
+def load_apps_file(path):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"--apps-file {path}: cannot read it ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--apps-file {path}: invalid JSON at line {exc.lineno}: {exc.msg}") \
+            from None
+    if isinstance(raw, dict) and "apps" in raw:
+        raw = raw["apps"]
+    if not isinstance(raw, list):
+        raise ConfigError(f"--apps-file {path}: expected a JSON list of apps")
+    apps = []
+    for n, entry in enumerate(raw):
+        label = entry.get("id", n) if isinstance(entry, dict) else n
+        apps.append(parse_app(entry, f"--apps-file {path}: app {label}"))
+    return apps
+
+
+def load_apps(settings):
+    """The apps of a deployment: the environment's app, the apps file's, or the dev app."""
+    apps = []
+    if settings.app_id:
+        apps.append(App(id=settings.app_id, key=settings.app_key, secret=settings.app_secret,
+                        client_events=settings.client_events,
+                        max_connections=settings.max_connections, webhooks=_targets(settings)))
+    if settings.apps_file:
+        apps.extend(load_apps_file(settings.apps_file))
+    if not apps:
+        apps.append(App(client_events=settings.client_events,
+                        max_connections=settings.max_connections,
+                        webhooks=_targets(settings), **DEV_APP))
+    return AppRegistry(apps)

@@ -1,0 +1,202 @@
+"""Every setting in one table: its name, environment variable, CLI flag, default, check and doc.
+
+Precedence: CLI flag, then the process environment, then a `.env` file, then the default.
+A bad value stops start-up with one line that names the option (ConfigError).
+"""
+import argparse
+import dataclasses
+import os
+from urllib.parse import urlparse
+
+from dotenv import dotenv_values
+
+
+class ConfigError(Exception):
+    """Invalid configuration; the message names the option."""
+
+
+def _int(minimum=0):
+    def parse(value):
+        number = int(value)
+        if number < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        return number
+    parse.metavar = "N"
+    return parse
+
+
+def _bool(value):
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+_bool.metavar = "BOOL"
+
+
+def _url(schemes):
+    def parse(value):
+        if value in (None, ""):
+            return None
+        parsed = urlparse(value)
+        if parsed.scheme not in schemes or not parsed.netloc:
+            raise ValueError(f"must be a {'/'.join(schemes)} URL")
+        return value
+    parse.metavar = "URL"
+    return parse
+
+
+def _text(value):
+    return None if value in (None, "") else str(value)
+
+
+_text.metavar = "TEXT"
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    name: str
+    env: str
+    default: object
+    parse: object
+    doc: str
+
+    @property
+    def flag(self):
+        return "--" + self.name.replace("_", "-")
+
+
+OPTIONS = (
+    Option("host", "BUNPULSE_HOST", None, _text,
+           "address to listen on (default 0.0.0.0; 127.0.0.1 for the development app)"),
+    Option("port", "BUNPULSE_PORT", 6001, _int(0), "port for WebSocket and HTTP API (0: any free port)"),
+    Option("app_id", "PUSHER_APP_ID", None, _text, "id of the app configured from the environment"),
+    Option("app_key", "PUSHER_APP_KEY", None, _text, "public key of that app"),
+    Option("app_secret", "PUSHER_APP_SECRET", None, _text, "secret of that app"),
+    Option("apps_file", "BUNPULSE_APPS_FILE", None, _text,
+           "JSON file with a list of apps (id, key, secret and per-app settings)"),
+    Option("client_events", "BUNPULSE_CLIENT_EVENTS", True, _bool,
+           "allow client-* events for the app from the environment"),
+    Option("max_connections", "BUNPULSE_MAX_CONNECTIONS", 0, _int(0),
+           "connection limit of the app from the environment (0: none)"),
+    Option("heartbeat_interval", "BUNPULSE_HEARTBEAT_INTERVAL", 25000, _int(100),
+           "ms without traffic before the server sends pusher:ping"),
+    Option("heartbeat_timeout", "BUNPULSE_HEARTBEAT_TIMEOUT", 60000, _int(200),
+           "ms without any traffic before the server closes with 4201"),
+    Option("max_message_size", "BUNPULSE_MAX_MESSAGE_SIZE", 65536, _int(1024),
+           "largest client WebSocket message in bytes; larger ones are closed with 1009"),
+    Option("max_buffer", "BUNPULSE_MAX_BUFFER", 1048576, _int(4096),
+           "bytes queued for one slow client before it is evicted with 4100"),
+    Option("cache_ttl", "BUNPULSE_CACHE_TTL", 1800, _int(1),
+           "seconds a cache channel keeps its last event"),
+    Option("subscription_vacancy_url", "BUNPULSE_SUBSCRIPTION_VACANCY_URL", None,
+           _url(("http", "https")), "URL that receives a signed channel_vacated webhook"),
+    Option("webhook_url", "BUNPULSE_WEBHOOK_URL", None, _url(("http", "https")),
+           "URL that receives every webhook event of the app from the environment"),
+    Option("webhook_batch_ms", "BUNPULSE_WEBHOOK_BATCH_MS", 250, _int(0),
+           "ms a webhook request waits to batch more events"),
+    Option("webhook_batch_size", "BUNPULSE_WEBHOOK_BATCH_SIZE", 20, _int(1),
+           "most events in one webhook request"),
+    Option("webhook_delay_ms", "BUNPULSE_WEBHOOK_DELAY_MS", 3000, _int(0),
+           "ms channel_vacated and member_removed wait, cancelled by a quick return"),
+    Option("webhook_retry_seconds", "BUNPULSE_WEBHOOK_RETRY_SECONDS", 300, _int(0),
+           "how long a failing webhook is retried, with exponential backoff"),
+    Option("webhook_timeout_ms", "BUNPULSE_WEBHOOK_TIMEOUT_MS", 5000, _int(100),
+           "timeout of one webhook request"),
+    Option("webhook_queue_size", "BUNPULSE_WEBHOOK_QUEUE_SIZE", 10000, _int(1),
+           "webhook events held per target before new ones are dropped (and counted)"),
+    Option("redis_url", "BUNPULSE_REDIS_URL", None, _url(("redis", "rediss", "unix")),
+           "Redis for several workers or nodes (pub/sub and shared state)"),
+    Option("workers", "BUNPULSE_WORKERS", 1, _int(1), "gunicorn worker processes"),
+    Option("log_level", "BUNPULSE_LOG_LEVEL", "info", _text, "debug, info, warning or error"),
+    Option("env_file", "BUNPULSE_ENV_FILE", ".env", _text, "dotenv file read at start-up"),
+)
+
+OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
+
+DEV_APP = {"id": "app-id", "key": "app-key", "secret": "app-secret"}
+
+Settings = dataclasses.make_dataclass(
+    "Settings", [(o.name, object, dataclasses.field(default=o.default)) for o in OPTIONS],
+    frozen=True)
+Settings.__doc__ = "The resolved settings (see OPTIONS)."
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m bunpulse",
+        description="BunPulse: a self-hosted Pusher Channels server. Every option can also be "
+                    "set by its environment variable or in a .env file.",
+        argument_default=argparse.SUPPRESS)
+    for option in OPTIONS:
+        default = "none" if option.default is None else option.default
+        parser.add_argument(option.flag, dest=option.name,
+                            metavar=getattr(option.parse, "metavar", "VALUE"),
+                            help=f"{option.doc} [env {option.env}, default {default}]")
+    return parser
+
+
+def load_settings(argv=None, environ=None, overrides=None):
+    """Resolve the settings from CLI arguments, environment, .env file and keyword overrides
+    (the library API); raise ConfigError naming the option on a bad value."""
+    environ = os.environ if environ is None else environ
+    given = vars(build_parser().parse_args(argv)) if argv is not None else {}
+    given.update({k: v for k, v in (overrides or {}).items()})
+    unknown = set(given) - set(OPTIONS_BY_NAME)
+    if unknown:
+        raise ConfigError(f"unknown option: {', '.join(sorted(unknown))}")
+    env_file = given.get("env_file") or environ.get("BUNPULSE_ENV_FILE") or ".env"
+    dotenv = dotenv_values(env_file) if os.path.isfile(env_file) else {}
+
+    values = {}
+    for option in OPTIONS:
+        if option.name in given:
+            raw, source = given[option.name], option.flag
+        elif environ.get(option.env) not in (None, ""):
+            raw, source = environ[option.env], option.env
+        elif dotenv.get(option.env) not in (None, ""):
+            raw, source = dotenv[option.env], f"{option.env} in {env_file}"
+        else:
+            values[option.name] = option.default
+            continue
+        try:
+            values[option.name] = raw if raw is None else option.parse(raw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid {source}={raw!r}: {exc}") from None
+    settings = Settings(**values)
+    _check(settings)
+    return settings
+
+
+def _check(settings):
+    credentials = (settings.app_id, settings.app_key, settings.app_secret)
+    if any(credentials) and not all(credentials):
+        raise ConfigError("PUSHER_APP_ID, PUSHER_APP_KEY and PUSHER_APP_SECRET must be set "
+                          "together")
+    if uses_dev_app(settings) and settings.host not in (None, "127.0.0.1", "localhost", "::1"):
+        raise ConfigError(f"--host={settings.host} needs real credentials: the development app "
+                          "(app-key/app-secret) is served on 127.0.0.1 only; set "
+                          "PUSHER_APP_ID, PUSHER_APP_KEY and PUSHER_APP_SECRET or --apps-file")
+    if settings.heartbeat_interval >= settings.heartbeat_timeout:
+        raise ConfigError("--heartbeat-interval must be shorter than --heartbeat-timeout")
+    if settings.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"invalid --log-level={settings.log_level!r}: "
+                          "must be debug, info, warning or error")
+    if settings.workers > 1 and not settings.redis_url:
+        raise ConfigError("BUNPULSE_WORKERS above 1 needs BUNPULSE_REDIS_URL: each worker has "
+                          "its own hub and Redis joins them")
+
+
+def uses_dev_app(settings):
+    return not settings.app_id and not settings.apps_file
+
+
+def listen_host(settings):
+    if settings.host:
+        return settings.host
+    return "127.0.0.1" if uses_dev_app(settings) else "0.0.0.0"

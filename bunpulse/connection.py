@@ -1,0 +1,247 @@
+"""One Pusher connection: the read loop, dispatch of client frames, and the heartbeat."""
+import logging
+import time
+
+import gevent
+
+from . import protocol
+from .errors import ClientError, PusherError, SubscriptionError
+from .protocol import channel_kind
+from .signatures import channel_auth_ok, user_auth_ok
+from .transport import build_frame
+
+log = logging.getLogger("bunpulse.connection")
+
+
+class Connection:
+    __slots__ = ("server", "app", "ws", "outbox", "socket_id", "subscriptions", "user_id",
+                 "user_data", "watchlist", "last_seen", "closed", "_pinged", "_timer",
+                 "_auth_timer", "_window", "_window_count", "__weakref__")
+
+    def __init__(self, server, app, ws, socket_id):
+        self.server = server
+        self.app = app
+        self.ws = ws
+        self.outbox = ws.outbox
+        self.socket_id = socket_id
+        self.subscriptions = {}  # channel -> presence user_id or None
+        self.user_id = None
+        self.user_data = None
+        self.watchlist = ()
+        self.last_seen = time.monotonic()
+        self.closed = False
+        self._pinged = False
+        self._timer = None
+        self._auth_timer = None
+        self._window = 0
+        self._window_count = 0
+
+    # ---------------------------------------------------------------- life cycle
+
+    def run(self):
+        """Serve the socket until it closes; blocks for the connection's whole life."""
+        server = self.server
+        self.send(protocol.connection_established(self.socket_id, server.activity_timeout))
+        server.adapter.add_connection(self)
+        self._arm_heartbeat(server.settings.heartbeat_interval / 1000)
+        if self.app.user_authentication_timeout:
+            self._auth_timer = gevent.get_hub().loop.timer(
+                self.app.user_authentication_timeout / 1000)
+            self._auth_timer.start(self._require_authorization)
+        server.hooks.emit("connection", self, None)
+        try:
+            self._read_loop()
+        finally:
+            self._cleanup()
+
+    def _read_loop(self):
+        ws = self.ws
+        while True:
+            message = ws.receive()
+            if message is None:
+                return
+            if ws.closed:
+                continue  # closing: wait for the client's close frame, ignore the rest
+            self.last_seen = time.monotonic()
+            self._pinged = False
+            if isinstance(message, bytes):
+                self.send_error(None, "Binary frames are not supported: send JSON text")
+                continue
+            try:
+                self.dispatch(protocol.parse_client_frame(message))
+            except ClientError as exc:
+                self.send_error(exc.code, exc.message)
+            except Exception:  # noqa: BLE001 - one bad frame must not end the worker
+                log.exception("error handling a frame from %s", self.socket_id)
+                self.send_error(None, "Internal server error")
+
+    def _cleanup(self):
+        self.closed = True
+        for timer in (self._timer, self._auth_timer):
+            if timer is not None:
+                timer.stop()
+                timer.close()
+        self.server.disconnected(self)
+
+    def send(self, payload):
+        """Send one JSON message (bytes) to this client."""
+        self.outbox.send(build_frame(payload))
+
+    def send_error(self, code, message):
+        self.send(protocol.error(code, message))
+
+    def close(self, code, reason=""):
+        if not self.ws.closed:
+            self.ws.close(code, reason)
+
+    def refuse(self, code, message):
+        """pusher:error then close with the same code."""
+        self.send_error(int(code), message)
+        self.close(code, message)
+
+    def terminate(self):
+        self.refuse(PusherError.UNAUTHORIZED, "You got disconnected by the app.")
+
+    # ---------------------------------------------------------------- heartbeat
+
+    def _arm_heartbeat(self, delay):
+        self._timer = gevent.get_hub().loop.timer(max(delay, 0.01))
+        self._timer.start(self._beat)
+
+    def _beat(self):
+        if self.closed or self.ws.closed:
+            return
+        settings = self.server.settings
+        idle = time.monotonic() - self.last_seen
+        interval, timeout = settings.heartbeat_interval / 1000, settings.heartbeat_timeout / 1000
+        if idle >= timeout:
+            self.close(PusherError.PONG_NOT_RECEIVED, "Pong reply not received")
+            return
+        if idle >= interval and not self._pinged:
+            self._pinged = True
+            self.send(protocol.PING)
+        self._arm_heartbeat((timeout if self._pinged else interval) - idle)
+
+    def _require_authorization(self):
+        if self.closed or self.user_id is not None:
+            return
+        if any(channel_kind(name).private for name in self.subscriptions):
+            return
+        self.refuse(PusherError.UNAUTHORIZED,
+                    "Connection not authorized within timeout: sign in or subscribe to a "
+                    "private channel")
+
+    # ---------------------------------------------------------------- dispatch
+
+    def dispatch(self, frame):
+        event = frame.event
+        if event == "pusher:ping":
+            self.send(protocol.PONG)
+        elif event == "pusher:pong":
+            pass
+        elif event == "pusher:subscribe":
+            self._subscribe(frame.data)
+        elif event == "pusher:unsubscribe":
+            self._unsubscribe(frame.data)
+        elif event == "pusher:signin":
+            self._signin(frame.data)
+        elif event.startswith("client-"):
+            self._client_event(frame)
+            return
+        else:
+            raise ClientError(f"Unsupported event: {event[:64]}")
+        self.server.hooks.emit(event, self, frame.data)
+
+    def _subscribe(self, data):
+        if not isinstance(data, dict) or not isinstance(data.get("channel"), str):
+            raise ClientError("pusher:subscribe needs data.channel, a string")
+        name = data["channel"]
+        try:
+            self.server.subscribe(self, name, data)
+        except SubscriptionError as exc:
+            self.send(protocol.subscription_error(name, exc.message, exc.status, exc.error_type))
+            self.send_error(exc.code, exc.message)
+
+    def _unsubscribe(self, data):
+        if not isinstance(data, dict) or not isinstance(data.get("channel"), str):
+            raise ClientError("pusher:unsubscribe needs data.channel, a string")
+        self.server.unsubscribe(self, data["channel"])
+
+    def authorize(self, name, data):
+        """Check a subscription's auth; return the presence member (user_id, user_info) or
+        None. Raise SubscriptionError when refused."""
+        kind = channel_kind(name)
+        if kind.user:
+            if self.user_id is None or name != protocol.user_channel(self.user_id):
+                raise SubscriptionError(f"Only the user signed in on this connection may "
+                                        f"subscribe to {name}", 403, "AuthError",
+                                        PusherError.UNAUTHORIZED)
+            return None
+        if not kind.private:
+            return None
+        auth = data.get("auth")
+        channel_data = data.get("channel_data")
+        if kind.presence and channel_data is None and self.user_id is not None:
+            if not channel_auth_ok(self.app, self.socket_id, name, auth):
+                raise SubscriptionError(f"Invalid signature: expected HMAC SHA256 hex digest of "
+                                        f"{self.socket_id}:{name}")
+            user = protocol.loads(self.user_data)
+            return self.user_id, user.get("user_info")
+        if kind.presence:
+            if not isinstance(channel_data, str):
+                raise SubscriptionError("Presence channels need channel_data, a JSON string",
+                                        400, "InvalidChannelData")
+            if not channel_auth_ok(self.app, self.socket_id, name, auth, channel_data):
+                raise SubscriptionError(f"Invalid signature: expected HMAC SHA256 hex digest of "
+                                        f"{self.socket_id}:{name}:channel_data")
+            try:
+                return protocol.parse_presence_data(channel_data)
+            except ValueError as exc:
+                raise SubscriptionError(f"Invalid channel_data: {exc}", 400,
+                                        "InvalidChannelData") from None
+        if not channel_auth_ok(self.app, self.socket_id, name, auth):
+            raise SubscriptionError(f"Invalid signature: expected HMAC SHA256 hex digest of "
+                                    f"{self.socket_id}:{name}")
+        return None
+
+    def _client_event(self, frame):
+        app, name, channel = self.app, frame.event, frame.channel
+        if not app.client_events:
+            raise ClientError("Client events are not enabled for this app")
+        if not isinstance(channel, str) or channel not in self.subscriptions:
+            raise ClientError(f"Client event rejected: not subscribed to {channel}")
+        kind = channel_kind(channel)
+        if not kind.client_events_allowed:
+            raise ClientError("Client events are only allowed on private and presence "
+                              "channels (never encrypted ones)")
+        if len(name) > app.max_event_name_length:
+            raise ClientError(f"Event name is longer than {app.max_event_name_length} "
+                              "characters")
+        now = int(time.monotonic())
+        if now != self._window:
+            self._window, self._window_count = now, 0
+        self._window_count += 1
+        if self._window_count > app.max_client_events_per_second:
+            raise ClientError("Client event rejected due to rate limit",
+                              PusherError.CLIENT_EVENT_REJECTED)
+        data = frame.data
+        if len(protocol.dumps(data)) > app.max_event_data_size:
+            raise ClientError(f"Client event data is larger than {app.max_event_data_size} "
+                              "bytes")
+        self.server.client_event(self, channel, name, data,
+                                 self.subscriptions[channel] if kind.presence else None)
+
+    def _signin(self, data):
+        if not isinstance(data, dict):
+            raise ClientError("pusher:signin needs data with auth and user_data")
+        user_data, auth = data.get("user_data"), data.get("auth")
+        if not isinstance(user_data, str) or not user_auth_ok(self.app, self.socket_id,
+                                                              user_data, auth):
+            self.refuse(PusherError.UNAUTHORIZED, "Invalid signature for pusher:signin")
+            return
+        try:
+            user = protocol.parse_user_data(user_data)
+        except ValueError as exc:
+            self.refuse(PusherError.UNAUTHORIZED, f"Invalid user_data: {exc}")
+            return
+        self.server.sign_in(self, user, user_data)

@@ -1,0 +1,71 @@
+"""Pusher error codes and the exceptions that carry them."""
+from enum import IntEnum
+
+
+class PusherError(IntEnum):
+    """Close codes and `pusher:error` codes of the Pusher protocol."""
+
+    SSL_ONLY = 4000
+    APP_NOT_FOUND = 4001
+    APP_DISABLED = 4003
+    OVER_CONNECTION_QUOTA = 4004
+    PATH_NOT_FOUND = 4005
+    INVALID_VERSION = 4006
+    UNSUPPORTED_PROTOCOL = 4007
+    NO_PROTOCOL = 4008
+    UNAUTHORIZED = 4009
+    OVER_CAPACITY = 4100
+    RECONNECT = 4200
+    PONG_NOT_RECEIVED = 4201
+    CLOSED_AFTER_INACTIVITY = 4202
+    CLIENT_EVENT_REJECTED = 4301
+    WATCHLIST_LIMIT = 4302
+
+
+class WsClose:
+    """WebSocket close codes of RFC 6455 that the transport uses."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    INVALID_PAYLOAD = 1007
+    MESSAGE_TOO_BIG = 1009
+
+
+class ConnectionRefused(Exception):
+    """A connection that must get `pusher:error` and then a close with `code`."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = int(code)
+        self.message = message
+
+
+class ClientError(Exception):
+    """A bad frame from a client: answered with `pusher:error`, connection kept."""
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        self.code = None if code is None else int(code)
+        self.message = message
+
+
+class SubscriptionError(Exception):
+    """A refused subscription: `pusher:subscription_error` plus `pusher:error`."""
+
+    def __init__(self, message, status=401, error_type="AuthError", code=None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.error_type = error_type
+        self.code = code
+
+
+class ApiError(Exception):
+    """An HTTP API refusal: the status and a message that says what is wrong."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message

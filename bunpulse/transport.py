@@ -1,0 +1,340 @@
+"""The WebSocket transport: the only module that imports geventwebsocket.
+
+It fixes what gevent-websocket 0.10.1 gets wrong for a Pusher server (see stack-notes.md):
+close frames carry a real code, an oversized message is refused from its header (1009) before
+its payload is read, unmasking runs in C (wsaccel), invalid UTF-8 closes with 1007 and protocol
+errors with 1002, no stray close frame from `__del__`, and no per-address client table (which
+breaks on unix sockets). Every write goes through one Outbox per socket: a non-blocking send,
+and a bounded buffer drained by a writer greenlet that exists only while there is a backlog.
+"""
+import base64
+import hashlib
+import logging
+import socket
+import struct
+
+import gevent
+from gevent.pywsgi import WSGIHandler
+from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
+from geventwebsocket.handler import WebSocketHandler
+from geventwebsocket.websocket import WebSocket
+from wsaccel.xormask import XorMaskerSimple
+
+from .errors import PusherError, WsClose
+
+log = logging.getLogger("bunpulse.transport")
+
+OP_CONTINUATION, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
+OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
+CLOSE_LINGER = 3.0  # seconds to wait for the client's close frame before dropping the socket
+_pack_short = struct.Struct("!H").pack
+_pack_long = struct.Struct("!Q").pack
+
+
+def build_frame(payload, opcode=OP_TEXT):
+    """One unmasked, final frame around `payload` (bytes); built once, sent to many sockets."""
+    length = len(payload)
+    first = bytes((0x80 | opcode,))
+    if length < 126:
+        return first + bytes((length,)) + payload
+    if length < 0x10000:
+        return first + b"\x7e" + _pack_short(length) + payload
+    return first + b"\x7f" + _pack_long(length) + payload
+
+
+def close_frame(code, reason=""):
+    # At most 123 bytes of reason fit in a control frame after the 2-byte code.
+    return build_frame(_pack_short(code) + reason.encode()[:123], OP_CLOSE)
+
+
+class ConnectionLost(Exception):
+    """The peer went away (EOF or socket error)."""
+
+
+class _Violation(Exception):
+    def __init__(self, code, reason):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Outbox:
+    """The single writer of one socket.
+
+    `send` tries a non-blocking write; what does not fit is queued and a writer greenlet is
+    spawned to drain it, coalescing everything queued into one write. Past `limit` queued bytes
+    the peer is evicted (close 4100, so pusher-js backs off and reconnects).
+    """
+
+    __slots__ = ("_sock", "_raw_send", "_pending", "_pending_size", "_writer", "limit",
+                 "closed", "on_evict", "__weakref__")
+
+    def __init__(self, sock, limit, on_evict=None):
+        self._sock = sock
+        raw = getattr(sock, "_sock", sock)  # the non-blocking socket under gevent's wrapper
+        self._raw_send = raw.send
+        self._pending = []
+        self._pending_size = 0
+        self._writer = None
+        self.limit = limit
+        self.closed = False
+        self.on_evict = on_evict
+
+    @property
+    def backlog(self):
+        return self._pending_size
+
+    def send(self, frame):
+        if self.closed:
+            return
+        if self._writer is not None:
+            self._pending.append(frame)
+            self._pending_size += len(frame)
+            if self._pending_size > self.limit:
+                self._evict()
+            return
+        try:
+            sent = self._raw_send(frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._drop()
+            return
+        if sent < len(frame):
+            self._pending.append(frame[sent:])
+            self._pending_size = len(frame) - sent
+            self._writer = gevent.spawn(self._drain)
+
+    def _drain(self):
+        pending = self._pending
+        try:
+            while pending and not self.closed:
+                data = pending[0] if len(pending) == 1 else b"".join(pending)
+                pending.clear()
+                self._pending_size = 0
+                self._sock.sendall(data)
+        except OSError:
+            self._drop()
+        finally:
+            self._writer = None
+
+    def _evict(self):
+        log.info("evicting a client that stopped reading (%d bytes queued)", self._pending_size)
+        self._pending.clear()
+        self._pending_size = 0
+        self.closed = True
+        try:  # best effort: the socket buffer is probably full
+            self._raw_send(close_frame(PusherError.OVER_CAPACITY, "Client too slow"))
+        except OSError:
+            pass
+        self.shutdown()
+        if self.on_evict is not None:
+            self.on_evict()
+
+    def _drop(self):
+        self.closed = True
+        self._pending.clear()
+        self._pending_size = 0
+
+    def close(self, code, reason=""):
+        """Queue a close frame after what is pending, then half-close; the reader's linger
+        timer drops the socket if the client never answers."""
+        if self.closed:
+            return
+        self.send(close_frame(code, reason))
+        self.closed = True
+        if self._writer is None:
+            self._half_close()
+        else:
+            self._writer.link(lambda _: self._half_close())
+        gevent.get_hub().loop.timer(CLOSE_LINGER).start(self.shutdown)
+
+    def _half_close(self):
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def shutdown(self):
+        """Drop the connection now: the reader sees EOF and cleans up."""
+        self.closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class PusherWebSocket(WebSocket):
+    """A server-side WebSocket with correct reads and a single writer (`outbox`)."""
+
+    __slots__ = ("outbox", "max_message_size", "close_code", "_rfile")
+
+    def __init__(self, environ, handler, max_buffer=1 << 20):
+        self.environ = environ
+        self.handler = handler
+        self.stream = None
+        self.closed = False
+        self._rfile = handler.rfile
+        self.outbox = Outbox(handler.socket, max_buffer)
+        self.max_message_size = 1 << 16
+        self.close_code = None
+
+    def __del__(self):
+        pass  # never send a close frame from the garbage collector
+
+    # ---------------------------------------------------------------- reading
+
+    def _read(self, n):
+        data = self._rfile.read(n)
+        if len(data) != n:
+            raise ConnectionLost()
+        return data
+
+    def _read_frame(self, budget):
+        b1, b2 = self._read(2)
+        fin, opcode, length = b1 & 0x80, b1 & 0x0F, b2 & 0x7F
+        if b1 & 0x70:
+            raise _Violation(WsClose.PROTOCOL_ERROR, "Reserved bits must be 0")
+        if not b2 & 0x80:
+            raise _Violation(WsClose.PROTOCOL_ERROR, "Client frames must be masked")
+        if opcode >= OP_CLOSE:
+            if not fin or length > 125:
+                raise _Violation(WsClose.PROTOCOL_ERROR, "Invalid control frame")
+        elif opcode not in (OP_CONTINUATION, OP_TEXT, OP_BINARY):
+            raise _Violation(WsClose.PROTOCOL_ERROR, "Unknown opcode")
+        if length == 126:
+            length = struct.unpack("!H", self._read(2))[0]
+        elif length == 127:
+            length = struct.unpack("!Q", self._read(8))[0]
+        if opcode < OP_CLOSE and length > budget:
+            # Refuse from the header alone: the payload is never read.
+            raise _Violation(WsClose.MESSAGE_TOO_BIG, "Message too big")
+        mask = self._read(4)
+        payload = XorMaskerSimple(mask).process(self._read(length)) if length else b""
+        return fin, opcode, payload
+
+    def receive(self):
+        """The next message: str (text) or bytes (binary); None once the connection is over."""
+        try:
+            return self._read_message()
+        except _Violation as violation:
+            self.close(violation.code, violation.reason)
+        except UnicodeDecodeError:
+            self.close(WsClose.INVALID_PAYLOAD, "Invalid UTF-8")
+        except (ConnectionLost, OSError):
+            self.closed = True
+            self.outbox.closed = True
+        return None
+
+    def _read_message(self):
+        opcode, parts, size = None, [], 0
+        while True:
+            fin, frame_opcode, payload = self._read_frame(self.max_message_size - size)
+            if frame_opcode == OP_CLOSE:
+                self._answer_close(payload)
+                return None
+            if frame_opcode == OP_PING:
+                self.outbox.send(build_frame(payload, OP_PONG))
+                continue
+            if frame_opcode == OP_PONG:
+                continue
+            if frame_opcode == OP_CONTINUATION:
+                if opcode is None:
+                    raise _Violation(WsClose.PROTOCOL_ERROR, "Continuation without a message")
+            elif opcode is not None:
+                raise _Violation(WsClose.PROTOCOL_ERROR, "New message inside a fragmented one")
+            else:
+                opcode = frame_opcode
+            parts.append(payload)
+            size += len(payload)
+            if fin:
+                break
+        message = parts[0] if len(parts) == 1 else b"".join(parts)
+        return message.decode("utf-8") if opcode == OP_TEXT else bytes(message)
+
+    def _answer_close(self, payload):
+        code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else WsClose.NORMAL
+        self.close_code = code
+        if not self.closed:
+            self.closed = True
+            self.outbox.send(close_frame(code if 1000 <= code < 5000 and code not in
+                                         (1004, 1005, 1006, 1015) else WsClose.NORMAL))
+            self.outbox.closed = True
+
+    # ---------------------------------------------------------------- writing
+
+    def send_bytes(self, payload):
+        """Send one text message whose UTF-8 payload is already encoded."""
+        self.outbox.send(build_frame(payload))
+
+    def send(self, message, binary=None):
+        payload = message.encode() if isinstance(message, str) else bytes(message)
+        self.outbox.send(build_frame(payload, OP_BINARY if binary else OP_TEXT))
+
+    def close(self, code=WsClose.NORMAL, message=""):
+        if isinstance(message, bytes):
+            message = message.decode("utf-8", "replace")
+        self.closed = True
+        self.outbox.close(int(code), message or "")
+
+
+class PusherWebSocketHandler(WebSocketHandler):
+    """gevent-websocket's handler with our WebSocket and no per-address client table."""
+
+    max_buffer = 1 << 20
+
+    def upgrade_connection(self):
+        version = self.environ.get("HTTP_SEC_WEBSOCKET_VERSION")
+        if version not in self.SUPPORTED_VERSIONS:
+            self.start_response("400 Bad Request",
+                                [("Sec-WebSocket-Version", ", ".join(self.SUPPORTED_VERSIONS))])
+            return [b"Unsupported WebSocket version"]
+        key = self.environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
+        try:
+            valid_key = len(base64.b64decode(key, validate=True)) == 16
+        except ValueError:
+            valid_key = False
+        if not valid_key:
+            self.start_response("400 Bad Request", [])
+            return [b"Invalid Sec-WebSocket-Key"]
+        self.websocket = PusherWebSocket(self.environ, self, self.max_buffer)
+        self.environ.update({"wsgi.websocket_version": version, "wsgi.websocket": self.websocket})
+        accept = base64.b64encode(hashlib.sha1((key + self.GUID).encode("latin-1")).digest())
+        self.start_response("101 Switching Protocols", [
+            ("Upgrade", "websocket"), ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Accept", accept.decode("latin-1"))])
+        return None
+
+    def run_websocket(self):
+        try:
+            # The application blocks for the socket's whole life.
+            list(self.application(self.environ, lambda status, headers, exc_info=None: []))
+        finally:
+            self.websocket.outbox.closed = True
+            self.environ["wsgi.websocket"] = None
+            self.websocket = None
+
+    def log_request(self):
+        if "101" not in str(self.status):
+            WSGIHandler.log_request(self)
+
+
+class PusherWorker(GeventWebSocketWorker):
+    """gunicorn's gevent WebSocket worker with our handler; when the worker is told to stop,
+    the application's `on_worker_stop` runs first so clients get 4200 and reconnect at once."""
+
+    wsgi_handler = PusherWebSocketHandler
+
+    def run(self):
+        gevent.spawn(self._stop_when_told)
+        super().run()
+
+    def _stop_when_told(self):
+        while self.alive:
+            gevent.sleep(0.2)
+        stop = getattr(self.wsgi, "on_worker_stop", None)
+        if stop is not None:
+            try:
+                stop()
+            except Exception:  # noqa: BLE001 - shutting down regardless
+                log.exception("on_worker_stop failed")

@@ -1,0 +1,190 @@
+"""Webhooks: delay, batching, signing and retries, off the hub's path.
+
+`emit` only appends to a queue. A dispatcher applies Pusher's delay to channel_vacated and
+member_removed (cancelled, with the matching occupied/added, when the channel or member comes
+back in time) and routes each event to the app's targets. Each target has a bounded queue and a
+sender that batches, signs and retries with exponential backoff; one batch at a time, so a
+receiver that fails and recovers gets every event once and in order.
+
+The workers are threads: under gevent's monkey-patching (the CLI, gunicorn) they are greenlets;
+in an unpatched host program (the library API) they are real threads, so a slow receiver never
+blocks the server's event loop.
+"""
+import logging
+import queue
+import threading
+import time
+from collections import deque
+
+import orjson
+import requests
+
+from .signatures import webhook_signature
+
+log = logging.getLogger("bunpulse.webhooks")
+
+DELAYED = {"channel_vacated": "channel_occupied", "member_removed": "member_added"}
+CANCELS = {again: delayed for delayed, again in DELAYED.items()}
+MAX_BACKOFF = 30.0
+
+
+class WebhookStats:
+    __slots__ = ("sent", "failed_attempts", "dropped_full", "dropped_expired")
+
+    def __init__(self):
+        self.sent = self.failed_attempts = self.dropped_full = self.dropped_expired = 0
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class WebhookSender:
+    def __init__(self, settings):
+        self.delay = settings.webhook_delay_ms / 1000
+        self.batch_window = settings.webhook_batch_ms / 1000
+        self.batch_size = settings.webhook_batch_size
+        self.retry_for = settings.webhook_retry_seconds
+        self.timeout = settings.webhook_timeout_ms / 1000
+        self.queue_size = settings.webhook_queue_size
+        self.stats = WebhookStats()
+        self._inbox = queue.Queue()
+        self._delayed = {}   # (name, app id, channel, user_id) -> (due, app, event)
+        self._targets = {}   # (app id, url) -> _Target
+        self._running = True
+        self._thread = None
+
+    def wanted(self, app, name):
+        """Whether any target of the app takes `name` (or needs it to cancel a delayed one)."""
+        wanted_name = CANCELS.get(name, name)
+        return any(t.wants(name) or t.wants(wanted_name) for t in app.webhooks)
+
+    def emit(self, app, event):
+        """Queue one webhook event; cheap and never blocking."""
+        if not app.webhooks or not self.wanted(app, event["name"]):
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._dispatch, name="bunpulse-webhooks",
+                                            daemon=True)
+            self._thread.start()
+        self._inbox.put((app, event))
+
+    def close(self):
+        self._running = False
+        self._inbox.put(None)
+        for target in self._targets.values():
+            target.close()
+
+    # ---------------------------------------------------------------- dispatcher
+
+    def _dispatch(self):
+        while self._running:
+            timeout = None
+            if self._delayed:
+                timeout = max(0.0, min(due for due, _, _ in self._delayed.values())
+                              - time.monotonic())
+            try:
+                item = self._inbox.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            if item is not None:
+                self._accept(*item)
+            now = time.monotonic()
+            for key in [k for k, (due, _, _) in self._delayed.items() if due <= now]:
+                _, app, event = self._delayed.pop(key)
+                self._route(app, event)
+
+    def _accept(self, app, event):
+        name = event["name"]
+        key = (app.id, event.get("channel"), event.get("user_id"))
+        if name in CANCELS and self._delayed.pop((CANCELS[name],) + key, None):
+            return  # back in time: neither the removal nor this return is reported
+        if name in DELAYED and self.delay > 0:
+            self._delayed[(name,) + key] = (time.monotonic() + self.delay, app, event)
+            return
+        self._route(app, event)
+
+    def _route(self, app, event):
+        for target in app.webhooks:
+            if target.wants(event["name"]):
+                sender = self._targets.get((app.id, target.url))
+                if sender is None:
+                    sender = self._targets[(app.id, target.url)] = _Target(self, app, target.url)
+                sender.add(event)
+
+
+class _Target:
+    """One receiver of one app: a bounded queue and a sender that batches and retries."""
+
+    def __init__(self, owner, app, url):
+        self.owner = owner
+        self.app = app
+        self.url = url
+        self.events = deque()
+        self.wake = threading.Event()
+        self.session = requests.Session()
+        self.running = True
+        self._dropping = False
+        threading.Thread(target=self._run, name=f"bunpulse-webhook-{url}", daemon=True).start()
+
+    def add(self, event):
+        if len(self.events) >= self.owner.queue_size:
+            self.owner.stats.dropped_full += 1
+            if not self._dropping:
+                self._dropping = True
+                log.warning("webhook queue for %s is full (%d events): dropping new events",
+                            self.url, self.owner.queue_size)
+            return
+        self.events.append(event)
+        self.wake.set()
+
+    def close(self):
+        self.running = False
+        self.wake.set()
+
+    def _run(self):
+        owner = self.owner
+        while self.running:
+            self.wake.wait()
+            self.wake.clear()
+            while self.events and self.running:
+                if len(self.events) < owner.batch_size and owner.batch_window:
+                    time.sleep(owner.batch_window)  # let a burst gather into one request
+                batch = [self.events.popleft()
+                         for _ in range(min(owner.batch_size, len(self.events)))]
+                self._deliver(batch)
+                if len(self.events) < owner.queue_size // 2:
+                    self._dropping = False
+
+    def _deliver(self, batch):
+        owner = self.owner
+        deadline = time.monotonic() + owner.retry_for
+        backoff = 0.5
+        while self.running:
+            if self._post(batch):
+                owner.stats.sent += len(batch)
+                return
+            owner.stats.failed_attempts += 1
+            left = deadline - time.monotonic()
+            if left <= 0:
+                owner.stats.dropped_expired += len(batch)
+                log.error("webhook to %s failed for %d s: dropped %d events", self.url,
+                          owner.retry_for, len(batch))
+                return
+            time.sleep(min(backoff, left))
+            backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def _post(self, batch):
+        # Signed anew on each attempt: validators refuse a time_ms far from now.
+        body = orjson.dumps({"time_ms": int(time.time() * 1000), "events": batch})
+        headers = {"Content-Type": "application/json", "X-Pusher-Key": self.app.key,
+                   "X-Pusher-Signature": webhook_signature(self.app.secret, body)}
+        try:
+            response = self.session.post(self.url, data=body, headers=headers,
+                                         timeout=self.owner.timeout)
+        except requests.RequestException as exc:
+            log.warning("webhook to %s failed: %s", self.url, exc.__class__.__name__)
+            return False
+        if 200 <= response.status_code < 300:
+            return True
+        log.warning("webhook to %s answered %d", self.url, response.status_code)
+        return False

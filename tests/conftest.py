@@ -1,0 +1,399 @@
+"""Shared fixtures: real servers in subprocesses, the official clients, raw sockets, a real
+webhook receiver and a real redis-server. No mocks."""
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pusher
+import pytest
+import requests
+import websocket
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JS_DIR = os.path.join(ROOT, "tests", "js")
+APP_ID, KEY, SECRET = "1", "test-key", "test-secret"
+MASTER_KEY = "YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXoxMjM0NTY="  # 32 bytes, base64
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout=5.0, interval=0.02, message="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+# ------------------------------------------------------------------------ servers
+
+class ServerProcess:
+    """`python -m bunpulse` (or gunicorn) in a subprocess, with its log kept for assertions."""
+
+    def __init__(self, env=None, args=(), port=None, command=None):
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        self.log_file = tempfile.NamedTemporaryFile("w+", prefix="bunpulse-", suffix=".log",
+                                                    delete=False)
+        full_env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("BUNPULSE_", "PUSHER_"))}
+        full_env.update({"PUSHER_APP_ID": APP_ID, "PUSHER_APP_KEY": KEY,
+                         "PUSHER_APP_SECRET": SECRET, "BUNPULSE_HOST": "127.0.0.1",
+                         "BUNPULSE_PORT": str(self.port), "PYTHONUNBUFFERED": "1",
+                         "BUNPULSE_ENV_FILE": os.devnull})
+        full_env.update(env or {})
+        self.env = full_env
+        command = command or [sys.executable, "-m", "bunpulse"]
+        self.proc = subprocess.Popen(list(command) + list(args), cwd=ROOT, env=full_env,
+                                     stdout=self.log_file, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.wait_ready()
+
+    @property
+    def url(self):
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self):
+        return f"ws://{self.host}:{self.port}"
+
+    def wait_ready(self, timeout=15):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if requests.get(self.url + "/health", timeout=0.5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not start:\n{self.log()}")
+
+    def log(self):
+        with open(self.log_file.name) as handle:
+            return handle.read()
+
+    def signal(self, sig):
+        os.killpg(self.proc.pid, sig)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.proc.wait(5)
+        self.log_file.close()
+
+
+@pytest.fixture
+def start_server():
+    """Factory: start_server(env={...}, args=[...]) -> ServerProcess, stopped after the test."""
+    started = []
+
+    def start(**kwargs):
+        server = ServerProcess(**kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def server():
+    """One server per test module, with the test app and fast heartbeats off."""
+    process = ServerProcess(env={"BUNPULSE_WEBHOOK_DELAY_MS": "0"})
+    yield process
+    process.stop()
+
+
+def pusher_api(server, **kwargs):
+    return pusher.Pusher(app_id=APP_ID, key=KEY, secret=SECRET, host=server.host,
+                         port=server.port, ssl=False, **kwargs)
+
+
+@pytest.fixture
+def api(server):
+    return pusher_api(server)
+
+
+# ------------------------------------------------------------------------ pusher-js
+
+class NodeDriver:
+    """pusher-js and the npm `pusher` library in one Node process (tests/js/driver.js)."""
+
+    def __init__(self, server, app_id=APP_ID, key=KEY, secret=SECRET):
+        env = dict(os.environ, BP_HOST=server.host, BP_PORT=str(server.port), BP_APP_ID=app_id,
+                   BP_KEY=key, BP_SECRET=secret, BP_MASTER_KEY=MASTER_KEY)
+        self.proc = subprocess.Popen(["node", "driver.js"], cwd=JS_DIR, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, bufsize=1)
+        self.reports = []
+        self._lock = threading.Condition()
+        self._seq = 0
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            with self._lock:
+                self.reports.append(message)
+                self._lock.notify_all()
+
+    def call(self, op, timeout=10, **kwargs):
+        """Run a command; return its result or raise on failure."""
+        self._seq += 1
+        seq = self._seq
+        self.proc.stdin.write(json.dumps(dict(kwargs, op=op, seq=seq)) + "\n")
+        self.proc.stdin.flush()
+        reply = self.wait(lambda r: r.get("type") == "reply" and r.get("seq") == seq, timeout,
+                          f"reply to {op}")
+        return reply
+
+    def wait(self, predicate, timeout=10, what="report"):
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                for report in self.reports:
+                    if predicate(report):
+                        return report
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out waiting for {what}; reports: "
+                                         f"{self.reports[-20:]}")
+                self._lock.wait(left)
+
+    def events(self, id=None, event=None, channel=None):
+        with self._lock:
+            return [r for r in self.reports if r.get("type") == "event"
+                    and (id is None or r["id"] == id) and (event is None or r["event"] == event)
+                    and (channel is None or r["channel"] == channel)]
+
+    def wait_event(self, id, event, channel=None, timeout=10):
+        return self.wait(lambda r: r.get("type") == "event" and r["id"] == id
+                         and r["event"] == event and (channel is None or r["channel"] == channel),
+                         timeout, f"{event} on {id}")
+
+    def connect(self, id, timeout=10, **kwargs):
+        self.call("connect", id=id, **kwargs)
+        return self.wait(lambda r: r.get("type") == "connected" and r["id"] == id, timeout,
+                         f"{id} connected")["socket_id"]
+
+    def subscribe(self, id, channel, timeout=10):
+        self.call("subscribe", id=id, channel=channel)
+        return self.wait_event(id, "pusher:subscription_succeeded", channel, timeout)
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"op": "exit", "seq": 0}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(3)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+
+
+@pytest.fixture
+def node(server):
+    driver = NodeDriver(server)
+    yield driver
+    driver.close()
+
+
+@pytest.fixture
+def node_for():
+    """Factory: node_for(server, ...) -> NodeDriver for another server or app."""
+    drivers = []
+
+    def make(server, **kwargs):
+        driver = NodeDriver(server, **kwargs)
+        drivers.append(driver)
+        return driver
+
+    yield make
+    for driver in drivers:
+        driver.close()
+
+
+# ------------------------------------------------------------------------ raw sockets
+
+class RawClient:
+    """A plain WebSocket client for what the official clients will not send."""
+
+    def __init__(self, url, timeout=5):
+        self.ws = websocket.create_connection(url, timeout=timeout)
+
+    def recv(self):
+        opcode, data = self.ws.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            return ("close", int.from_bytes(data[:2], "big") if len(data) >= 2 else None,
+                    data[2:].decode("utf-8", "replace"))
+        return json.loads(data)
+
+    def recv_event(self, event, limit=20):
+        for _ in range(limit):
+            message = self.recv()
+            if isinstance(message, tuple):
+                raise AssertionError(f"closed {message} while waiting for {event}")
+            if message.get("event") == event:
+                return message
+        raise AssertionError(f"no {event} in {limit} messages")
+
+    def recv_close(self, limit=20):
+        for _ in range(limit):
+            message = self.recv()
+            if isinstance(message, tuple):
+                return message[1], message[2]
+        raise AssertionError("no close frame")
+
+    def send(self, message):
+        self.ws.send(message if isinstance(message, str) else json.dumps(message))
+
+    def close(self):
+        try:
+            self.ws.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+@pytest.fixture
+def raw(server):
+    """Factory: raw(path="/app/KEY?protocol=7") -> RawClient connected to the module server."""
+    clients = []
+
+    def connect(path=f"/app/{KEY}?protocol=7&client=py&version=1.0", target=None):
+        client = RawClient((target or server).ws_url + path)
+        clients.append(client)
+        return client
+
+    yield connect
+    for client in clients:
+        client.close()
+
+
+def connected(raw_client):
+    """Read connection_established; return the socket id."""
+    message = raw_client.recv_event("pusher:connection_established")
+    return json.loads(message["data"])["socket_id"]
+
+
+# ------------------------------------------------------------------------ webhooks
+
+class WebhookReceiver:
+    """A real HTTP server that records webhook requests; it can be told to fail."""
+
+    def __init__(self):
+        self.requests = []
+        self.fail_next = 0          # answer 500 to this many requests
+        self.fail_status = 500
+        self.delay = 0.0
+        self._cond = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if receiver.delay:
+                    time.sleep(receiver.delay)
+                with receiver._cond:
+                    failing = receiver.fail_next > 0
+                    if failing:
+                        receiver.fail_next -= 1
+                    receiver.requests.append({"headers": dict(self.headers), "body": body,
+                                              "failed": failing, "at": time.monotonic()})
+                    receiver._cond.notify_all()
+                self.send_response(receiver.fail_status if failing else 200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def events(self, name=None):
+        with self._cond:
+            delivered = [r for r in self.requests if not r["failed"]]
+        out = []
+        for request in delivered:
+            out.extend(e for e in json.loads(request["body"])["events"]
+                       if name is None or e["name"] == name)
+        return out
+
+    def wait_events(self, name, count=1, timeout=10):
+        return wait_until(lambda: len(self.events(name)) >= count and self.events(name),
+                          timeout, message=f"{count} {name} webhook(s)")
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def webhook_receiver():
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.close()
+
+
+# ------------------------------------------------------------------------ redis
+
+class RedisServer:
+    def __init__(self, port=None):
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start()
+
+    def start(self):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (scripts/test installs it)")
+        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._answers, 5, message="redis-server")
+
+    def _answers(self):
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def redis_server():
+    server = RedisServer()
+    yield server
+    server.stop()

@@ -1,0 +1,103 @@
+// Drives the official Pusher clients for the Python tests: one JSON command a line on stdin,
+// one JSON report a line on stdout. pusher-js connects to BunPulse; the npm `pusher` library
+// signs subscriptions and calls the HTTP API, exactly as an application would.
+//
+// Environment: BP_HOST, BP_PORT, BP_APP_ID, BP_KEY, BP_SECRET, BP_MASTER_KEY (base64, optional).
+'use strict';
+const Pusher = require('pusher-js');
+const PusherServer = require('pusher');
+const readline = require('readline');
+
+const env = process.env;
+const api = new PusherServer({
+  appId: env.BP_APP_ID, key: env.BP_KEY, secret: env.BP_SECRET,
+  host: env.BP_HOST, port: String(env.BP_PORT), useTLS: false,
+  encryptionMasterKeyBase64: env.BP_MASTER_KEY || undefined,
+});
+const clients = {};
+
+function report(msg) { process.stdout.write(JSON.stringify(msg) + '\n'); }
+
+function connect({id, presence, user, key}) {
+  const client = new Pusher(key || env.BP_KEY, {
+    cluster: 'mt1', wsHost: env.BP_HOST, wsPort: Number(env.BP_PORT), forceTLS: false,
+    enabledTransports: ['ws'], disableStats: true,
+    channelAuthorization: {customHandler: ({socketId, channelName}, cb) => {
+      try {
+        cb(null, api.authorizeChannel(socketId, channelName,
+          channelName.startsWith('presence-') ? presence : undefined));
+      } catch (err) { cb(err, null); }
+    }},
+    userAuthentication: {customHandler: ({socketId}, cb) => {
+      try { cb(null, api.authenticateUser(socketId, user)); } catch (err) { cb(err, null); }
+    }},
+  });
+  client.connection.bind('state_change', (s) => report({type: 'state', id, current: s.current, previous: s.previous}));
+  client.connection.bind('connected', () => report({type: 'connected', id, socket_id: client.connection.socket_id}));
+  client.connection.bind('error', (err) => report({type: 'error', id, error: serialize(err)}));
+  client.user.bind_global((event, data) => report({type: 'user_event', id, event, data}));
+  client.user.watchlist.bind('online', (e) => report({type: 'watchlist', id, name: 'online', user_ids: e.user_ids}));
+  client.user.watchlist.bind('offline', (e) => report({type: 'watchlist', id, name: 'offline', user_ids: e.user_ids}));
+  clients[id] = client;
+}
+
+function serialize(err) {
+  if (!err) return err;
+  try { return JSON.parse(JSON.stringify(err)); } catch (e) { return String(err); }
+}
+
+function subscribe({id, channel}) {
+  const ch = clients[id].subscribe(channel);
+  ch.bind_global((event, data) => {
+    let payload = data;
+    if (event === 'pusher:subscription_succeeded' && data && data.members) {
+      payload = {count: data.count, ids: Object.keys(data.members), members: data.members, me: data.me};
+    }
+    report({type: 'event', id, channel, event, data: serialize(payload)});
+  });
+}
+
+const handlers = {
+  connect,
+  subscribe,
+  unsubscribe: ({id, channel}) => clients[id].unsubscribe(channel),
+  trigger: ({id, channel, event, data}) => ({sent: clients[id].channel(channel).trigger(event, data)}),
+  signin: ({id}) => clients[id].signin(),
+  disconnect: ({id}) => clients[id].disconnect(),
+  socket_id: ({id}) => clients[id].connection.socket_id,
+  state: ({id}) => clients[id].connection.state,
+  members: ({id, channel}) => {
+    const m = clients[id].channel(channel).members;
+    return {count: m.count, ids: Object.keys(m.members), me: m.me};
+  },
+  // The npm server library, against the same server.
+  api: async ({method, args}) => {
+    const res = await api[method](...(args || []));
+    if (res && typeof res.status === 'number') {
+      const text = await res.text();
+      let body = text;
+      try { body = JSON.parse(text); } catch (e) { /* keep text */ }
+      return {status: res.status, body};
+    }
+    return res;
+  },
+  webhook: ({headers, rawBody}) => {
+    const hook = api.webhook({headers, rawBody});
+    return {valid: hook.isValid(), events: hook.isValid() ? hook.getEvents() : null};
+  },
+  exit: () => { for (const c of Object.values(clients)) c.disconnect(); setTimeout(() => process.exit(0), 50); },
+};
+
+readline.createInterface({input: process.stdin}).on('line', async (line) => {
+  if (!line.trim()) return;
+  const cmd = JSON.parse(line);
+  try {
+    const result = await handlers[cmd.op](cmd);
+    report({type: 'reply', seq: cmd.seq, ok: true, result: result === undefined ? null : result});
+  } catch (err) {
+    const status = err && err.status;
+    let body = err && err.body;
+    try { body = JSON.parse(body); } catch (e) { /* keep */ }
+    report({type: 'reply', seq: cmd.seq, ok: false, error: String(err && err.message || err), status, body});
+  }
+});
