@@ -24,7 +24,7 @@ class Channel:
 
 
 class AppState:
-    __slots__ = ("channels", "connections", "users", "watchers", "cache")
+    __slots__ = ("channels", "connections", "users", "watchers", "cache", "misses")
 
     def __init__(self):
         self.channels = {}     # name -> Channel (occupied ones only)
@@ -32,6 +32,7 @@ class AppState:
         self.users = {}        # signed-in user_id -> {connection: None}
         self.watchers = {}     # watched user_id -> {connection: None}
         self.cache = {}        # cache channel -> (event, data, expires_at)
+        self.misses = set()    # cache channels whose miss was reported since the last event
 
 
 class Hub:
@@ -213,7 +214,16 @@ class Hub:
     # ---------------------------------------------------------------- cache channels
 
     def cache_set(self, app_id, name, event, data, ttl):
-        self.app(app_id).cache[name] = (event, data, time.monotonic() + ttl)
+        state = self.app(app_id)
+        state.cache[name] = (event, data, time.monotonic() + ttl)
+        state.misses.discard(name)
+
+    def first_cache_miss(self, app_id, name):
+        misses = self.app(app_id).misses
+        if name in misses:
+            return False
+        misses.add(name)
+        return True
 
     def cache_get(self, app_id, name):
         """(event, data, seconds left) of a cache channel's last event, or None."""

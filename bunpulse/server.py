@@ -77,7 +77,7 @@ class BunPulse:
         # Clients ping after this many seconds of silence, well before the server's timeout.
         self.activity_timeout = max(1, min(120, settings.heartbeat_interval // 1000))
         self.evictions = 0
-        self._misses_reported = set()
+        self.adapter.bind(self)
         self.adapter.start()
 
     # ---------------------------------------------------------------- connections
@@ -191,6 +191,22 @@ class BunPulse:
         elif app.webhooks:
             self._emit_subscription_count(app, name)
 
+    def cluster_removals(self, vacated, removed, offline):
+        """Announce what a dead node's departure (or another node's report) removed:
+        [(app_id, channel)], [(app_id, channel, user_id)], [(app_id, user_id)]."""
+        for app_id, channel, user_id in removed:
+            app = self.apps.by_id(app_id)
+            if app is not None:
+                self._left(app, (channel, False, user_id))
+        for app_id, channel in vacated:
+            app = self.apps.by_id(app_id)
+            if app is not None:
+                self.webhooks.emit(app, {"name": "channel_vacated", "channel": channel})
+        for app_id, user_id in offline:
+            app = self.apps.by_id(app_id)
+            if app is not None:
+                self._tell_watchers(app, user_id, "offline")
+
     def _emit_subscription_count(self, app, name):
         if self.webhooks.wanted(app, "subscription_count"):
             self.webhooks.emit(app, {"name": "subscription_count", "channel": name,
@@ -203,9 +219,7 @@ class BunPulse:
             conn.send(protocol.event(cached[0], name, cached[1]))
             return
         conn.send(protocol.cache_miss(name))
-        key = (conn.app.id, name)
-        if key not in self._misses_reported:  # one webhook until the cache is filled again
-            self._misses_reported.add(key)
+        if self.adapter.first_cache_miss(conn.app.id, name):  # one webhook until refilled
             self.webhooks.emit(conn.app, {"name": "cache_miss", "channel": name})
 
     # ---------------------------------------------------------------- events
@@ -217,7 +231,6 @@ class BunPulse:
         for channel in channels:
             if channel_kind(channel).cache:
                 self.adapter.cache_set(app.id, channel, name, data, self.settings.cache_ttl)
-                self._misses_reported.discard((app.id, channel))
             self.adapter.publish(app.id, channel,
                                  build_frame(protocol.event(name, channel, data)), socket_id)
 
@@ -268,10 +281,8 @@ class BunPulse:
             self._tell_watchers(app, conn.user_id, "online")
 
     def _tell_watchers(self, app, user_id, status):
-        watchers = self.adapter.watchers(app.id, user_id)
-        if watchers:
-            self.adapter.send_to_connections(
-                watchers, build_frame(protocol.watchlist_events([(status, [user_id])])))
+        self.adapter.tell_watchers(app.id, user_id,
+                                   build_frame(protocol.watchlist_events([(status, [user_id])])))
 
     def terminate_user(self, app, user_id):
         self.adapter.terminate_user(app.id, user_id)

@@ -5,6 +5,9 @@ class LocalAdapter:
     def __init__(self, hub):
         self.hub = hub
 
+    def bind(self, core):
+        """The server core, for adapters that report changes made elsewhere."""
+
     def start(self):
         pass
 
@@ -29,8 +32,9 @@ class LocalAdapter:
         """Deliver a prebuilt WebSocket frame to a channel's subscribers."""
         return self.hub.broadcast(app_id, channel, frame, except_socket_id)
 
-    def send_to_connections(self, conns, frame):
-        for conn in conns:
+    def tell_watchers(self, app_id, user_id, frame):
+        """Send a watchlist frame to every connection watching user_id."""
+        for conn in self.hub.watchers(app_id, user_id):
             conn.outbox.send(frame)
 
     def terminate_user(self, app_id, user_id):
@@ -53,9 +57,6 @@ class LocalAdapter:
 
     def watch(self, conn, user_ids):
         self.hub.watch(conn, user_ids)
-
-    def watchers(self, app_id, user_id):
-        return self.hub.watchers(app_id, user_id)
 
     def user_online(self, app_id, user_id):
         return self.hub.user_online(app_id, user_id)
@@ -90,3 +91,7 @@ class LocalAdapter:
 
     def cache_get(self, app_id, channel):
         return self.hub.cache_get(app_id, channel)
+
+    def first_cache_miss(self, app_id, channel):
+        """True once per empty cache channel, until an event fills it again."""
+        return self.hub.first_cache_miss(app_id, channel)

@@ -1,0 +1,504 @@
+"""The Redis adapter: several workers and machines behave as one server.
+
+- Delivery: each node delivers to its own sockets first, then publishes the prebuilt frame on
+  one pub/sub channel tagged with its node id; every node drops its own messages. Local
+  delivery therefore survives a Redis outage.
+- Shared state: per-channel subscription counts, presence members, signed-in users and
+  connection counts live in Redis hashes, each count split by the node that owns it, and each
+  node keeps an index of what it owns. Lua scripts change a count and report the
+  deployment-wide transition (occupied, vacated, member added or removed, user online or
+  offline) atomically, so each transition, and its webhook, happens exactly once.
+- Liveness: nodes heartbeat into a sorted set. A node silent for NODE_TIMEOUT seconds is reaped
+  by one surviving node (a SET NX lock): its counts are removed through the same scripts, and
+  the resulting vacated/member_removed/offline events are delivered and webhooked once.
+- Outage: a failed call marks Redis down (logged once); the node serves its own sockets from
+  the hub, a greenlet reconnects with backoff, resubscribes and reconciles what this node owns.
+"""
+import logging
+import secrets
+import time
+
+import gevent
+import orjson
+import redis
+
+from .local import LocalAdapter
+
+log = logging.getLogger("bunpulse.redis")
+
+BUS = "bp:bus"
+NODES = "bp:nodes"
+NODE_TIMEOUT = 10.0     # seconds without a heartbeat before a node is reaped
+HEARTBEAT = 1.0
+REAP_EVERY = 2.0
+SEP = "\x1f"
+
+# Change this node's share of a per-node counter and return the total across nodes; keeps the
+# node's ownership index in step. KEYS: counter hash, node index hash. ARGV: node, delta,
+# index field.
+_NODE_COUNTER = """
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+local i = redis.call('HINCRBY', KEYS[2], ARGV[3], ARGV[2])
+if i <= 0 then redis.call('HDEL', KEYS[2], ARGV[3]) end
+local total = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(v) end
+return total
+"""
+
+# Channel occupancy: the counter above plus the app's set of occupied channels.
+# KEYS: channel hash, node index, channels set. ARGV: node, delta, index field, channel.
+_CHANNEL = _NODE_COUNTER.replace("return total", """
+if total > 0 then redis.call('SADD', KEYS[3], ARGV[4]) else redis.call('SREM', KEYS[3], ARGV[4]) end
+return total""")
+
+# A user's connections in a presence channel (or signed in to an app), across nodes.
+# KEYS: count hash (user -> n), info hash (user -> json), node index. ARGV: user, delta, info,
+# index field. Returns the user's total.
+_MEMBER = """
+local c = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+if c <= 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+elseif tonumber(ARGV[2]) > 0 and c == tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+end
+local i = redis.call('HINCRBY', KEYS[3], ARGV[4], ARGV[2])
+if i <= 0 then redis.call('HDEL', KEYS[3], ARGV[4]) end
+return c
+"""
+
+
+_EMPTY = {"subs": {}, "pres": {}, "users": {}, "conns": {}}
+
+
+class RedisDown(Exception):
+    pass
+
+
+def _k(app_id, kind, name=""):
+    return f"bp:{app_id}:{kind}:{name}"
+
+
+class RedisAdapter(LocalAdapter):
+    def __init__(self, hub, settings):
+        super().__init__(hub)
+        self.url = settings.redis_url
+        self.node = secrets.token_hex(8)
+        self.core = None
+        self._redis = redis.Redis.from_url(self.url, socket_connect_timeout=1,
+                                           socket_timeout=3, health_check_interval=10)
+        self._channel_script = self._redis.register_script(_CHANNEL)
+        self._counter_script = self._redis.register_script(_NODE_COUNTER)
+        self._member_script = self._redis.register_script(_MEMBER)
+        self._up = False
+        self._running = False
+        self._greenlets = []
+
+    # ---------------------------------------------------------------- life cycle
+
+    def bind(self, core):
+        self.core = core
+
+    def start(self):
+        self._running = True
+        try:
+            self._redis.ping()
+            self._up = True
+            self._heartbeat_once()
+        except redis.RedisError as exc:
+            log.error("Redis at %s is unreachable (%s): serving this node's sockets alone "
+                      "until it answers", self.url, exc)
+        self._greenlets = [gevent.spawn(self._listen), gevent.spawn(self._keep_alive)]
+        log.info("Redis adapter: node %s on %s", self.node, self.url)
+
+    def stop(self):
+        self._running = False
+        if self._up:
+            try:
+                self._redis.zrem(NODES, self.node)
+            except redis.RedisError:
+                pass
+        gevent.killall(self._greenlets, block=False)
+
+    def _call(self, func, *args, **kwargs):
+        if not self._up:
+            raise RedisDown()
+        try:
+            return func(*args, **kwargs)
+        except redis.RedisError as exc:
+            self._down(exc)
+            raise RedisDown() from exc
+
+    def _down(self, exc):
+        if self._up:
+            self._up = False
+            log.error("lost Redis (%s): serving this node's sockets alone; reconnecting", exc)
+
+    # ---------------------------------------------------------------- background greenlets
+
+    def _listen(self):
+        """Deliver frames published by the other nodes; resubscribe after any failure."""
+        backoff = 0.1
+        while self._running:
+            pubsub = None
+            try:
+                pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(BUS)
+                backoff = 0.1
+                handled = 0
+                while self._running:
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is not None and message["type"] == "message":
+                        self._on_bus(message["data"])
+                        handled += 1
+                        if handled % 200 == 0:
+                            gevent.sleep(0)  # a burst from Redis must not starve the sockets
+            except redis.RedisError as exc:
+                self._down(exc)
+            except Exception:  # noqa: BLE001 - one bad message must not stop the listener
+                log.exception("Redis listener failed; restarting it")
+            finally:
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except Exception:  # noqa: BLE001
+                        pass
+            gevent.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def _keep_alive(self):
+        """Heartbeat, reap dead nodes, and come back after an outage."""
+        backoff, last_reap = 0.2, 0.0
+        while self._running:
+            if not self._up:
+                try:
+                    self._redis.ping()
+                except redis.RedisError:
+                    gevent.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                self._up = True
+                backoff = 0.2
+                log.info("Redis is back: reconciling this node's state")
+                try:
+                    self._reconcile()
+                except (redis.RedisError, RedisDown) as exc:
+                    self._down(exc)
+                    continue
+            try:
+                self._heartbeat_once()
+                if time.monotonic() - last_reap >= REAP_EVERY:
+                    last_reap = time.monotonic()
+                    self._reap_dead_nodes()
+            except redis.RedisError as exc:
+                self._down(exc)
+            except RedisDown:
+                pass
+            except Exception:  # noqa: BLE001
+                log.exception("Redis keep-alive failed")
+            gevent.sleep(HEARTBEAT)
+
+    def _heartbeat_once(self):
+        self._redis.zadd(NODES, {self.node: time.time()})
+
+    # ---------------------------------------------------------------- the bus
+
+    def _broadcast_remote(self, kind, app_id, target, frame=b"", extra=""):
+        header = orjson.dumps([self.node, kind, app_id, target, extra])
+        try:
+            self._call(self._redis.publish, BUS, header + b"\n" + frame)
+        except RedisDown:
+            pass  # the other nodes miss it; this node already delivered its share
+
+    def _on_bus(self, raw):
+        header, _, frame = raw.partition(b"\n")
+        node, kind, app_id, target, extra = orjson.loads(header)
+        if node == self.node:
+            return
+        if kind == "pub":
+            self.hub.broadcast(app_id, target, frame, extra or None)
+        elif kind == "watch":
+            super().tell_watchers(app_id, target, frame)
+        elif kind == "term":
+            super().terminate_user(app_id, target)
+
+    # ---------------------------------------------------------------- delivery
+
+    def publish(self, app_id, channel, frame, except_socket_id=None):
+        count = self.hub.broadcast(app_id, channel, frame, except_socket_id)  # this worker
+        self._broadcast_remote("pub", app_id, channel, frame, except_socket_id or "")  # others
+        return count
+
+    def tell_watchers(self, app_id, user_id, frame):
+        super().tell_watchers(app_id, user_id, frame)
+        self._broadcast_remote("watch", app_id, user_id, frame)
+
+    def terminate_user(self, app_id, user_id):
+        super().terminate_user(app_id, user_id)
+        self._broadcast_remote("term", app_id, user_id)
+
+    # ---------------------------------------------------------------- shared counters
+
+    # Each takes the node whose share changes: this one, or a dead one being reaped.
+
+    def _channel_delta(self, app_id, channel, delta, pipe=None, node=None):
+        node = node or self.node
+        return self._channel_script(
+            keys=[_k(app_id, "ch", channel), f"bp:node:{node}:subs", _k(app_id, "channels")],
+            args=[node, delta, f"{app_id}{SEP}{channel}", channel], client=pipe)
+
+    def _member_delta(self, app_id, channel, user_id, delta, info=None, pipe=None, node=None):
+        return self._member_script(
+            keys=[_k(app_id, "pu", channel), _k(app_id, "pi", channel),
+                  f"bp:node:{node or self.node}:pres"],
+            args=[user_id, delta, orjson.dumps(info), f"{app_id}{SEP}{channel}{SEP}{user_id}"],
+            client=pipe)
+
+    def _user_delta(self, app_id, user_id, delta, pipe=None, node=None):
+        return self._member_script(
+            keys=[_k(app_id, "users"), _k(app_id, "userinfo"), f"bp:node:{node or self.node}:users"],
+            args=[user_id, delta, b"null", f"{app_id}{SEP}{user_id}"], client=pipe)
+
+    def _connections_delta(self, app_id, delta, pipe=None, node=None):
+        node = node or self.node
+        return self._counter_script(keys=[_k(app_id, "conns"), f"bp:node:{node}:conns"],
+                                    args=[node, delta, app_id], client=pipe)
+
+    # ---------------------------------------------------------------- connections
+
+    def add_connection(self, conn):
+        super().add_connection(conn)
+        try:
+            self._call(self._connections_delta, conn.app.id, 1)
+        except RedisDown:
+            pass
+
+    def connection_count(self, app_id):
+        try:
+            return sum(int(v) for v in self._call(self._redis.hvals, _k(app_id, "conns")))
+        except RedisDown:
+            return super().connection_count(app_id)
+
+    def remove_connection(self, conn):
+        app_id = conn.app.id
+        presence = {name: uid for name, uid in conn.subscriptions.items() if uid is not None}
+        changes, offline = super().remove_connection(conn)
+        left = [name for name, _, _ in changes]
+        members = [name for name in left if name in presence]
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            self._connections_delta(app_id, -1, pipe)
+            for name in left:
+                self._channel_delta(app_id, name, -1, pipe)
+            for name in members:
+                self._member_delta(app_id, name, presence[name], -1, pipe=pipe)
+            if conn.user_id is not None:
+                self._user_delta(app_id, conn.user_id, -1, pipe)
+            results = self._call(pipe.execute)[1:]
+        except RedisDown:
+            return changes, offline
+        vacated = dict(zip(left, (total <= 0 for total in results)))
+        gone = dict(zip(members, (total <= 0 for total in results[len(left):])))
+        if conn.user_id is not None:
+            offline = conn.user_id if results[-1] <= 0 else None
+        return [(name, vacated[name], presence[name] if gone.get(name) else None)
+                for name in left], offline
+
+    # ---------------------------------------------------------------- membership
+
+    def subscribe(self, conn, channel, member=None):
+        occupied, added = super().subscribe(conn, channel, member)
+        app_id = conn.app.id
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            self._channel_delta(app_id, channel, 1, pipe)
+            if member is not None:
+                self._member_delta(app_id, channel, member[0], 1, member[1], pipe)
+            results = self._call(pipe.execute)
+        except RedisDown:
+            return occupied, added
+        return results[0] == 1, member is not None and results[1] == 1
+
+    def unsubscribe(self, conn, channel):
+        user_id = conn.subscriptions.get(channel)
+        change = super().unsubscribe(conn, channel)
+        if change is None:
+            return None
+        app_id = conn.app.id
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            self._channel_delta(app_id, channel, -1, pipe)
+            if user_id is not None:
+                self._member_delta(app_id, channel, user_id, -1, pipe=pipe)
+            results = self._call(pipe.execute)
+        except RedisDown:
+            return change
+        removed = user_id if user_id is not None and results[1] <= 0 else None
+        return channel, results[0] <= 0, removed
+
+    def sign_in(self, conn, user_id):
+        came_online = super().sign_in(conn, user_id)
+        try:
+            return self._call(self._user_delta, conn.app.id, user_id, 1) == 1
+        except RedisDown:
+            return came_online
+
+    def user_online(self, app_id, user_id):
+        try:
+            return bool(self._call(self._redis.hexists, _k(app_id, "users"), user_id))
+        except RedisDown:
+            return super().user_online(app_id, user_id)
+
+    # ---------------------------------------------------------------- queries
+
+    def channel_counts(self, app_id):
+        try:
+            names = [n.decode() for n in self._call(self._redis.smembers,
+                                                     _k(app_id, "channels"))]
+            pipe = self._redis.pipeline(transaction=False)
+            for name in names:
+                pipe.hvals(_k(app_id, "ch", name))
+                pipe.hlen(_k(app_id, "pu", name))
+            values = self._call(pipe.execute)
+        except RedisDown:
+            return super().channel_counts(app_id)
+        counts = {}
+        for n, name in enumerate(names):
+            subscriptions = sum(int(v) for v in values[2 * n])
+            if subscriptions > 0:
+                counts[name] = (subscriptions, values[2 * n + 1])
+        return counts
+
+    def subscription_count(self, app_id, channel):
+        try:
+            return sum(int(v) for v in self._call(self._redis.hvals, _k(app_id, "ch", channel)))
+        except RedisDown:
+            return super().subscription_count(app_id, channel)
+
+    def members(self, app_id, channel):
+        try:
+            raw = self._call(self._redis.hgetall, _k(app_id, "pi", channel))
+        except RedisDown:
+            return super().members(app_id, channel)
+        return {uid.decode(): orjson.loads(info) for uid, info in raw.items()}
+
+    def member_count(self, app_id, channel):
+        try:
+            return self._call(self._redis.hlen, _k(app_id, "pu", channel))
+        except RedisDown:
+            return super().member_count(app_id, channel)
+
+    def has_member(self, app_id, channel, user_id):
+        try:
+            return bool(self._call(self._redis.hexists, _k(app_id, "pu", channel), user_id))
+        except RedisDown:
+            return super().has_member(app_id, channel, user_id)
+
+    # ---------------------------------------------------------------- cache channels
+
+    def cache_set(self, app_id, channel, event, data, ttl):
+        super().cache_set(app_id, channel, event, data, ttl)
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(_k(app_id, "cache", channel), orjson.dumps([event, data]), ex=ttl)
+            pipe.delete(_k(app_id, "miss", channel))
+            self._call(pipe.execute)
+        except RedisDown:
+            pass
+
+    def cache_get(self, app_id, channel):
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.get(_k(app_id, "cache", channel))
+            pipe.pttl(_k(app_id, "cache", channel))
+            raw, ttl_ms = self._call(pipe.execute)
+        except RedisDown:
+            return super().cache_get(app_id, channel)
+        if raw is None:
+            return None
+        event, data = orjson.loads(raw)
+        return event, data, max(ttl_ms, 0) / 1000
+
+    def first_cache_miss(self, app_id, channel):
+        try:
+            return bool(self._call(self._redis.set, _k(app_id, "miss", channel), 1, nx=True,
+                                   ex=3600))
+        except RedisDown:
+            return super().first_cache_miss(app_id, channel)
+
+    # ---------------------------------------------------------------- dead nodes, outages
+
+    def _reap_dead_nodes(self):
+        cutoff = time.time() - NODE_TIMEOUT
+        for raw in self._redis.zrangebyscore(NODES, "-inf", cutoff):
+            node = raw.decode()
+            if node != self.node and self._redis.set(f"bp:reap:{node}", self.node, nx=True,
+                                                     ex=60):
+                log.warning("node %s stopped heartbeating: removing its connections", node)
+                self._apply_node_deltas(node, self._owned(node), _EMPTY, announce=True)
+                self._redis.delete(*(f"bp:node:{node}:{kind}"
+                                     for kind in ("subs", "pres", "users", "conns")))
+                self._redis.zrem(NODES, node)
+
+    def _owned(self, node):
+        """What a node's index says it owns: {kind: {field: count}}."""
+        pipe = self._redis.pipeline(transaction=False)
+        for kind in ("subs", "pres", "users", "conns"):
+            pipe.hgetall(f"bp:node:{node}:{kind}")
+        return {kind: {f.decode(): int(v) for f, v in raw.items()}
+                for kind, raw in zip(("subs", "pres", "users", "conns"), pipe.execute())}
+
+    def _actual(self):
+        """What this node really holds, in the index's terms."""
+        actual = {"subs": {}, "pres": {}, "users": {}, "conns": {}}
+        for conn in self.hub.connections():
+            app_id = conn.app.id
+            actual["conns"][app_id] = actual["conns"].get(app_id, 0) + 1
+            if conn.user_id is not None:
+                key = f"{app_id}{SEP}{conn.user_id}"
+                actual["users"][key] = actual["users"].get(key, 0) + 1
+            for name, user_id in conn.subscriptions.items():
+                key = f"{app_id}{SEP}{name}"
+                actual["subs"][key] = actual["subs"].get(key, 0) + 1
+                if user_id is not None:
+                    key = f"{app_id}{SEP}{name}{SEP}{user_id}"
+                    actual["pres"][key] = actual["pres"].get(key, 0) + 1
+        return actual
+
+    def _reconcile(self):
+        """After an outage, make Redis agree with this node's sockets. What changed meanwhile
+        was already announced from this node's own view, so nothing is announced again."""
+        self._heartbeat_once()
+        self._apply_node_deltas(self.node, self._owned(self.node), self._actual(),
+                                announce=False)
+
+    def _apply_node_deltas(self, node, owned, actual, announce):
+        """Move `node`'s counts in Redis from `owned` to `actual`; deliver and webhook the
+        removals that result when `announce`."""
+        vacated, removed, offline = [], [], []
+
+        def deltas(kind):
+            for field in set(owned[kind]) | set(actual[kind]):
+                delta = actual[kind].get(field, 0) - owned[kind].get(field, 0)
+                if delta:
+                    yield field, delta
+
+        for app_id, delta in deltas("conns"):
+            self._connections_delta(app_id, delta, node=node)
+        for field, delta in deltas("subs"):
+            app_id, channel = field.split(SEP, 1)
+            if self._channel_delta(app_id, channel, delta, node=node) <= 0 and delta < 0:
+                vacated.append((app_id, channel))
+        for field, delta in deltas("pres"):
+            app_id, channel, user_id = field.split(SEP, 2)
+            info = LocalAdapter.members(self, app_id, channel).get(user_id)
+            if self._member_delta(app_id, channel, user_id, delta, info, node=node) <= 0 \
+                    and delta < 0:
+                removed.append((app_id, channel, user_id))
+        for field, delta in deltas("users"):
+            app_id, user_id = field.split(SEP, 1)
+            if self._user_delta(app_id, user_id, delta, node=node) <= 0 and delta < 0:
+                offline.append((app_id, user_id))
+        if announce and self.core is not None:
+            self.core.cluster_removals(vacated, removed, offline)

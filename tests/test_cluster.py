@@ -1,0 +1,222 @@
+"""Several processes on one Redis behave as one server (the scale-out issue).
+
+Two `python -m bunpulse` nodes on two ports, and gunicorn with two workers, share a real
+redis-server; pusher-js and the official libraries see one deployment."""
+import json
+import signal
+import sys
+import time
+
+import pytest
+
+from conftest import KEY, connected, pusher_api, wait_until
+
+
+def cluster_env(redis_server, receiver=None, **extra):
+    env = {"BUNPULSE_REDIS_URL": redis_server.url, "BUNPULSE_WEBHOOK_BATCH_MS": "0",
+           "BUNPULSE_WEBHOOK_DELAY_MS": "0"}
+    if receiver is not None:
+        env["BUNPULSE_WEBHOOK_URL"] = receiver.url
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def nodes(start_server, redis_server, webhook_receiver):
+    env = cluster_env(redis_server, webhook_receiver)
+    return start_server(env=env), start_server(env=env)
+
+
+def test_publish_on_one_node_reaches_subscribers_of_both_once(nodes, node_for):
+    a, b = nodes
+    client_a, client_b = node_for(a), node_for(b)
+    client_a.connect("a")
+    client_b.connect("b")
+    client_a.subscribe("a", "news")
+    client_b.subscribe("b", "news")
+    pusher_api(a).trigger("news", "headline", {"n": 1})
+    pusher_api(b).trigger("news", "headline", {"n": 2})
+    for client, id_ in ((client_a, "a"), (client_b, "b")):
+        wait_until(lambda: len(client.events(id_, "headline")) == 2, message="two headlines")
+    time.sleep(0.3)  # any duplicate would have arrived by now
+    assert [e["data"]["n"] for e in client_a.events("a", "headline")] == [1, 2]
+    assert [e["data"]["n"] for e in client_b.events("b", "headline")] == [1, 2]
+
+
+def test_socket_id_exclusion_and_client_events_cross_nodes(nodes, node_for):
+    a, b = nodes
+    client_a, client_b = node_for(a), node_for(b)
+    socket_a = client_a.connect("a")
+    client_b.connect("b")
+    client_a.subscribe("a", "private-room")
+    client_b.subscribe("b", "private-room")
+    pusher_api(b).trigger("private-room", "skip-a", {}, socket_id=socket_a)
+    client_b.wait_event("b", "skip-a")
+    client_a.call("trigger", id="a", channel="private-room", event="client-hi", data={"x": 1})
+    assert client_b.wait_event("b", "client-hi")["data"] == {"x": 1}
+    time.sleep(0.3)
+    assert client_a.events("a", "skip-a") == []
+    assert client_a.events("a", "client-hi") == []
+
+
+def test_presence_is_deployment_wide(nodes, node_for, webhook_receiver):
+    a, b = nodes
+    client_a, client_b = node_for(a), node_for(b)
+    client_a.connect("u1", presence={"user_id": "1", "user_info": {"name": "one"}})
+    client_b.connect("u2", presence={"user_id": "2", "user_info": {"name": "two"}})
+    client_b.connect("u1-tab2", presence={"user_id": "1", "user_info": {"name": "one"}})
+    client_a.subscribe("u1", "presence-room")
+    joined = client_b.subscribe("u2", "presence-room")
+    assert sorted(joined["data"]["ids"]) == ["1", "2"]
+    assert joined["data"]["members"]["1"] == {"name": "one"}
+    client_a.wait_event("u1", "pusher:member_added")
+    client_b.subscribe("u1-tab2", "presence-room")  # user 1 again, on the other node
+    time.sleep(0.3)
+    assert len(client_a.events("u1", "pusher:member_added")) == 1
+    assert client_b.events("u2", "pusher:member_added") == []
+
+    for node in (a, b):
+        info = pusher_api(node).channel_info("presence-room", ["user_count",
+                                                                "subscription_count"])
+        assert info["user_count"] == 2 and info["subscription_count"] == 3
+        users = pusher_api(node).users_info("presence-room")["users"]
+        assert sorted(u["id"] for u in users) == ["1", "2"]
+
+    client_a.call("disconnect", id="u1")  # user 1 still has a tab on node b
+    time.sleep(0.4)
+    assert client_b.events("u2", "pusher:member_removed") == []
+    client_b.call("disconnect", id="u1-tab2")
+    removed = client_b.wait_event("u2", "pusher:member_removed")
+    assert removed["data"]["id"] == "1"
+    webhook_receiver.wait_events("member_removed", 1)
+    time.sleep(0.3)
+    assert [e["user_id"] for e in webhook_receiver.events("member_added")] == ["1", "2"]
+    assert [e["user_id"] for e in webhook_receiver.events("member_removed")] == ["1"]
+
+
+def test_occupied_and_vacated_fire_once_for_the_deployment(nodes, node_for,
+                                                           webhook_receiver):
+    a, b = nodes
+    client_a, client_b = node_for(a), node_for(b)
+    client_a.connect("a")
+    client_b.connect("b")
+    client_a.subscribe("a", "shared")
+    client_b.subscribe("b", "shared")
+    webhook_receiver.wait_events("channel_occupied", 1)
+    client_a.call("unsubscribe", id="a", channel="shared")
+    time.sleep(0.4)
+    assert webhook_receiver.events("channel_vacated") == []  # b still holds it
+    channels = pusher_api(a).channels_info()["channels"]
+    assert list(channels) == ["shared"]
+    client_b.call("unsubscribe", id="b", channel="shared")
+    webhook_receiver.wait_events("channel_vacated", 1)
+    time.sleep(0.3)
+    assert len(webhook_receiver.events("channel_occupied")) == 1
+    assert len(webhook_receiver.events("channel_vacated")) == 1
+    assert pusher_api(b).channels_info()["channels"] == {}
+
+
+def test_users_watchlists_terminate_and_cache_cross_nodes(nodes, node_for):
+    a, b = nodes
+    client_a, client_b = node_for(a), node_for(b)
+    client_a.connect("watcher", user={"id": "w", "watchlist": ["target"]})
+    client_a.call("signin", id="watcher")
+    client_a.wait(lambda r: r.get("type") == "watchlist" and r["name"] == "offline")
+    client_b.connect("target", user={"id": "target"})
+    client_b.call("signin", id="target")
+    client_a.wait(lambda r: r.get("type") == "watchlist" and r["name"] == "online"
+                  and r["user_ids"] == ["target"])
+    # sendToUser through node a reaches the user signed in on node b
+    time.sleep(0.3)
+    reply = client_a.call("api", method="sendToUser", args=["target", "ping", {"k": 1}])
+    assert reply["ok"], reply
+    client_b.wait(lambda r: r.get("type") == "user_event" and r["event"] == "ping")
+    # cache channels replay whichever node published
+    pusher_api(a).trigger("cache-prices", "price", {"p": 3})
+    client_b.call("subscribe", id="target", channel="cache-prices")
+    assert client_b.wait_event("target", "price", "cache-prices")["data"] == {"p": 3}
+    # terminate through node a closes the user's connection on node b
+    pusher_api(a).terminate_user_connections("target")
+    client_a.wait(lambda r: r.get("type") == "watchlist" and r["name"] == "offline"
+                  and r["user_ids"] == ["target"], timeout=10)
+
+
+def test_killed_node_is_reaped_once(start_server, redis_server, webhook_receiver, raw):
+    env = cluster_env(redis_server, webhook_receiver)
+    a, b = start_server(env=env), start_server(env=env)
+    from bunpulse.signatures import channel_auth
+    from bunpulse.apps import App
+    app = App(id="1", key=KEY, secret="test-secret")
+    survivor = raw(target=a)
+    connected(survivor)
+    survivor.send({"event": "pusher:subscribe", "data": {"channel": "survivor"}})
+    survivor.recv_event("pusher_internal:subscription_succeeded")
+    victim = raw(target=b)
+    victim_id = connected(victim)
+    data = json.dumps({"user_id": "dead", "user_info": {}})
+    victim.send({"event": "pusher:subscribe", "data": {
+        "channel": "presence-x", "channel_data": data,
+        "auth": channel_auth(app, victim_id, "presence-x", data)}})
+    victim.recv_event("pusher_internal:subscription_succeeded")
+    victim.send({"event": "pusher:subscribe", "data": {"channel": "lonely"}})
+    victim.recv_event("pusher_internal:subscription_succeeded")
+    webhook_receiver.wait_events("channel_occupied", 1)
+    b.signal(signal.SIGKILL)
+    b.proc.wait(5)
+    webhook_receiver.wait_events("channel_vacated", 1, timeout=25)
+    vacated = {e["channel"] for e in webhook_receiver.events("channel_vacated")}
+    assert vacated == {"presence-x", "lonely"}
+    assert [e["user_id"] for e in webhook_receiver.events("member_removed")] == ["dead"]
+    assert list(pusher_api(a).channels_info()["channels"]) == ["survivor"]
+
+
+def test_redis_restart_under_live_connections(start_server, redis_server, node_for):
+    env = cluster_env(redis_server)
+    a, b = start_server(env=env), start_server(env=env)
+    client_a, client_b = node_for(a), node_for(b)
+    client_a.connect("a")
+    client_b.connect("b")
+    client_a.subscribe("a", "live")
+    client_b.subscribe("b", "live")
+    redis_server.stop()
+    # each node keeps serving its own sockets
+    pusher_api(a).trigger("live", "local-only", {"n": 1})
+    client_a.wait_event("a", "local-only")
+    redis_server.start()
+
+    def crosses():
+        pusher_api(a).trigger("live", "again", {})
+        time.sleep(0.2)
+        return client_b.events("b", "again")
+    wait_until(crosses, timeout=20, interval=0.3, message="cross-node delivery after restart")
+    # the state was reconciled into the new Redis
+    wait_until(lambda: pusher_api(b).channel_info("live", ["subscription_count"])
+               .get("subscription_count") == 2, timeout=10, message="resynchronised counts")
+    assert "lost Redis" in a.log()
+
+
+def test_gunicorn_two_workers_on_redis(start_server, redis_server, node_for):
+    env = cluster_env(redis_server, BUNPULSE_WORKERS="2")
+    server = start_server(env=env, command=[sys.executable, "-m", "gunicorn", "-c",
+                                            "gunicorn.conf.py"])
+    clients = [node_for(server) for _ in range(2)]
+    for n, client in enumerate(clients):
+        for i in range(3):  # several connections: the kernel spreads them over the workers
+            client.connect(f"c{n}{i}", presence={"user_id": f"u{n}{i}", "user_info": {}})
+            client.subscribe(f"c{n}{i}", "presence-all")
+    pusher_api(server).trigger("presence-all", "hello", {})
+    for n, client in enumerate(clients):
+        for i in range(3):
+            client.wait_event(f"c{n}{i}", "hello")
+    info = pusher_api(server).channel_info("presence-all", ["user_count"])
+    assert info["user_count"] == 6
+    time.sleep(0.3)
+    for n, client in enumerate(clients):
+        for i in range(3):
+            assert len(client.events(f"c{n}{i}", "hello")) == 1
+
+
+def test_workers_above_one_without_redis_stops_start_up(start_server):
+    with pytest.raises(RuntimeError, match="BUNPULSE_REDIS_URL"):
+        start_server(env={"BUNPULSE_WORKERS": "2"},
+                     command=[sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"])
