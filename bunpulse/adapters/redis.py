@@ -113,12 +113,9 @@ class RedisAdapter(LocalAdapter):
         log.info("Redis adapter: node %s on %s", self.node, self.url)
 
     def stop(self):
+        # The node stays in NODES: what its closing sockets do not clean up themselves is
+        # reaped by the survivors once its heartbeat stops.
         self._running = False
-        if self._up:
-            try:
-                self._redis.zrem(NODES, self.node)
-            except redis.RedisError:
-                pass
         gevent.killall(self._greenlets, block=False)
 
     def _call(self, func, *args, **kwargs):
