@@ -119,23 +119,48 @@ def parse_app(raw, where):
     return App(**values)
 
 
-def load_apps_file(path):
+def _no_repeated_fields(pairs):
+    # json keeps the last of two equal fields: a repeated "secret" would pass unseen.
+    names = [name for name, _ in pairs]
+    for name in names:
+        if names.count(name) > 1:
+            owner = dict(pairs).get("id")
+            where = "" if owner is None or isinstance(owner, (dict, list)) else f"app {owner}: "
+            raise ConfigError(f"{where}field {name!r} is given twice")
+    return dict(pairs)
+
+
+def load_apps_file(path, taken=()):
+    """The apps of a JSON file; `taken` are the apps already configured (the environment's),
+    whose id and key no app of the file may reuse."""
     try:
         with open(path, encoding="utf-8") as handle:
-            raw = json.load(handle)
+            raw = json.load(handle, object_pairs_hook=_no_repeated_fields)
     except OSError as exc:
         raise ConfigError(f"--apps-file {path}: cannot read it ({exc.strerror})") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--apps-file {path}: invalid JSON at line {exc.lineno}: {exc.msg}") \
             from None
+    except ConfigError as exc:
+        raise ConfigError(f"--apps-file {path}: {exc}") from None
     if isinstance(raw, dict) and "apps" in raw:
         raw = raw["apps"]
     if not isinstance(raw, list):
         raise ConfigError(f"--apps-file {path}: expected a JSON list of apps")
     apps = []
+    owners = {(field, getattr(app, field)): f"app {app.id} of PUSHER_APP_ID"
+              for app in taken for field in ("id", "key")}
     for n, entry in enumerate(raw):
         label = entry.get("id", n) if isinstance(entry, dict) else n
-        apps.append(parse_app(entry, f"--apps-file {path}: app {label}"))
+        where = f"--apps-file {path}: app {label}"
+        app = parse_app(entry, where)
+        for field in ("id", "key"):
+            value = getattr(app, field)
+            if (field, value) in owners:
+                raise ConfigError(f"{where}: field {field!r} {value!r} is already used by "
+                                  f"{owners[field, value]}")
+            owners[field, value] = f"app {app.id}"
+        apps.append(app)
     return apps
 
 
@@ -147,7 +172,7 @@ def load_apps(settings):
                         client_events=settings.client_events,
                         max_connections=settings.max_connections, webhooks=_targets(settings)))
     if settings.apps_file:
-        apps.extend(load_apps_file(settings.apps_file))
+        apps.extend(load_apps_file(settings.apps_file, taken=apps))
     if not apps:
         apps.append(App(client_events=settings.client_events,
                         max_connections=settings.max_connections,

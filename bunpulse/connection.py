@@ -161,6 +161,9 @@ class Connection:
         except SubscriptionError as exc:
             self.send(protocol.subscription_error(name, exc.message, exc.status, exc.error_type))
             self.send_error(exc.code, exc.message)
+            return
+        if self._auth_timer is not None and channel_kind(name).private:
+            self._auth_timer.stop()  # authorized for good, even if it unsubscribes later
 
     def _unsubscribe(self, data):
         if not isinstance(data, dict) or not isinstance(data.get("channel"), str):
@@ -234,6 +237,11 @@ class Connection:
     def _signin(self, data):
         if not isinstance(data, dict):
             raise ClientError("pusher:signin needs data with auth and user_data")
+        if self.user_id is not None:
+            # One user per connection: a second one would inherit the first one's
+            # #server-to-user channel, and the user counts would go wrong.
+            raise ClientError(f"Already signed in as {self.user_id[:64]}: open a new "
+                              "connection to sign in as another user")
         user_data, auth = data.get("user_data"), data.get("auth")
         if not isinstance(user_data, str) or not user_auth_ok(self.app, self.socket_id,
                                                               user_data, auth):

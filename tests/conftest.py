@@ -40,6 +40,26 @@ def wait_until(predicate, timeout=5.0, interval=0.02, message="condition"):
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
 
 
+def unix_socket(path, timeout=5):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.connect(path)
+    return sock
+
+
+def unix_request(path, request_line, timeout=2):
+    """One HTTP/1.1 request over a unix socket; the raw answer (status line first)."""
+    with unix_socket(path, timeout) as sock:
+        sock.sendall(f"{request_line} HTTP/1.1\r\nHost: localhost\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
 # ------------------------------------------------------------------------ servers
 
 class ServerProcess:
@@ -78,12 +98,21 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if requests.get(self.url + "/health", timeout=0.5).status_code == 200:
+                if self.unix_path is not None:
+                    if unix_request(self.unix_path, "GET /health").startswith(b"HTTP/1.1 200"):
+                        return
+                elif requests.get(self.url + "/health", timeout=0.5).status_code == 200:
                     return
-            except requests.RequestException:
+            except (requests.RequestException, OSError):
                 pass
             time.sleep(0.05)
         raise RuntimeError(f"server did not start:\n{self.log()}")
+
+    @property
+    def unix_path(self):
+        """The socket path when BUNPULSE_HOST is unix:PATH, else None."""
+        host = self.env.get("BUNPULSE_HOST", "")
+        return host[len("unix:"):] if host.startswith("unix:") else None
 
     def log(self):
         with open(self.log_file.name) as handle:
@@ -242,8 +271,9 @@ def node_for():
 class RawClient:
     """A plain WebSocket client for what the official clients will not send."""
 
-    def __init__(self, url, timeout=5):
-        self.ws = websocket.create_connection(url, timeout=timeout)
+    def __init__(self, url, timeout=5, **options):
+        # options go to websocket.create_connection (e.g. socket=unix_socket(path))
+        self.ws = websocket.create_connection(url, timeout=timeout, **options)
 
     def recv(self):
         opcode, data = self.ws.recv_data(control_frame=True)
@@ -299,6 +329,30 @@ def connected(raw_client):
     return json.loads(message["data"])["socket_id"]
 
 
+def raw_subscribe(raw_client, socket_id, channel, channel_data=None, key=KEY, secret=SECRET):
+    """Send pusher:subscribe signed as a backend would (bunpulse.signatures.channel_auth)."""
+    from bunpulse.apps import App
+    from bunpulse.signatures import channel_auth
+    data = {"channel": channel}
+    if channel_data is not None or channel.startswith(("private-", "presence-")):
+        data["auth"] = channel_auth(App(id="0", key=key, secret=secret), socket_id, channel,
+                                    channel_data)
+    if channel_data is not None:
+        data["channel_data"] = channel_data
+    raw_client.send({"event": "pusher:subscribe", "data": data})
+
+
+def raw_signin(raw_client, socket_id, user, key=KEY, secret=SECRET):
+    """Send pusher:signin for `user` (a dict, or user_data as a string); return user_data."""
+    from bunpulse.apps import App
+    from bunpulse.signatures import user_auth
+    user_data = user if isinstance(user, str) else json.dumps(user)
+    raw_client.send({"event": "pusher:signin", "data": {
+        "auth": user_auth(App(id="0", key=key, secret=secret), socket_id, user_data),
+        "user_data": user_data}})
+    return user_data
+
+
 # ------------------------------------------------------------------------ webhooks
 
 class WebhookReceiver:
@@ -334,7 +388,8 @@ class WebhookReceiver:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()  # a quick shutdown
 
     def events(self, name=None):
         with self._cond:

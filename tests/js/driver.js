@@ -35,6 +35,8 @@ function connect({id, presence, user, key}) {
   client.connection.bind('state_change', (s) => report({type: 'state', id, current: s.current, previous: s.previous}));
   client.connection.bind('connected', () => report({type: 'connected', id, socket_id: client.connection.socket_id}));
   client.connection.bind('error', (err) => report({type: 'error', id, error: serialize(err)}));
+  // Every frame received, for what the client API does not surface (signin_success, user_id).
+  client.connection.bind('message', (m) => report({type: 'message', id, event: m.event, channel: m.channel, data: serialize(m.data), user_id: m.user_id}));
   client.user.bind_global((event, data) => report({type: 'user_event', id, event, data}));
   client.user.watchlist.bind('online', (e) => report({type: 'watchlist', id, name: 'online', user_ids: e.user_ids}));
   client.user.watchlist.bind('offline', (e) => report({type: 'watchlist', id, name: 'offline', user_ids: e.user_ids}));
