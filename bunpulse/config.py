@@ -17,7 +17,10 @@ class ConfigError(Exception):
 
 def _int(minimum=0):
     def parse(value):
-        number = int(value)
+        try:
+            number = int(value)
+        except ValueError:  # int()'s own message ("invalid literal ... base 10") helps nobody
+            raise ValueError("must be a whole number") from None
         if number < minimum:
             raise ValueError(f"must be at least {minimum}")
         return number

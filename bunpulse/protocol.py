@@ -11,8 +11,9 @@ import orjson
 from .errors import ClientError
 
 PROTOCOL_VERSIONS = frozenset((5, 6, 7))
-SOCKET_ID_RE = re.compile(r"^\d+\.\d+$")
-CHANNEL_NAME_RE = re.compile(r"^[A-Za-z0-9_\-=@,.;]+$")
+# \Z, not $: $ also matches before a trailing newline ("a\n" is no channel name).
+SOCKET_ID_RE = re.compile(r"^[0-9]+\.[0-9]+\Z")
+CHANNEL_NAME_RE = re.compile(r"^[A-Za-z0-9_\-=@,.;]+\Z")
 USER_CHANNEL_PREFIX = "#server-to-user-"
 MAX_CHANNEL_NAME = 200
 MAX_EVENT_NAME = 200

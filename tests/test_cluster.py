@@ -66,6 +66,9 @@ def test_presence_is_deployment_wide(nodes, node_for, webhook_receiver):
     client_b.connect("u2", presence={"user_id": "2", "user_info": {"name": "two"}})
     client_b.connect("u1-tab2", presence={"user_id": "1", "user_info": {"name": "one"}})
     client_a.subscribe("u1", "presence-room")
+    # Node a relays member_added(1) over Redis right after u1's subscription: let it land on
+    # node b before u2 joins there, or u2 could see it after a roster that already has user 1.
+    time.sleep(0.2)
     joined = client_b.subscribe("u2", "presence-room")
     assert sorted(joined["data"]["ids"]) == ["1", "2"]
     assert joined["data"]["members"]["1"] == {"name": "one"}

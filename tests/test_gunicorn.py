@@ -1,0 +1,57 @@
+"""`gunicorn -c gunicorn.conf.py` with one worker: pusher-js, the HTTP API, and SIGTERM telling
+every client to reconnect (4200)."""
+import os
+import signal
+import sys
+
+import pytest
+
+from conftest import KEY, RawClient, connected, pusher_api
+
+GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
+
+
+@pytest.fixture
+def gunicorn(start_server):
+    return start_server(command=GUNICORN, env={"BUNPULSE_WORKERS": "1"})
+
+
+def test_serves_pusher_js_and_the_http_api(gunicorn, node_for):
+    node = node_for(gunicorn)
+    node.connect("a", presence={"user_id": "1", "user_info": {}})
+    node.connect("b")
+    for channel in ("gunicorn-public", "private-gunicorn", "presence-gunicorn"):
+        node.subscribe("a", channel)
+    node.subscribe("b", "private-gunicorn")
+    api = pusher_api(gunicorn)
+    api.trigger(["gunicorn-public", "private-gunicorn", "presence-gunicorn"], "ev", {"n": 1})
+    for channel in ("gunicorn-public", "private-gunicorn", "presence-gunicorn"):
+        assert node.wait_event("a", "ev", channel)["data"] == {"n": 1}
+    node.call("trigger", id="b", channel="private-gunicorn", event="client-x", data={"c": 1})
+    assert node.wait_event("a", "client-x")["data"] == {"c": 1}
+    assert api.channel_info("presence-gunicorn", ["user_count"])["user_count"] == 1
+    assert "worker" in gunicorn.log().lower()
+    # An idle keep-alive HTTP connection would hold the worker's shutdown for its
+    # graceful_timeout: close the library's session.
+    api._pusher_client.http.session.close()
+
+
+@pytest.mark.parametrize("target", ["master", "process group"])
+def test_sigterm_closes_every_client_with_4200(gunicorn, target):
+    clients = [RawClient(gunicorn.ws_url + f"/app/{KEY}?protocol=7", timeout=10)
+               for _ in range(5)]
+    try:
+        for client in clients:
+            connected(client)
+        if target == "master":
+            os.kill(gunicorn.proc.pid, signal.SIGTERM)
+        else:
+            gunicorn.signal(signal.SIGTERM)
+        for client in clients:
+            error = client.recv_event("pusher:error")
+            assert error["data"]["code"] == 4200
+            assert client.recv_close()[0] == 4200
+    finally:
+        for client in clients:
+            client.close()
+    assert gunicorn.proc.wait(10) == 0, gunicorn.log()

@@ -1,0 +1,233 @@
+"""POST /apps/{id}/events: the PyPI library, Bearer tokens, and every refusal with its status,
+built as raw signed requests (bunpulse.signatures) where the library refuses to send them."""
+import hashlib
+import json
+import time
+
+import pusher
+import pytest
+import requests
+
+from bunpulse.signatures import sign_api_request
+from conftest import APP_ID, KEY, SECRET, connected, raw_subscribe
+
+
+def signed_request(server, method, path, body=None, secret=SECRET, key=KEY, timestamp=None,
+                   body_md5=None, tamper=None, headers=None):
+    """A request signed as the libraries sign it; returns (response, expected signature)."""
+    raw = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    params = {"auth_key": key, "auth_version": "1.0",
+              "auth_timestamp": str(int(time.time()) if timestamp is None else timestamp)}
+    if raw:
+        params["body_md5"] = body_md5 or hashlib.md5(raw).hexdigest()
+    params["auth_signature"] = sign_api_request(secret, method, path, params)
+    expected = sign_api_request(SECRET, method, path, params)
+    if tamper:
+        tamper(params)
+    response = requests.request(method, server.url + path, params=params, data=raw,
+                                headers=dict({"Content-Type": "application/json"},
+                                             **(headers or {})), timeout=5)
+    return response, expected
+
+
+def assert_error(response, status, expected_signature=None):
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"]
+    if expected_signature is not None:
+        assert expected_signature not in response.text
+    return body["error"]
+
+
+def event(name="my-event", channels=("http-publish",), data='{"a":1}', **extra):
+    return dict({"name": name, "channels": list(channels), "data": data}, **extra)
+
+
+@pytest.fixture
+def listener(raw):
+    """A raw client subscribed to http-publish."""
+    client = raw()
+    raw_subscribe(client, connected(client), "http-publish")
+    client.recv_event("pusher_internal:subscription_succeeded")
+    return client
+
+
+# ---------------------------------------------------------------- accepted
+
+def test_pypi_library_trigger(api, listener):
+    assert api.trigger("http-publish", "my-event", {"message": "hello"}) == {}
+    frame = listener.recv_event("my-event")
+    assert json.loads(frame["data"]) == {"message": "hello"}
+
+
+def test_signed_raw_request(server, listener):
+    response, _ = signed_request(server, "POST", f"/apps/{APP_ID}/events",
+                                 event(data='{"raw": true}'))
+    assert response.status_code == 200 and response.json() == {}
+    assert listener.recv_event("my-event")["data"] == '{"raw": true}'
+
+
+def test_single_channel_field(server, listener):
+    response, _ = signed_request(server, "POST", f"/apps/{APP_ID}/events",
+                                 {"name": "one", "channel": "http-publish", "data": "x"})
+    assert response.status_code == 200, response.text
+    assert listener.recv_event("one")["data"] == "x"
+
+
+def test_bearer_secret_with_object_data(server, listener):
+    response = requests.post(server.url + f"/apps/{APP_ID}/events",
+                             json={"name": "bearer", "channel": "http-publish",
+                                   "data": {"a": 1, "b": ["x"]}},
+                             headers={"Authorization": f"Bearer {SECRET}"}, timeout=5)
+    assert response.status_code == 200 and response.json() == {}
+    frame = listener.recv_event("bearer")
+    assert isinstance(frame["data"], str)
+    assert json.loads(frame["data"]) == {"a": 1, "b": ["x"]}
+
+
+def test_bearer_with_the_app_key_is_refused(server):
+    response = requests.post(server.url + f"/apps/{APP_ID}/events",
+                             json=event(), headers={"Authorization": f"Bearer {KEY}"}, timeout=5)
+    assert SECRET not in assert_error(response, 401)
+
+
+def test_bearer_with_a_wrong_secret_is_refused(server):
+    response = requests.post(server.url + f"/apps/{APP_ID}/events", json=event(),
+                             headers={"Authorization": f"Bearer {SECRET}x"}, timeout=5)
+    assert SECRET not in assert_error(response, 401)
+
+
+def test_no_credentials_at_all(server):
+    response = requests.post(server.url + f"/apps/{APP_ID}/events", json=event(), timeout=5)
+    assert_error(response, 401)
+
+
+def test_limits_are_inclusive(server, listener):
+    data = "x" * 10240
+    channels = ["http-publish"] + [f"limit-{n}" for n in range(99)]
+    response, _ = signed_request(server, "POST", f"/apps/{APP_ID}/events",
+                                 event("at-limit", channels, data))
+    assert response.status_code == 200, response.text
+    assert listener.recv_event("at-limit")["data"] == data
+
+
+def test_info_in_trigger(server, listener):
+    response, _ = signed_request(server, "POST", f"/apps/{APP_ID}/events",
+                                 event(info="subscription_count"))
+    assert response.json() == {"channels": {"http-publish": {"subscription_count": 1}}}
+
+
+def test_health(server):
+    response = requests.get(server.url + "/health", timeout=5)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("application/json")
+
+
+# ---------------------------------------------------------------- refused
+
+def test_wrong_signature(server):
+    response, expected = signed_request(server, "POST", f"/apps/{APP_ID}/events", event(),
+                                        secret="not-the-secret")
+    assert "signature" in assert_error(response, 401, expected).lower()
+
+
+def test_tampered_query_after_signing(server):
+    def tamper(params):
+        params["auth_timestamp"] = str(int(params["auth_timestamp"]) + 1)
+    response, expected = signed_request(server, "POST", f"/apps/{APP_ID}/events", event(),
+                                        tamper=tamper)
+    assert_error(response, 401, expected)
+
+
+def test_pypi_library_with_a_wrong_secret(server):
+    client = pusher.Pusher(app_id=APP_ID, key=KEY, secret="wrong", host=server.host,
+                           port=server.port, ssl=False)
+    with pytest.raises(pusher.errors.PusherBadAuth):
+        client.trigger("http-publish", "x", {})
+
+
+@pytest.mark.parametrize("skew", [601, -601, 3600])
+def test_expired_timestamp(server, skew):
+    response, expected = signed_request(server, "POST", f"/apps/{APP_ID}/events", event(),
+                                        timestamp=int(time.time()) - skew)
+    assert "timestamp" in assert_error(response, 401, expected).lower()
+
+
+def test_timestamp_within_600_seconds(server):
+    response, _ = signed_request(server, "POST", f"/apps/{APP_ID}/events", event(),
+                                 timestamp=int(time.time()) - 590)
+    assert response.status_code == 200, response.text
+
+
+def test_body_md5_mismatch(server):
+    response, expected = signed_request(server, "POST", f"/apps/{APP_ID}/events", event(),
+                                        body_md5=hashlib.md5(b"another body").hexdigest())
+    assert "body_md5" in assert_error(response, 401, expected)
+
+
+def test_unknown_app(server):
+    response, expected = signed_request(server, "POST", "/apps/999/events", event())
+    assert_error(response, 404, expected)
+
+
+@pytest.mark.parametrize("path", [f"/apps/{APP_ID}/nothing-here", "/foo", "/"])
+def test_unknown_path(server, path):
+    response, _ = signed_request(server, "POST", path, event())
+    assert_error(response, 404)
+
+
+def test_wrong_method(server):
+    response = requests.get(server.url + f"/apps/{APP_ID}/events", timeout=5)
+    assert_error(response, 405)
+    assert "POST" in response.headers["Allow"]
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1,2]", b'"text"', b"\xff\xfe"])
+def test_malformed_json(server, body):
+    response, expected = signed_request(server, "POST", f"/apps/{APP_ID}/events", body)
+    assert_error(response, 400, expected)
+
+
+@pytest.mark.parametrize("item", [
+    event(channels=["bad name"]),
+    event(channels=["x" * 201]),
+    event(channels=["#general"]),
+    event(channels=[5]),
+    event(channels=[]),
+    {"name": "x", "channel": "bad:name", "data": "{}"},
+    {"name": "x", "data": "{}"},
+    {"channels": ["a"], "data": "{}"},
+    event(name="n" * 201),
+    {"name": "x", "channels": ["a"]},
+    event(socket_id="not-a-socket-id"),
+    event(socket_id="1.2\n"),
+])
+def test_bad_events(server, item):
+    response, expected = signed_request(server, "POST", f"/apps/{APP_ID}/events", item)
+    assert_error(response, 400, expected)
+
+
+def test_too_many_channels(server):
+    response, expected = signed_request(server, "POST", f"/apps/{APP_ID}/events",
+                                        event(channels=[f"c-{n}" for n in range(101)]))
+    assert "100" in assert_error(response, 400, expected)
+
+
+def test_data_too_large(server):
+    response, expected = signed_request(server, "POST", f"/apps/{APP_ID}/events",
+                                        event(data="x" * 10241))
+    assert "10240" in assert_error(response, 413, expected)
+    # The limit is in bytes, not characters.
+    response, expected = signed_request(server, "POST", f"/apps/{APP_ID}/events",
+                                        event(data="é" * 5121))
+    assert_error(response, 413, expected)
+
+
+def test_refusals_deliver_nothing(server, listener, api):
+    signed_request(server, "POST", f"/apps/{APP_ID}/events", event(name="refused"),
+                   secret="wrong")
+    signed_request(server, "POST", f"/apps/{APP_ID}/events",
+                   event(name="refused", data="x" * 10241))
+    api.trigger("http-publish", "after", {})
+    assert listener.recv()["event"] == "after"
