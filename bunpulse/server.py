@@ -5,19 +5,19 @@ import os
 import re
 import secrets
 import threading
-import time
 from itertools import count
 
 import gevent
+import gevent.event
 from flask import Flask, jsonify, request
 from gevent.pywsgi import WSGIServer
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import WebsocketMismatch
 
 from . import protocol
 from .adapters import make_adapter
 from .apps import load_apps
-from .config import listen_host, load_settings, uses_dev_app
+from .config import ConfigError, listen_host, load_settings, uses_dev_app
 from .connection import Connection
 from .errors import ConnectionRefused, PusherError, SubscriptionError
 from .hub import Hub
@@ -75,7 +75,10 @@ class BunPulse:
         self.hooks = Hooks()
         self.new_socket_id = SocketIds()
         # Clients ping after this many seconds of silence, well before the server's timeout.
-        self.activity_timeout = max(1, min(120, settings.heartbeat_interval // 1000))
+        # Whole seconds, except under one second (test settings): a floor of 1 s would let the
+        # client stay silent past a sub-second heartbeat timeout. pusher-js multiplies by 1000.
+        seconds = min(120, settings.heartbeat_interval / 1000)
+        self.activity_timeout = int(seconds) if seconds >= 1 else seconds
         self.evictions = 0
         self.adapter.bind(self)
         self.adapter.start()
@@ -134,7 +137,13 @@ class BunPulse:
         """Tell every client to reconnect at once (4200), e.g. when a worker stops."""
         for conn in self.hub.connections():
             conn.refuse(PusherError.RECONNECT, "Server is restarting: reconnect")
-        self.webhooks.close()
+        # Let them leave (up to 1 s) and send the webhooks their leaving causes (up to 2 s):
+        # channels this server vacated are reported, not left occupied at the receiver.
+        for _ in range(50):
+            if not self.hub.connections():
+                break
+            gevent.sleep(0.02)
+        self.webhooks.close(grace=2.0)
         self.adapter.stop()
 
     # ---------------------------------------------------------------- channels
@@ -147,7 +156,8 @@ class BunPulse:
                 "A-Z a-z 0-9 _ - = @ , . ;", 400, "InvalidChannelName")
         member = conn.authorize(name, data)
         kind = channel_kind(name)
-        if name in conn.subscriptions:
+        new = name not in conn.subscriptions
+        if not new:
             added = occupied = False
         else:
             if member is not None and \
@@ -170,7 +180,7 @@ class BunPulse:
             emit(app, {"name": "channel_occupied", "channel": name})
         if added:
             emit(app, {"name": "member_added", "channel": name, "user_id": member[0]})
-        if (occupied or added or not kind.presence) and app.webhooks:
+        if new and app.webhooks:  # every new subscription changes the count, as every leave
             self._emit_subscription_count(app, name)
         if kind.cache:
             self._replay_cache(conn, name)
@@ -316,7 +326,21 @@ def create_app(settings=None, core=None):
                 return jsonify(error="This is the Pusher WebSocket endpoint: connect with a "
                                      "WebSocket client"), 426
             return jsonify(error=f"Not found: {request.path}"), 404
-        return jsonify(error=exc.description), exc.code
+        if isinstance(exc, MethodNotAllowed) and not _http_route_exists():
+            # Only the WebSocket catch-all matched (POST /foo): the path is unknown.
+            return jsonify(error=f"Not found: {request.path}"), 404
+        # Keep the exception's headers (Allow on a 405), not its HTML Content-Type.
+        return jsonify(error=exc.description), exc.code, [
+            h for h in exc.get_headers() if h[0].lower() != "content-type"]
+
+    def _http_route_exists():
+        try:
+            app.url_map.bind_to_environ(request.environ).match(method="GET", websocket=False)
+        except MethodNotAllowed:
+            return True
+        except HTTPException:
+            return False
+        return True
 
     app.on_worker_stop = core.shutdown
     return app
@@ -376,7 +400,7 @@ class BunPulseServer:
         self._loop = None
         self._thread = None
         self._ready = threading.Event()
-        self._stopped = threading.Event()
+        self._halt = None  # set in the server's own thread: gevent events belong to one hub
         self._error = None
 
     @property
@@ -395,6 +419,10 @@ class BunPulseServer:
         from gevent import monkey
         if monkey.is_module_patched("socket"):
             self._start_here()
+        elif self.settings.redis_url:
+            raise ConfigError("redis_url needs a gevent-patched process (gevent.monkey."
+                              "patch_all() before other imports): redis-py would block the "
+                              "server's thread otherwise")
         else:
             self._thread = threading.Thread(target=self._run_in_thread, name="bunpulse",
                                             daemon=True)
@@ -417,9 +445,9 @@ class BunPulseServer:
             self._error = exc
             self._ready.set()
             return
+        self._halt = gevent.event.Event()
         self._ready.set()
-        self._stopped.wait_event = gevent.event.Event()
-        self._stopped.wait_event.wait()
+        self._halt.wait()
 
     def _call(self, func, *args):
         """Run func in the server's hub and return its result."""
@@ -461,9 +489,12 @@ class BunPulseServer:
             self.core.shutdown()
             gevent.sleep(0.05)
             self._wsgi.stop(timeout=1)
+            if self._halt is not None:
+                # Release the thread from inside its hub: once the listener is gone the hub
+                # has nothing left to wait on, and a later wake-up would find LoopExit.
+                self._halt.set()
         self._call(stop_here)
         if self._thread is not None:
-            self._loop.run_callback_threadsafe(self._stopped.wait_event.set)
             self._thread.join(5)
 
 

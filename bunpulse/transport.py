@@ -164,20 +164,47 @@ class Outbox:
             pass
 
 
+READ_SIZE = 4096  # bytes asked of the socket at once; what is not parsed yet waits in `_data`
+
+
+def _buffered_ahead(handler):
+    """What the handler's buffered reader already holds past the handshake (a client may send
+    frames right behind it), taken without waiting for more; then the reader is closed, which
+    frees its buffer and leaves the socket open."""
+    sock = handler.socket
+    timeout = sock.gettimeout()
+    sock.settimeout(0)
+    try:
+        data = handler.rfile.read1(1 << 16)
+    except OSError:  # nothing buffered and nothing on the socket yet
+        data = b""
+    finally:
+        sock.settimeout(timeout)
+    body = handler.wsgi_input
+    if body is None or not (body.content_length or body.chunked_input):
+        handler.rfile.close()  # pywsgi reads it again only to discard a request body
+    return data or b""
+
+
 class PusherWebSocket(WebSocket):
     """A server-side WebSocket with correct reads and a single writer (`outbox`)."""
 
-    __slots__ = ("outbox", "max_message_size", "close_code", "_rfile")
+    __slots__ = ("outbox", "max_message_size", "close_code", "_recv", "_data", "refused_midway")
 
     def __init__(self, environ, handler, max_buffer=1 << 20):
         self.environ = environ
         self.handler = handler
         self.stream = None
         self.closed = False
-        self._rfile = handler.rfile
+        # Frames are read from the socket itself, not through pywsgi's buffered reader: an
+        # idle connection then holds no read buffer (the reader's is 8 KiB), only what a
+        # client sent ahead of what has been parsed.
+        self._recv = handler.socket.recv
+        self._data = _buffered_ahead(handler)
         self.outbox = Outbox(handler.socket, max_buffer)
         self.max_message_size = 1 << 16
         self.close_code = None
+        self.refused_midway = False  # a frame was refused before its payload was read
 
     def __del__(self):
         pass  # never send a close frame from the garbage collector
@@ -185,10 +212,18 @@ class PusherWebSocket(WebSocket):
     # ---------------------------------------------------------------- reading
 
     def _read(self, n):
-        data = self._rfile.read(n)
-        if len(data) != n:
-            raise ConnectionLost()
-        return data
+        data = self._data
+        if len(data) < n:
+            parts, have = [data], len(data)
+            while have < n:
+                chunk = self._recv(max(n - have, READ_SIZE))
+                if not chunk:
+                    raise ConnectionLost()
+                parts.append(chunk)
+                have += len(chunk)
+            data = b"".join(parts)
+        self._data = data[n:]
+        return data[:n] if len(data) > n else data
 
     def _read_frame(self, budget):
         b1, b2 = self._read(2)
@@ -218,6 +253,7 @@ class PusherWebSocket(WebSocket):
         try:
             return self._read_message()
         except _Violation as violation:
+            self.refused_midway = True
             self.close(violation.code, violation.reason)
         except UnicodeDecodeError:
             self.close(WsClose.INVALID_PAYLOAD, "Invalid UTF-8")
@@ -225,6 +261,21 @@ class PusherWebSocket(WebSocket):
             self.closed = True
             self.outbox.closed = True
         return None
+
+    def drain(self, limit=1 << 20):
+        """Drop what the client still sends after a refusal, for at most CLOSE_LINGER seconds
+        and `limit` bytes: closing with unread input resets the connection, and the reset can
+        destroy our close frame (1009) before the client reads it."""
+        with gevent.Timeout(CLOSE_LINGER, False):
+            try:
+                while limit > 0:
+                    data = self._data or self._recv(min(limit, 65536))
+                    self._data = b""
+                    if not data:
+                        return
+                    limit -= len(data)
+            except OSError:
+                pass
 
     def _read_message(self):
         opcode, parts, size = None, [], 0
@@ -283,6 +334,16 @@ class PusherWebSocketHandler(WebSocketHandler):
 
     max_buffer = 1 << 20
 
+    def handle(self):
+        # pywsgi sends a response's headers and body in two writes: with Nagle on, the body
+        # waits for the client's delayed ACK, 40 ms on every keep-alive HTTP API request.
+        if self.socket.family != socket.AF_UNIX:
+            try:
+                self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        super().handle()
+
     def upgrade_connection(self):
         version = self.environ.get("HTTP_SEC_WEBSOCKET_VERSION")
         if version not in self.SUPPORTED_VERSIONS:
@@ -311,6 +372,8 @@ class PusherWebSocketHandler(WebSocketHandler):
             list(self.application(self.environ, lambda status, headers, exc_info=None: []))
         finally:
             self.websocket.outbox.closed = True
+            if self.websocket.refused_midway:
+                self.websocket.drain()  # after the connection's cleanup, not before it
             self.environ["wsgi.websocket"] = None
             self.websocket = None
 
