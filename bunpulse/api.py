@@ -205,3 +205,10 @@ def terminate_connections(user_id, app_id):
 @blueprint.get("/health")
 def health():
     return _json({"ok": True})
+
+
+@blueprint.get("/stats")
+def stats():
+    """This worker's counters (each gunicorn worker answers for itself); no secrets."""
+    core = _core()
+    return _json({"webhooks": core.webhooks.stats.as_dict(), "evictions": core.evictions})

@@ -47,10 +47,13 @@ class WebhookSender:
         self.timeout = settings.webhook_timeout_ms / 1000
         self.queue_size = settings.webhook_queue_size
         self.stats = WebhookStats()
-        self._inbox = queue.Queue()
+        # Bounded too: a connection that floods without blocking starves the dispatcher
+        # greenlet, so the inbox, not the targets' queues, would hold the whole flood.
+        self._inbox = queue.Queue(self.queue_size)
         self._delayed = {}   # (name, app id, channel, user_id) -> (due, app, event)
         self._targets = {}   # (app id, url) -> _Target
         self._running = True
+        self._flushing = False  # stopping: delayed events go at once, batches without waiting
         self._thread = None
 
     def wanted(self, app, name):
@@ -66,13 +69,38 @@ class WebhookSender:
             self._thread = threading.Thread(target=self._dispatch, name="bunpulse-webhooks",
                                             daemon=True)
             self._thread.start()
-        self._inbox.put((app, event))
+        try:
+            self._inbox.put_nowait((app, event))
+        except queue.Full:
+            self.stats.dropped_full += 1
+            if self.stats.dropped_full == 1 or self.stats.dropped_full % 10000 == 0:
+                log.warning("webhook inbox is full (%d events): %d events dropped so far",
+                            self.queue_size, self.stats.dropped_full)
 
-    def close(self):
+    def close(self, grace=0.0):
+        """Stop sending. With grace, first deliver what is queued (delayed events at once) for
+        up to grace seconds, so that a stopping server still reports what its leaving clients
+        vacated."""
+        if grace and self._thread is not None:
+            self._flushing = True
+            self._wake()
+            deadline = time.monotonic() + grace
+            while not self._idle() and time.monotonic() < deadline:
+                time.sleep(0.02)
         self._running = False
-        self._inbox.put(None)
+        self._wake()
         for target in self._targets.values():
             target.close()
+
+    def _wake(self):
+        try:
+            self._inbox.put_nowait(None)
+        except queue.Full:
+            pass  # a full inbox wakes the dispatcher anyway
+
+    def _idle(self):
+        return self._inbox.unfinished_tasks == 0 and not self._delayed and all(
+            not t.events and not t.busy for t in self._targets.values())
 
     # ---------------------------------------------------------------- dispatcher
 
@@ -82,23 +110,26 @@ class WebhookSender:
             if self._delayed:
                 timeout = max(0.0, min(due for due, _, _ in self._delayed.values())
                               - time.monotonic())
+            got = True
             try:
                 item = self._inbox.get(timeout=timeout)
             except queue.Empty:
-                item = None
+                item, got = None, False
             if item is not None:
                 self._accept(*item)
-            now = time.monotonic()
+            now = float("inf") if self._flushing else time.monotonic()
             for key in [k for k, (due, _, _) in self._delayed.items() if due <= now]:
                 _, app, event = self._delayed.pop(key)
                 self._route(app, event)
+            if got:
+                self._inbox.task_done()  # after routing: _idle() counts on it
 
     def _accept(self, app, event):
         name = event["name"]
         key = (app.id, event.get("channel"), event.get("user_id"))
         if name in CANCELS and self._delayed.pop((CANCELS[name],) + key, None):
             return  # back in time: neither the removal nor this return is reported
-        if name in DELAYED and self.delay > 0:
+        if name in DELAYED and self.delay > 0 and not self._flushing:
             self._delayed[(name,) + key] = (time.monotonic() + self.delay, app, event)
             return
         self._route(app, event)
@@ -123,6 +154,7 @@ class _Target:
         self.wake = threading.Event()
         self.session = requests.Session()
         self.running = True
+        self.busy = False  # a batch is out of the queue and not yet delivered
         self._dropping = False
         threading.Thread(target=self._run, name=f"bunpulse-webhook-{url}", daemon=True).start()
 
@@ -147,11 +179,14 @@ class _Target:
             self.wake.wait()
             self.wake.clear()
             while self.events and self.running:
-                if len(self.events) < owner.batch_size and owner.batch_window:
+                if len(self.events) < owner.batch_size and owner.batch_window \
+                        and not owner._flushing:
                     time.sleep(owner.batch_window)  # let a burst gather into one request
+                self.busy = True
                 batch = [self.events.popleft()
                          for _ in range(min(owner.batch_size, len(self.events)))]
                 self._deliver(batch)
+                self.busy = False
                 if len(self.events) < owner.queue_size // 2:
                     self._dropping = False
 
@@ -165,10 +200,11 @@ class _Target:
                 return
             owner.stats.failed_attempts += 1
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or owner._flushing:  # stopping: one try each, no restart held up
                 owner.stats.dropped_expired += len(batch)
-                log.error("webhook to %s failed for %d s: dropped %d events", self.url,
-                          owner.retry_for, len(batch))
+                log.error("webhook to %s failed %s: dropped %d events", self.url,
+                          "while stopping" if owner._flushing else f"for {owner.retry_for} s",
+                          len(batch))
                 return
             time.sleep(min(backoff, left))
             backoff = min(backoff * 2, MAX_BACKOFF)
