@@ -43,7 +43,8 @@ def _authenticated_app(app_id=None):
             raise ApiError(401, "Invalid bearer token: use the app secret")
     else:
         verify_api_request(app, request.method, request.path, request.args.to_dict(),
-                           request.get_data(cache=True))
+                           request.get_data(cache=True),
+                           raw_path=request.environ.get("RAW_URI", "").partition("?")[0])
     if not app.enabled:
         raise ApiError(403, "Application is disabled")
     return app

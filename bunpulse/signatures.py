@@ -57,8 +57,10 @@ def sign_api_request(secret, method, path, params):
     return sign(secret, api_string_to_sign(method, path, params))
 
 
-def verify_api_request(app, method, path, params, body, now=None):
-    """Check a signed HTTP API request; raise ApiError(401) saying what is wrong."""
+def verify_api_request(app, method, path, params, body, now=None, raw_path=None):
+    """Check a signed HTTP API request; raise ApiError(401) saying what is wrong.
+    `raw_path` is the path as sent, before percent-decoding: libraries sign what they send,
+    and some send a channel name percent-encoded."""
     if params.get("auth_key") != app.key:
         raise ApiError(401, "Unknown auth_key")
     signature = params.get("auth_signature")
@@ -74,8 +76,9 @@ def verify_api_request(app, method, path, params, body, now=None):
                             f"{AUTH_TIMESTAMP_GRACE} seconds of the server time")
     if params.get("auth_version", "1.0") != "1.0":
         raise ApiError(401, "Unsupported auth_version (expected 1.0)")
-    expected = sign_api_request(app.secret, method, path, params)
-    if not hmac.compare_digest(signature.encode(), expected.encode()):
+    if not any(hmac.compare_digest(signature.encode(),
+                                   sign_api_request(app.secret, method, p, params).encode())
+               for p in {path, raw_path or path}):
         raise ApiError(401, "Invalid signature: you should have sent the HMAC-SHA256 hex digest "
                             "of the method, path and sorted query, signed with the app secret")
     body_md5 = params.get("body_md5")

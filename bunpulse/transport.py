@@ -344,6 +344,11 @@ class PusherWebSocketHandler(WebSocketHandler):
                 pass
         super().handle()
 
+    def get_environ(self):
+        environ = super().get_environ()
+        environ["RAW_URI"] = self.path  # as gunicorn does: the path before percent-decoding
+        return environ
+
     def upgrade_connection(self):
         version = self.environ.get("HTTP_SEC_WEBSOCKET_VERSION")
         if version not in self.SUPPORTED_VERSIONS:
