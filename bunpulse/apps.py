@@ -67,7 +67,8 @@ def _targets(settings):
     targets = []
     if settings.webhook_url:
         targets.append(WebhookTarget(settings.webhook_url))
-    if settings.subscription_vacancy_url:
+    if settings.subscription_vacancy_url and \
+            settings.subscription_vacancy_url != settings.webhook_url:  # else it would get two
         targets.append(WebhookTarget(settings.subscription_vacancy_url,
                                      frozenset(("channel_vacated",))))
     return tuple(targets)

@@ -215,8 +215,9 @@ class _Target:
         headers = {"Content-Type": "application/json", "X-Pusher-Key": self.app.key,
                    "X-Pusher-Signature": webhook_signature(self.app.secret, body)}
         try:
+            # A redirect would turn the POST into a GET: a 3xx counts as a failure.
             response = self.session.post(self.url, data=body, headers=headers,
-                                         timeout=self.owner.timeout)
+                                         timeout=self.owner.timeout, allow_redirects=False)
         except requests.RequestException as exc:
             log.warning("webhook to %s failed: %s", self.url, exc.__class__.__name__)
             return False

@@ -447,3 +447,20 @@ def test_stats_count_sent_events(start_server, webhook_receiver, clients):
                        ["webhooks"]["sent"] == 2 and s)
     assert stats["webhooks"] == {"sent": 2, "failed_attempts": 1, "dropped_full": 0,
                                  "dropped_expired": 0}
+
+
+def test_same_url_as_webhook_and_vacancy_target_gets_each_event_once(start_server,
+                                                                      webhook_receiver, raw):
+    from conftest import connected
+    server = start_server(env={"BUNPULSE_WEBHOOK_URL": webhook_receiver.url,
+                               "BUNPULSE_SUBSCRIPTION_VACANCY_URL": webhook_receiver.url,
+                               "BUNPULSE_WEBHOOK_DELAY_MS": "0", "BUNPULSE_WEBHOOK_BATCH_MS": "0"})
+    client = raw(target=server)
+    connected(client)
+    client.send({"event": "pusher:subscribe", "data": {"channel": "once"}})
+    client.recv_event("pusher_internal:subscription_succeeded")
+    client.send({"event": "pusher:unsubscribe", "data": {"channel": "once"}})
+    client.send({"event": "pusher:subscribe", "data": {"channel": "marker"}})
+    client.recv_event("pusher_internal:subscription_succeeded")
+    webhook_receiver.wait_events("channel_occupied", 2)  # marker's comes after once's vacated
+    assert len(webhook_receiver.events("channel_vacated")) == 1
