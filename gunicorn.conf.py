@@ -2,9 +2,11 @@
 
 Settings come from the same environment variables and .env file as `python -m bunpulse`.
 """
+import logging
 import sys
 
-from bunpulse.config import ConfigError, listen_host, load_settings
+from bunpulse.apps import load_apps
+from bunpulse.config import ConfigError, listen_host, load_settings, redacted, uses_dev_app
 
 try:
     _settings = load_settings([])
@@ -25,4 +27,23 @@ accesslog = None
 
 
 def on_starting(server):
-    server.log.info("BunPulse under gunicorn: %d worker(s) on %s", workers, ", ".join(bind))
+    adapter = f"redis {redacted(_settings.redis_url)}" if _settings.redis_url else "local"
+    server.log.info("BunPulse under gunicorn: %d worker(s) on %s, adapter %s", workers,
+                    ", ".join(bind), adapter)
+    try:
+        apps = load_apps(_settings)
+    except ConfigError as exc:
+        sys.exit(f"bunpulse: configuration error: {exc}")
+    for app in apps:
+        server.log.info("app id=%s key=%s", app.id, app.key)
+    if uses_dev_app(_settings):
+        server.log.warning("NO CREDENTIALS CONFIGURED: serving the development app (key "
+                           "app-key, secret app-secret) on 127.0.0.1 only")
+
+
+def post_fork(server, worker):
+    # BunPulse's own loggers write through gunicorn's error log, at BUNPULSE_LOG_LEVEL.
+    bunpulse_log = logging.getLogger("bunpulse")
+    bunpulse_log.handlers = list(worker.log.error_log.handlers)
+    bunpulse_log.setLevel(_settings.log_level.upper())
+    bunpulse_log.propagate = False

@@ -195,6 +195,14 @@ def _check(settings):
                           "its own hub and Redis joins them")
 
 
+def redacted(url):
+    """A URL fit for logs: any password replaced by ***."""
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@")).geturl()
+
+
 def uses_dev_app(settings):
     return not settings.app_id and not settings.apps_file
 

@@ -17,7 +17,7 @@ from werkzeug.routing import WebsocketMismatch
 from . import protocol
 from .adapters import make_adapter
 from .apps import load_apps
-from .config import ConfigError, listen_host, load_settings, uses_dev_app
+from .config import ConfigError, listen_host, load_settings, redacted, uses_dev_app
 from .connection import Connection
 from .errors import ConnectionRefused, PusherError, SubscriptionError
 from .hub import Hub
@@ -373,8 +373,8 @@ def log_startup(settings, core, address):
         log.warning("NO CREDENTIALS CONFIGURED: serving the development app (id app-id, key "
                     "app-key, secret app-secret) on 127.0.0.1 only. Set PUSHER_APP_ID, "
                     "PUSHER_APP_KEY and PUSHER_APP_SECRET (or --apps-file) for real use.")
-    log.info("adapter: %s", "redis " + settings.redis_url if settings.redis_url else "local "
-             "(one process)")
+    log.info("adapter: %s", f"redis {redacted(settings.redis_url)}" if settings.redis_url
+             else "local (one process)")
 
 
 def make_wsgi_server(settings, core=None):

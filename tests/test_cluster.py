@@ -224,3 +224,27 @@ def test_workers_above_one_without_redis_stops_start_up(start_server):
     with pytest.raises(RuntimeError, match="BUNPULSE_REDIS_URL"):
         start_server(env={"BUNPULSE_WORKERS": "2"},
                      command=[sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"])
+
+
+def test_hundreds_of_concurrent_joins_keep_exact_counts(start_server, redis_server, raw):
+    """More greenlets than Redis connections at once: each waits for a pooled connection
+    instead of the node giving up on Redis (redis-py's default pool refuses the 101st)."""
+    from bunpulse.apps import App
+    from bunpulse.signatures import channel_auth
+    server = start_server(env=cluster_env(redis_server))
+    app = App(id="1", key=KEY, secret="test-secret")
+    clients = []
+    for i in range(240):
+        client = raw(target=server)
+        clients.append((client, connected(client), f"presence-many-{i % 24}", f"u{i}"))
+    for client, socket_id, channel, user in clients:  # all at once, answers read later
+        data = json.dumps({"user_id": user, "user_info": {}})
+        client.send({"event": "pusher:subscribe", "data": {
+            "channel": channel, "channel_data": data,
+            "auth": channel_auth(app, socket_id, channel, data)}})
+    for client, _, _, _ in clients:
+        client.recv_event("pusher_internal:subscription_succeeded")
+    api = pusher_api(server)
+    for c in range(24):
+        assert api.channel_info(f"presence-many-{c}", ["user_count"])["user_count"] == 10
+    assert "lost Redis" not in server.log()

@@ -22,6 +22,7 @@ import gevent
 import orjson
 import redis
 
+from ..config import redacted
 from .local import LocalAdapter
 
 log = logging.getLogger("bunpulse.redis")
@@ -31,6 +32,7 @@ NODES = "bp:nodes"
 NODE_TIMEOUT = 10.0     # seconds without a heartbeat before a node is reaped
 HEARTBEAT = 1.0
 REAP_EVERY = 2.0
+POOL_SIZE = 64          # Redis connections a worker holds at most (plus its subscriber)
 SEP = "\x1f"
 
 # Change this node's share of a per-node counter and return the total across nodes; keeps the
@@ -86,8 +88,12 @@ class RedisAdapter(LocalAdapter):
         self.url = settings.redis_url
         self.node = secrets.token_hex(8)
         self.core = None
-        self._redis = redis.Redis.from_url(self.url, socket_connect_timeout=1,
-                                           socket_timeout=3, health_check_interval=10)
+        # A blocking pool: hundreds of greenlets may call at once, and redis-py's default
+        # pool refuses the 101st ("Too many connections") instead of making it wait.
+        pool = redis.BlockingConnectionPool.from_url(
+            self.url, max_connections=POOL_SIZE, timeout=5, socket_connect_timeout=1,
+            socket_timeout=3, health_check_interval=10)
+        self._redis = redis.Redis(connection_pool=pool)
         self._channel_script = self._redis.register_script(_CHANNEL)
         self._counter_script = self._redis.register_script(_NODE_COUNTER)
         self._member_script = self._redis.register_script(_MEMBER)
@@ -108,9 +114,9 @@ class RedisAdapter(LocalAdapter):
             self._heartbeat_once()
         except redis.RedisError as exc:
             log.error("Redis at %s is unreachable (%s): serving this node's sockets alone "
-                      "until it answers", self.url, exc)
+                      "until it answers", redacted(self.url), exc)
         self._greenlets = [gevent.spawn(self._listen), gevent.spawn(self._keep_alive)]
-        log.info("Redis adapter: node %s on %s", self.node, self.url)
+        log.info("Redis adapter: node %s on %s", self.node, redacted(self.url))
 
     def stop(self):
         # The node stays in NODES: what its closing sockets do not clean up themselves is
