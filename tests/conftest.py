@@ -313,8 +313,8 @@ def raw(server):
     """Factory: raw(path="/app/KEY?protocol=7") -> RawClient connected to the module server."""
     clients = []
 
-    def connect(path=f"/app/{KEY}?protocol=7&client=py&version=1.0", target=None):
-        client = RawClient((target or server).ws_url + path)
+    def connect(path=f"/app/{KEY}?protocol=7&client=py&version=1.0", target=None, **options):
+        client = RawClient((target or server).ws_url + path, **options)
         clients.append(client)
         return client
 

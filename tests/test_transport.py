@@ -1,0 +1,116 @@
+"""The transport's writer: non-blocking sends, a bounded buffer, and eviction of a client that
+stops reading, so one slow socket never delays the others or eats memory."""
+import json
+import socket
+import time
+
+import gevent
+import gevent.socket
+import requests
+
+from bunpulse.errors import PusherError
+from bunpulse.signatures import sign_api_request
+from bunpulse.transport import Outbox, build_frame, close_frame
+from conftest import APP_ID, KEY, SECRET, connected, wait_until
+
+
+def _pair():
+    left, right = gevent.socket.socketpair()
+    left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    right.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return left, right
+
+
+def test_outbox_keeps_order_and_coalesces_a_backlog():
+    left, right = _pair()
+    outbox = Outbox(left, limit=1 << 20)
+    frames = [build_frame(json.dumps({"n": n, "pad": "x" * 2000}).encode()) for n in range(200)]
+    for frame in frames:  # far more than the socket buffers hold: most of it queues
+        outbox.send(frame)
+    assert outbox.backlog > 0
+    expected = b"".join(frames)
+    received = bytearray()
+    with gevent.Timeout(10):
+        while len(received) < len(expected):
+            received += right.recv(65536)
+    assert bytes(received) == expected
+    assert outbox.backlog == 0 and not outbox.closed
+
+
+def test_outbox_evicts_a_reader_that_stopped_past_the_bound():
+    left, right = _pair()
+    evicted = []
+    outbox = Outbox(left, limit=64 * 1024, on_evict=lambda: evicted.append(True))
+    frame = build_frame(b"y" * 8000)
+    for _ in range(100):  # 800 KB to a peer that never reads
+        outbox.send(frame)
+        if outbox.closed:
+            break
+    assert evicted == [True] and outbox.closed
+    assert outbox.backlog == 0  # the queued frames were dropped, not kept
+    outbox.send(frame)  # sending to an evicted client is a no-op
+    assert outbox.backlog == 0
+    gevent.sleep(0)
+    with gevent.Timeout(5):  # the peer sees the connection end
+        while right.recv(65536):
+            pass
+
+
+def test_close_frame_carries_the_code_and_a_bounded_reason():
+    frame = close_frame(PusherError.OVER_CAPACITY, "r" * 300)
+    assert frame[0] == 0x88 and frame[1] == 125  # a control frame holds 125 bytes at most
+    assert int.from_bytes(frame[2:4], "big") == 4100
+
+
+def _publish_batch(server, channel, payload, count):
+    path = f"/apps/{APP_ID}/batch_events"
+    body = json.dumps({"batch": [{"name": "big", "channel": channel, "data": payload}
+                                 for _ in range(count)]}).encode()
+    import hashlib
+    params = {"auth_key": KEY, "auth_timestamp": str(int(time.time())), "auth_version": "1.0",
+              "body_md5": hashlib.md5(body).hexdigest()}
+    params["auth_signature"] = sign_api_request(SECRET, "POST", path, params)
+    response = requests.post(server.url + path, params=params, data=body,
+                             headers={"Content-Type": "application/json"}, timeout=10)
+    assert response.status_code == 200, response.text
+
+
+def test_a_client_that_stops_reading_is_evicted_and_others_keep_up(start_server, raw):
+    server = start_server(env={"BUNPULSE_MAX_BUFFER": "65536"})
+    stalled = raw(target=server, sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),))
+    connected(stalled)
+    stalled.send({"event": "pusher:subscribe", "data": {"channel": "firehose"}})
+    stalled.recv_event("pusher_internal:subscription_succeeded")
+    reader = raw(target=server)
+    connected(reader)
+    reader.send({"event": "pusher:subscribe", "data": {"channel": "firehose"}})
+    reader.recv_event("pusher_internal:subscription_succeeded")
+
+    payload = "z" * 9000
+    received = 0
+    for _ in range(80):  # 800 events of 9 KB: far past what loopback buffers absorb
+        _publish_batch(server, "firehose", payload, 10)
+        while True:  # the healthy reader drains as it goes and is never held back
+            message = reader.recv()
+            assert message["event"] == "big"
+            received += 1
+            if received % 10 == 0:
+                break
+    assert received == 800
+    stats = wait_until(lambda: (s := requests.get(server.url + "/stats").json())["evictions"]
+                       and s, message="an eviction")
+    assert stats["evictions"] == 1
+    assert "evicting a client that stopped reading" in server.log()
+    # the evicted socket is gone: reading what is left ends in a close or EOF, not a hang
+    stalled.ws.settimeout(5)
+    ended = False
+    try:
+        for _ in range(2000):
+            if isinstance(stalled.recv(), tuple):
+                ended = True
+                break
+    except Exception:  # noqa: BLE001 - a reset or EOF is an end too
+        ended = True
+    assert ended
+    info = requests.get(server.url + "/health")
+    assert info.status_code == 200
