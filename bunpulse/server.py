@@ -22,7 +22,7 @@ from .connection import Connection
 from .errors import ConnectionRefused, PusherError, SubscriptionError
 from .hub import Hub
 from .protocol import channel_kind, data_string
-from .transport import PusherWebSocketHandler, build_frame
+from .transport import SESSION_KEY, PusherWebSocketHandler, build_frame
 from .webhooks import WebhookSender
 
 log = logging.getLogger("bunpulse")
@@ -315,8 +315,16 @@ def create_app(settings=None, core=None):
     @app.route("/", websocket=True, defaults={"key": None})
     @app.route("/<path:key>", websocket=True)
     def pusher_socket(key):
-        ws = request.environ.get("wsgi.websocket")
-        core.serve_websocket(ws, request.path, request.args)
+        environ = request.environ
+        ws, path, query = environ["wsgi.websocket"], request.path, request.args.to_dict()
+
+        def session():
+            core.serve_websocket(ws, path, query)
+
+        if SESSION_KEY in environ:
+            environ[SESSION_KEY] = session  # our handler runs it after this view returns
+        else:
+            session()  # another handler: the view blocks for the socket's whole life
         return ""
 
     @app.errorhandler(HTTPException)

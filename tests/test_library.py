@@ -196,3 +196,19 @@ def test_subscription_vacancy_webhook(library_server, webhook_receiver):
     assert validator.validate_webhook(headers["x-pusher-key"], headers["x-pusher-signature"],
                                       request["body"].decode().replace("vacancy", "other")) is None
     assert json.loads(request["body"])["time_ms"] > 0
+
+
+def test_connections_live_outside_the_flask_request_context(library_server):
+    """A socket's long life runs after the Flask view returned: no request context (and none
+    of its memory) is held by an idle connection."""
+    import flask
+    server = library_server()
+    seen = []
+    server.on("connection", lambda conn, data: seen.append(flask.has_request_context()))
+    client = RawClient(ws_url(server))
+    try:
+        connected(client)
+        wait_until(lambda: seen, message="the connection hook")
+        assert seen == [False]
+    finally:
+        client.close()
