@@ -14,6 +14,7 @@
 - Outage: a failed call marks Redis down (logged once); the node serves its own sockets from
   the hub, a greenlet reconnects with backoff, resubscribes and reconciles what this node owns.
 """
+import hashlib
 import logging
 import secrets
 import time
@@ -32,7 +33,8 @@ NODES = "bp:nodes"
 NODE_TIMEOUT = 10.0     # seconds without a heartbeat before a node is reaped
 HEARTBEAT = 1.0
 REAP_EVERY = 2.0
-POOL_SIZE = 64          # Redis connections a worker holds at most (plus its subscriber)
+POOL_SIZE = 128         # Redis connections a worker holds at most (plus its subscriber)
+POOL_WAIT = 30.0        # seconds a call may wait for a free connection
 SEP = "\x1f"
 
 # Change this node's share of a per-node counter and return the total across nodes; keeps the
@@ -74,6 +76,11 @@ return c
 _EMPTY = {"subs": {}, "pres": {}, "users": {}, "conns": {}}
 
 
+SCRIPTS = {name: (source, hashlib.sha1(source.encode()).hexdigest())
+           for name, source in (("counter", _NODE_COUNTER), ("channel", _CHANNEL),
+                                ("member", _MEMBER))}
+
+
 class RedisDown(Exception):
     pass
 
@@ -89,14 +96,18 @@ class RedisAdapter(LocalAdapter):
         self.node = secrets.token_hex(8)
         self.core = None
         # A blocking pool: hundreds of greenlets may call at once, and redis-py's default
-        # pool refuses the 101st ("Too many connections") instead of making it wait.
+        # pool refuses the 101st ("Too many connections") instead of making it wait. A busy
+        # worker can keep a greenlet waiting for a connection for seconds: that is congestion,
+        # not an outage, so the wait is long; a Redis that stops answering still fails fast
+        # through the socket timeouts of the connections in use.
         pool = redis.BlockingConnectionPool.from_url(
-            self.url, max_connections=POOL_SIZE, timeout=5, socket_connect_timeout=1,
+            self.url, max_connections=POOL_SIZE, timeout=POOL_WAIT, socket_connect_timeout=1,
             socket_timeout=3, health_check_interval=10)
         self._redis = redis.Redis(connection_pool=pool)
-        self._channel_script = self._redis.register_script(_CHANNEL)
-        self._counter_script = self._redis.register_script(_NODE_COUNTER)
-        self._member_script = self._redis.register_script(_MEMBER)
+        # Heartbeats and reaping on a connection of their own: a worker whose pool is busy
+        # must never look dead to the others.
+        self._control = redis.Redis.from_url(self.url, socket_connect_timeout=1,
+                                             socket_timeout=3)
         self._up = False
         self._running = False
         self._greenlets = []
@@ -109,9 +120,9 @@ class RedisAdapter(LocalAdapter):
     def start(self):
         self._running = True
         try:
-            self._redis.ping()
-            self._up = True
+            self._load_scripts()
             self._heartbeat_once()
+            self._up = True
         except redis.RedisError as exc:
             log.error("Redis at %s is unreachable (%s): serving this node's sockets alone "
                       "until it answers", redacted(self.url), exc)
@@ -176,21 +187,25 @@ class RedisAdapter(LocalAdapter):
         while self._running:
             if not self._up:
                 try:
-                    self._redis.ping()
+                    self._load_scripts()
                 except redis.RedisError:
                     gevent.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
-                self._up = True
                 backoff = 0.2
                 log.info("Redis is back: reconciling this node's state")
                 try:
-                    self._reconcile()
-                except (redis.RedisError, RedisDown) as exc:
+                    self._reconcile()  # sets _up at the right moment
+                except redis.RedisError as exc:
                     self._down(exc)
                     continue
             try:
-                self._heartbeat_once()
+                if self._heartbeat_once():
+                    # Reaped by the others (this worker stalled past NODE_TIMEOUT): count
+                    # this node's sockets in again.
+                    log.warning("this node was taken for dead: reconciling its state")
+                    self._up = False
+                    continue
                 if time.monotonic() - last_reap >= REAP_EVERY:
                     last_reap = time.monotonic()
                     self._reap_dead_nodes()
@@ -203,7 +218,18 @@ class RedisAdapter(LocalAdapter):
             gevent.sleep(HEARTBEAT)
 
     def _heartbeat_once(self):
-        self._redis.zadd(NODES, {self.node: time.time()})
+        """Returns True when this node was missing from NODES (first beat, or reaped)."""
+        return self._control.zadd(NODES, {self.node: time.time()}) == 1
+
+    def _load_scripts(self):
+        # Called by EVALSHA alone afterwards; a Redis that restarted and forgot them answers
+        # NOSCRIPT, which counts as an outage: the reconnect loads them again.
+        for source, _ in SCRIPTS.values():
+            self._control.script_load(source)
+
+    def _eval(self, name, keys, args, pipe=None):
+        return (pipe if pipe is not None else self._redis).evalsha(
+            SCRIPTS[name][1], len(keys), *keys, *args)
 
     # ---------------------------------------------------------------- the bus
 
@@ -247,26 +273,26 @@ class RedisAdapter(LocalAdapter):
 
     def _channel_delta(self, app_id, channel, delta, pipe=None, node=None):
         node = node or self.node
-        return self._channel_script(
-            keys=[_k(app_id, "ch", channel), f"bp:node:{node}:subs", _k(app_id, "channels")],
-            args=[node, delta, f"{app_id}{SEP}{channel}", channel], client=pipe)
+        return self._eval(
+            "channel", [_k(app_id, "ch", channel), f"bp:node:{node}:subs", _k(app_id, "channels")],
+            [node, delta, f"{app_id}{SEP}{channel}", channel], pipe)
 
     def _member_delta(self, app_id, channel, user_id, delta, info=None, pipe=None, node=None):
-        return self._member_script(
-            keys=[_k(app_id, "pu", channel), _k(app_id, "pi", channel),
-                  f"bp:node:{node or self.node}:pres"],
-            args=[user_id, delta, orjson.dumps(info), f"{app_id}{SEP}{channel}{SEP}{user_id}"],
-            client=pipe)
+        return self._eval(
+            "member", [_k(app_id, "pu", channel), _k(app_id, "pi", channel),
+                       f"bp:node:{node or self.node}:pres"],
+            [user_id, delta, orjson.dumps(info), f"{app_id}{SEP}{channel}{SEP}{user_id}"], pipe)
 
     def _user_delta(self, app_id, user_id, delta, pipe=None, node=None):
-        return self._member_script(
-            keys=[_k(app_id, "users"), _k(app_id, "userinfo"), f"bp:node:{node or self.node}:users"],
-            args=[user_id, delta, b"null", f"{app_id}{SEP}{user_id}"], client=pipe)
+        return self._eval(
+            "member", [_k(app_id, "users"), _k(app_id, "userinfo"),
+                       f"bp:node:{node or self.node}:users"],
+            [user_id, delta, b"null", f"{app_id}{SEP}{user_id}"], pipe)
 
     def _connections_delta(self, app_id, delta, pipe=None, node=None):
         node = node or self.node
-        return self._counter_script(keys=[_k(app_id, "conns"), f"bp:node:{node}:conns"],
-                                    args=[node, delta, app_id], client=pipe)
+        return self._eval("counter", [_k(app_id, "conns"), f"bp:node:{node}:conns"],
+                          [node, delta, app_id], pipe)
 
     # ---------------------------------------------------------------- connections
 
@@ -434,19 +460,19 @@ class RedisAdapter(LocalAdapter):
 
     def _reap_dead_nodes(self):
         cutoff = time.time() - NODE_TIMEOUT
-        for raw in self._redis.zrangebyscore(NODES, "-inf", cutoff):
+        for raw in self._control.zrangebyscore(NODES, "-inf", cutoff):
             node = raw.decode()
-            if node != self.node and self._redis.set(f"bp:reap:{node}", self.node, nx=True,
+            if node != self.node and self._control.set(f"bp:reap:{node}", self.node, nx=True,
                                                      ex=60):
                 log.warning("node %s stopped heartbeating: removing its connections", node)
                 self._apply_node_deltas(node, self._owned(node), _EMPTY, announce=True)
-                self._redis.delete(*(f"bp:node:{node}:{kind}"
+                self._control.delete(*(f"bp:node:{node}:{kind}"
                                      for kind in ("subs", "pres", "users", "conns")))
-                self._redis.zrem(NODES, node)
+                self._control.zrem(NODES, node)
 
     def _owned(self, node):
         """What a node's index says it owns: {kind: {field: count}}."""
-        pipe = self._redis.pipeline(transaction=False)
+        pipe = self._control.pipeline(transaction=False)
         for kind in ("subs", "pres", "users", "conns"):
             pipe.hgetall(f"bp:node:{node}:{kind}")
         return {kind: {f.decode(): int(v) for f, v in raw.items()}
@@ -471,15 +497,23 @@ class RedisAdapter(LocalAdapter):
 
     def _reconcile(self):
         """After an outage, make Redis agree with this node's sockets. What changed meanwhile
-        was already announced from this node's own view, so nothing is announced again."""
+        was already announced from this node's own view, so nothing is announced again.
+
+        Race-free without locks: while this node's index is read, _up is still False, so live
+        operations touch only the hub; the hub is then snapshotted and _up set in one step (no
+        yield), and every later live change goes to Redis as an increment, which commutes with
+        the reconciling ones."""
         self._heartbeat_once()
-        self._apply_node_deltas(self.node, self._owned(self.node), self._actual(),
-                                announce=False)
+        owned = self._owned(self.node)
+        actual = self._actual()
+        self._up = True
+        self._apply_node_deltas(self.node, owned, actual, announce=False)
 
     def _apply_node_deltas(self, node, owned, actual, announce):
-        """Move `node`'s counts in Redis from `owned` to `actual`; deliver and webhook the
-        removals that result when `announce`."""
-        vacated, removed, offline = [], [], []
+        """Move `node`'s counts in Redis from `owned` to `actual` in one pipeline; deliver and
+        webhook the removals that result when `announce`."""
+        pipe = self._control.pipeline(transaction=False)
+        queued = []  # (kind, details, delta) in the pipeline's order
 
         def deltas(kind):
             for field in set(owned[kind]) | set(actual[kind]):
@@ -488,20 +522,28 @@ class RedisAdapter(LocalAdapter):
                     yield field, delta
 
         for app_id, delta in deltas("conns"):
-            self._connections_delta(app_id, delta, node=node)
+            self._connections_delta(app_id, delta, pipe, node=node)
+            queued.append(("conns", None, delta))
         for field, delta in deltas("subs"):
             app_id, channel = field.split(SEP, 1)
-            if self._channel_delta(app_id, channel, delta, node=node) <= 0 and delta < 0:
-                vacated.append((app_id, channel))
+            self._channel_delta(app_id, channel, delta, pipe, node=node)
+            queued.append(("subs", (app_id, channel), delta))
         for field, delta in deltas("pres"):
             app_id, channel, user_id = field.split(SEP, 2)
             info = LocalAdapter.members(self, app_id, channel).get(user_id)
-            if self._member_delta(app_id, channel, user_id, delta, info, node=node) <= 0 \
-                    and delta < 0:
-                removed.append((app_id, channel, user_id))
+            self._member_delta(app_id, channel, user_id, delta, info, pipe, node=node)
+            queued.append(("pres", (app_id, channel, user_id), delta))
         for field, delta in deltas("users"):
             app_id, user_id = field.split(SEP, 1)
-            if self._user_delta(app_id, user_id, delta, node=node) <= 0 and delta < 0:
-                offline.append((app_id, user_id))
-        if announce and self.core is not None:
-            self.core.cluster_removals(vacated, removed, offline)
+            self._user_delta(app_id, user_id, delta, pipe, node=node)
+            queued.append(("users", (app_id, user_id), delta))
+        if not queued:
+            return
+        results = pipe.execute()
+        if not announce or self.core is None:
+            return
+        gone = {"subs": [], "pres": [], "users": []}
+        for (kind, details, delta), total in zip(queued, results):
+            if kind in gone and delta < 0 and total <= 0:
+                gone[kind].append(details)
+        self.core.cluster_removals(gone["subs"], gone["pres"], gone["users"])
