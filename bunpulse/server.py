@@ -268,9 +268,7 @@ class BunPulse:
     # ---------------------------------------------------------------- users
 
     def sign_in(self, conn, user, user_data):
-        app = conn.app
-        if conn.user_id is not None:
-            self.hub.sign_out(conn)
+        app = conn.app  # a connection signs in once (Connection._signin refuses a second)
         conn.user_id, conn.user_data = user["id"], user_data
         came_online = self.adapter.sign_in(conn, conn.user_id)
         conn.send(protocol.signin_success(user_data))
@@ -309,6 +307,10 @@ def create_app(settings=None, core=None):
     core = core if core is not None else BunPulse(settings)
     app = Flask("bunpulse")
     app.extensions["bunpulse"] = core
+    # No API body needs more than a full batch of the largest events allowed: refuse bigger
+    # ones (413) before reading them, rather than hold them in memory.
+    app.config["MAX_CONTENT_LENGTH"] = 256 * 1024 + 2 * max(
+        a.max_event_data_size * max(a.max_batch_size, 1) for a in core.apps)
     app.register_blueprint(api.blueprint)
 
     @app.route("/app/<path:key>", websocket=True)

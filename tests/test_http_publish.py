@@ -231,3 +231,15 @@ def test_refusals_deliver_nothing(server, listener, api):
                    event(name="refused", data="x" * 10241))
     api.trigger("http-publish", "after", {})
     assert listener.recv()["event"] == "after"
+
+
+def test_a_huge_body_is_refused_with_413_before_it_is_read(server):
+    """A 20 MB body gets 413 (JSON) without the server reading it all, and the server goes on."""
+    import socket as socketlib
+    with socketlib.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.sendall(b"POST /apps/1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: 20000000\r\n\r\n" + b"x" * 65536)
+        answer = sock.recv(65536).decode("latin-1")
+    assert answer.startswith("HTTP/1.1 413")
+    assert '"error"' in answer
+    assert requests.get(server.url + "/health", timeout=5).status_code == 200
