@@ -24,7 +24,8 @@ class Channel:
 
 
 class AppState:
-    __slots__ = ("channels", "connections", "users", "watchers", "cache", "misses")
+    __slots__ = ("channels", "connections", "users", "watchers", "cache", "misses",
+                 "cache_writes")
 
     def __init__(self):
         self.channels = {}     # name -> Channel (occupied ones only)
@@ -33,6 +34,7 @@ class AppState:
         self.watchers = {}     # watched user_id -> {connection: None}
         self.cache = {}        # cache channel -> (event, data, expires_at)
         self.misses = set()    # cache channels whose miss was reported since the last event
+        self.cache_writes = 0  # since expired entries were last swept
 
 
 class Hub:
@@ -230,8 +232,15 @@ class Hub:
 
     def cache_set(self, app_id, name, event, data, ttl):
         state = self.app(app_id)
-        state.cache[name] = (event, data, time.monotonic() + ttl)
+        now = time.monotonic()
+        state.cache[name] = (event, data, now + ttl)
         state.misses.discard(name)
+        state.cache_writes += 1
+        if state.cache_writes > len(state.cache):
+            # Amortized sweep: channels nobody reads again must not keep their events forever.
+            state.cache_writes = 0
+            for stale in [n for n, entry in state.cache.items() if entry[2] <= now]:
+                del state.cache[stale]
 
     def first_cache_miss(self, app_id, name):
         misses = self.app(app_id).misses

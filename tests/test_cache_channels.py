@@ -110,3 +110,16 @@ def test_cache_ttl_expires(start_server, raw, webhook_receiver):
     assert after == {"event": "pusher:cache_miss", "channel": "cache-ttl"}
     # The cache was filled in between, so this miss is reported again.
     webhook_receiver.wait_events("cache_miss", 2)
+
+
+def test_expired_cache_entries_are_swept_without_being_read():
+    """Events of cache channels nobody subscribes to again expire from memory too."""
+    import time as clock
+    from bunpulse.hub import Hub
+    hub = Hub()
+    for n in range(50):
+        hub.cache_set("1", f"cache-{n}", "e", "{}", ttl=0.01)
+    clock.sleep(0.02)
+    for n in range(60):  # later writes sweep what expired
+        hub.cache_set("1", "cache-live", "e", "{}", ttl=60)
+    assert list(hub.app("1").cache) == ["cache-live"]
