@@ -16,6 +16,7 @@ from werkzeug.routing import WebsocketMismatch
 
 from . import protocol
 from .adapters import make_adapter
+from .adapters.local import PresenceFull
 from .apps import load_apps
 from .config import ConfigError, listen_host, load_settings, redacted, uses_dev_app
 from .connection import Connection
@@ -157,21 +158,19 @@ class BunPulse:
         member = conn.authorize(name, data)
         kind = channel_kind(name)
         new = name not in conn.subscriptions
-        if not new:
-            added = occupied = False
-        else:
-            if member is not None and \
-                    not self.adapter.has_member(app.id, name, member[0]) and \
-                    self.adapter.member_count(app.id, name) >= app.max_presence_members:
+        if new:
+            try:
+                occupied, added, roster = self.adapter.subscribe(
+                    conn, name, member, app.max_presence_members)
+            except PresenceFull:
                 raise SubscriptionError(f"Presence channel {name} is full "
                                         f"({app.max_presence_members} members)", 403,
-                                        "LimitReached")
-            occupied, added = self.adapter.subscribe(conn, name, member)
-        if kind.presence:
-            roster = protocol.presence_roster(self.adapter.members(app.id, name))
-            conn.send(protocol.subscription_succeeded(name, roster))
+                                        "LimitReached") from None
         else:
-            conn.send(protocol.subscription_succeeded(name))
+            added = occupied = False
+            roster = self.adapter.members(app.id, name) if kind.presence else None
+        conn.send(protocol.subscription_succeeded(
+            name, None if roster is None else protocol.presence_roster(roster)))
         if added:
             self.adapter.publish(app.id, name, build_frame(
                 protocol.member_added(name, member[0], member[1])), conn.socket_id)

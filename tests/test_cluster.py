@@ -248,3 +248,36 @@ def test_hundreds_of_concurrent_joins_keep_exact_counts(start_server, redis_serv
     for c in range(24):
         assert api.channel_info(f"presence-many-{c}", ["user_count"])["user_count"] == 10
     assert "lost Redis" not in server.log()
+
+
+def test_presence_member_limit_holds_across_nodes(start_server, redis_server, raw, tmp_path):
+    from bunpulse.apps import App
+    from bunpulse.signatures import channel_auth
+    apps = tmp_path / "apps.json"
+    apps.write_text(json.dumps([{"id": "7", "key": "small-key", "secret": "small-secret",
+                                 "max_presence_members": 3}]))
+    env = cluster_env(redis_server, BUNPULSE_APPS_FILE=str(apps))
+    a, b = start_server(env=env), start_server(env=env)
+    app = App(id="7", key="small-key", secret="small-secret")
+
+    def join(node, user):
+        client = raw(f"/app/{app.key}?protocol=7", target=node)
+        socket_id = connected(client)
+        data = json.dumps({"user_id": user, "user_info": {}})
+        client.send({"event": "pusher:subscribe", "data": {
+            "channel": "presence-small", "channel_data": data,
+            "auth": channel_auth(app, socket_id, "presence-small", data)}})
+        while True:
+            message = client.recv()
+            if message.get("event") in ("pusher_internal:subscription_succeeded",
+                                        "pusher:subscription_error"):
+                return message
+
+    assert join(a, "1")["event"] == "pusher_internal:subscription_succeeded"
+    assert join(a, "2")["event"] == "pusher_internal:subscription_succeeded"
+    third = join(b, "3")
+    assert json.loads(third["data"])["presence"]["count"] == 3
+    refused = join(b, "4")
+    assert refused["event"] == "pusher:subscription_error"
+    assert refused["data"]["status"] == 403
+    assert join(a, "1")["event"] == "pusher_internal:subscription_succeeded"  # a known user

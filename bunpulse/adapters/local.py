@@ -1,6 +1,10 @@
 """The in-process adapter: this worker is the whole deployment."""
 
 
+class PresenceFull(Exception):
+    """A new user would pass the presence channel's member limit."""
+
+
 class LocalAdapter:
     def __init__(self, hub):
         self.hub = hub
@@ -43,9 +47,17 @@ class LocalAdapter:
 
     # ---------------------------------------------------------------- membership
 
-    def subscribe(self, conn, channel, member=None):
-        """Returns (channel became occupied, member is new to the channel)."""
-        return self.hub.subscribe(conn, channel, member)
+    def subscribe(self, conn, channel, member=None, limit=None):
+        """Add a subscription; member is (user_id, user_info) on presence channels, where a
+        new user past `limit` members raises PresenceFull. Returns (channel became occupied,
+        member is new to the channel, presence roster {user_id: user_info} or None)."""
+        if member is not None and limit is not None and \
+                not self.hub.has_member(conn.app.id, channel, member[0]) and \
+                LocalAdapter.member_count(self, conn.app.id, channel) >= limit:
+            raise PresenceFull(channel)
+        occupied, added = self.hub.subscribe(conn, channel, member)
+        roster = None if member is None else LocalAdapter.members(self, conn.app.id, channel)
+        return occupied, added, roster
 
     def unsubscribe(self, conn, channel):
         """Returns None or (channel, vacated, removed user_id or None)."""
@@ -80,9 +92,6 @@ class LocalAdapter:
     def member_count(self, app_id, channel):
         ch = self.hub.channel(app_id, channel)
         return len(ch.members) if ch else 0
-
-    def has_member(self, app_id, channel, user_id):
-        return self.hub.has_member(app_id, channel, user_id)
 
     # ---------------------------------------------------------------- cache channels
 

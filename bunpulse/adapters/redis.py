@@ -24,7 +24,7 @@ import orjson
 import redis
 
 from ..config import redacted
-from .local import LocalAdapter
+from .local import LocalAdapter, PresenceFull
 
 log = logging.getLogger("bunpulse.redis")
 
@@ -37,48 +37,64 @@ POOL_SIZE = 128         # Redis connections a worker holds at most (plus its sub
 POOL_WAIT = 30.0        # seconds a call may wait for a free connection
 SEP = "\x1f"
 
-# Change this node's share of a per-node counter and return the total across nodes; keeps the
-# node's ownership index in step. KEYS: counter hash, node index hash. ARGV: node, delta,
-# index field.
-_NODE_COUNTER = """
-local n = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
-if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
-local i = redis.call('HINCRBY', KEYS[2], ARGV[3], ARGV[2])
-if i <= 0 then redis.call('HDEL', KEYS[2], ARGV[3]) end
-local total = 0
-for _, v in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(v) end
-return total
-"""
-
-# Channel occupancy: the counter above plus the app's set of occupied channels.
-# KEYS: channel hash, node index, channels set. ARGV: node, delta, index field, channel.
-_CHANNEL = _NODE_COUNTER.replace("return total", """
-if total > 0 then redis.call('SADD', KEYS[3], ARGV[4]) else redis.call('SREM', KEYS[3], ARGV[4]) end
-return total""")
-
-# A user's connections in a presence channel (or signed in to an app), across nodes.
-# KEYS: count hash (user -> n), info hash (user -> json), node index. ARGV: user, delta, info,
-# index field. Returns the user's total.
-_MEMBER = """
-local c = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
-if c <= 0 then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  redis.call('HDEL', KEYS[2], ARGV[1])
-elseif tonumber(ARGV[2]) > 0 and c == tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+# The scripts change a count and report the deployment-wide total in one atomic step.
+_LIB = """
+-- Change a node's share of a per-node counter (hash node -> n) and the node's ownership
+-- index (hash field -> n); return the total across nodes.
+local function node_counter(counts, index, node, delta, field)
+  if redis.call('HINCRBY', counts, node, delta) <= 0 then redis.call('HDEL', counts, node) end
+  if redis.call('HINCRBY', index, field, delta) <= 0 then redis.call('HDEL', index, field) end
+  local total = 0
+  for _, v in ipairs(redis.call('HVALS', counts)) do total = total + tonumber(v) end
+  return total
 end
-local i = redis.call('HINCRBY', KEYS[3], ARGV[4], ARGV[2])
-if i <= 0 then redis.call('HDEL', KEYS[3], ARGV[4]) end
-return c
+-- Channel occupancy: the counter plus the app's set of occupied channels.
+local function channel(counts, index, occupied, node, delta, field, name)
+  local total = node_counter(counts, index, node, delta, field)
+  if total > 0 then redis.call('SADD', occupied, name) else redis.call('SREM', occupied, name) end
+  return total
+end
+-- A user's connections in a presence channel (or signed in), across nodes: counts is
+-- user -> n, infos user -> user_info. Returns the user's total.
+local function member(counts, infos, index, user, delta, info, field)
+  local c = redis.call('HINCRBY', counts, user, delta)
+  if c <= 0 then
+    redis.call('HDEL', counts, user)
+    redis.call('HDEL', infos, user)
+  elseif delta > 0 and c == delta then
+    redis.call('HSET', infos, user, info)
+  end
+  if redis.call('HINCRBY', index, field, delta) <= 0 then redis.call('HDEL', index, field) end
+  return c
+end
 """
 
+_SOURCES = {
+    # KEYS: counts, index. ARGV: node, delta, field.
+    "counter": "return node_counter(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]), ARGV[3])",
+    # KEYS: counts, index, occupied set. ARGV: node, delta, field, channel.
+    "channel": "return channel(KEYS[1], KEYS[2], KEYS[3], ARGV[1], tonumber(ARGV[2]), "
+               "ARGV[3], ARGV[4])",
+    # KEYS: counts, infos, index. ARGV: user, delta, info, field.
+    "member": "return member(KEYS[1], KEYS[2], KEYS[3], ARGV[1], tonumber(ARGV[2]), ARGV[3], "
+              "ARGV[4])",
+    # A presence join in one round trip, limit and roster included: {-1} when the channel is
+    # full, else {channel total, user total, roster as HGETALL}. KEYS: channel counts, subs
+    # index, occupied set, member counts, member infos, presence index. ARGV: node, subs
+    # field, channel, user, info, presence field, limit.
+    "join": """
+if redis.call('HEXISTS', KEYS[4], ARGV[4]) == 0 and
+   redis.call('HLEN', KEYS[4]) >= tonumber(ARGV[7]) then return {-1} end
+local total = channel(KEYS[1], KEYS[2], KEYS[3], ARGV[1], 1, ARGV[2], ARGV[3])
+local c = member(KEYS[4], KEYS[5], KEYS[6], ARGV[4], 1, ARGV[5], ARGV[6])
+return {total, c, redis.call('HGETALL', KEYS[5])}""",
+}
 
 _EMPTY = {"subs": {}, "pres": {}, "users": {}, "conns": {}}
 
 
-SCRIPTS = {name: (source, hashlib.sha1(source.encode()).hexdigest())
-           for name, source in (("counter", _NODE_COUNTER), ("channel", _CHANNEL),
-                                ("member", _MEMBER))}
+SCRIPTS = {name: (_LIB + body, hashlib.sha1((_LIB + body).encode()).hexdigest())
+           for name, body in _SOURCES.items()}
 
 
 class RedisDown(Exception):
@@ -336,18 +352,29 @@ class RedisAdapter(LocalAdapter):
 
     # ---------------------------------------------------------------- membership
 
-    def subscribe(self, conn, channel, member=None):
-        occupied, added = super().subscribe(conn, channel, member)
-        app_id = conn.app.id
+    def subscribe(self, conn, channel, member=None, limit=None):
+        if member is None:
+            occupied, added, _ = super().subscribe(conn, channel)
+            try:
+                total = self._call(self._channel_delta, conn.app.id, channel, 1)
+            except RedisDown:
+                return occupied, added, None
+            return total == 1, False, None
+        app_id, node, (user_id, info) = conn.app.id, self.node, member
         try:
-            pipe = self._redis.pipeline(transaction=False)
-            self._channel_delta(app_id, channel, 1, pipe)
-            if member is not None:
-                self._member_delta(app_id, channel, member[0], 1, member[1], pipe)
-            results = self._call(pipe.execute)
+            result = self._call(self._eval, "join", [
+                _k(app_id, "ch", channel), f"bp:node:{node}:subs", _k(app_id, "channels"),
+                _k(app_id, "pu", channel), _k(app_id, "pi", channel), f"bp:node:{node}:pres"],
+                [node, f"{app_id}{SEP}{channel}", channel, user_id, orjson.dumps(info),
+                 f"{app_id}{SEP}{channel}{SEP}{user_id}", limit or 1 << 30])
         except RedisDown:
-            return occupied, added
-        return results[0] == 1, member is not None and results[1] == 1
+            return super().subscribe(conn, channel, member, limit)
+        if result[0] == -1:
+            raise PresenceFull(channel)
+        self.hub.subscribe(conn, channel, member)  # this worker delivers to it
+        pairs = result[2]
+        roster = {pairs[i].decode(): orjson.loads(pairs[i + 1]) for i in range(0, len(pairs), 2)}
+        return result[0] == 1, result[1] == 1, roster
 
     def unsubscribe(self, conn, channel):
         user_id = conn.subscriptions.get(channel)
@@ -417,12 +444,6 @@ class RedisAdapter(LocalAdapter):
             return self._call(self._redis.hlen, _k(app_id, "pu", channel))
         except RedisDown:
             return super().member_count(app_id, channel)
-
-    def has_member(self, app_id, channel, user_id):
-        try:
-            return bool(self._call(self._redis.hexists, _k(app_id, "pu", channel), user_id))
-        except RedisDown:
-            return super().has_member(app_id, channel, user_id)
 
     # ---------------------------------------------------------------- cache channels
 
