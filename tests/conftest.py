@@ -342,6 +342,15 @@ def raw_subscribe(raw_client, socket_id, channel, channel_data=None, key=KEY, se
     raw_client.send({"event": "pusher:subscribe", "data": data})
 
 
+def library_subscribe(client, api, channel, member=None, socket_id=None):
+    """Subscribe a raw client, signing with the PyPI library's authenticate()."""
+    data = {"channel": channel}
+    if channel.startswith(("private-", "presence-")):
+        data.update(api.authenticate(channel, socket_id, member))
+    client.send({"event": "pusher:subscribe", "data": data})
+    return client.recv_event("pusher_internal:subscription_succeeded")
+
+
 def raw_signin(raw_client, socket_id, user, key=KEY, secret=SECRET):
     """Send pusher:signin for `user` (a dict, or user_data as a string); return user_data."""
     from bunpulse.apps import App

@@ -11,6 +11,7 @@ import requests
 
 from bunpulse.signatures import sign_api_request
 from conftest import APP_ID, KEY, SECRET, connected, pusher_api, wait_until
+from conftest import library_subscribe as subscribe
 
 
 def uid():
@@ -27,15 +28,6 @@ def signed(server, method, path, body=None, params=None, key=KEY, secret=SECRET)
     query["auth_signature"] = sign_api_request(secret, method, path, query)
     return requests.request(method, server.url + path, params=query, data=raw or None,
                             headers={"Content-Type": "application/json"}, timeout=5)
-
-
-def subscribe(client, api, channel, member=None, socket_id=None):
-    """Subscribe a raw client, signing with the PyPI library's authenticate()."""
-    data = {"channel": channel}
-    if channel.startswith(("private-", "presence-")):
-        data.update(api.authenticate(channel, socket_id, member))
-    client.send({"event": "pusher:subscribe", "data": data})
-    return client.recv_event("pusher_internal:subscription_succeeded")
 
 
 def sign_in(client, api, socket_id, user_id):

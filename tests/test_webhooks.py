@@ -15,6 +15,7 @@ import requests
 
 from conftest import (KEY, SECRET, RawClient, WebhookReceiver, connected, free_port, pusher_api,
                       wait_until)
+from conftest import library_subscribe as subscribe
 
 FAST = {"BUNPULSE_WEBHOOK_BATCH_MS": "20", "BUNPULSE_WEBHOOK_DELAY_MS": "0"}
 
@@ -48,14 +49,6 @@ def second_receiver():
     receiver = WebhookReceiver()
     yield receiver
     receiver.close()
-
-
-def subscribe(client, api, channel, member=None, socket_id=None):
-    data = {"channel": channel}
-    if channel.startswith(("private-", "presence-")):
-        data.update(api.authenticate(channel, socket_id, member))
-    client.send({"event": "pusher:subscribe", "data": data})
-    return client.recv_event("pusher_internal:subscription_succeeded")
 
 
 def unsubscribe(client, channel):
