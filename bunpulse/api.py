@@ -179,8 +179,8 @@ def channel(app_id, name):
     result.update(core.channel_info(app, name, attributes))
     if "cache" in attributes:
         cached = core.adapter.cache_get(app.id, name)
-        result["cache"] = None if cached is None else {
-            "event": cached[0], "data": cached[1], "ttl": max(0, int(cached[2]))}
+        result["cache"] = None if cached is None else {  # the reference's shape exactly
+            "data": cached[1], "ttl": max(0, int(cached[2]))}
     return _json(result)
 
 
