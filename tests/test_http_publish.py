@@ -243,3 +243,17 @@ def test_a_huge_body_is_refused_with_413_before_it_is_read(server):
     assert answer.startswith("HTTP/1.1 413")
     assert '"error"' in answer
     assert requests.get(server.url + "/health", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("query", [
+    "auth_key=k&auth_timestamp=1&auth_version=1.0&body_md5=ab&auth_signature=cd",
+    "info=user_count,subscription_count&filter_by_prefix=presence-",
+    "a=1&a=2&b=x%20y&c=d+e&e=&f", "n=%C3%A9&m=%2B%26%3D", "",
+])
+def test_query_parsing_matches_werkzeug(query):
+    """The API's own query parser (it is on every request's path) reads what werkzeug reads."""
+    from werkzeug.test import EnvironBuilder
+    from werkzeug.wrappers import Request
+    from bunpulse.api import _query
+    environ = EnvironBuilder(path="/apps/1/events", query_string=query).get_environ()
+    assert _query(environ) == Request(environ).args.to_dict()
