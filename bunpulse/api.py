@@ -1,34 +1,29 @@
-"""The HTTP API blueprint: verify the request, call the server core, answer JSON."""
+"""The HTTP API: verify the request, call the server core, answer JSON.
+
+Each handler takes the core, an `ApiRequest` and the route's arguments and returns the JSON
+payload (or raises ApiError). Flask routes every call; the two publish calls, which every
+trigger makes, are also served by `publish_shortcut` without Flask's request context and
+routing, which cost as much as the publish itself."""
+import logging
 from urllib.parse import unquote_plus
 
 import orjson
 from flask import Blueprint, current_app, request
+from werkzeug.http import HTTP_STATUS_CODES
 
 from . import protocol
 from .errors import ApiError
 from .protocol import channel_kind
 from .signatures import bearer_ok, verify_api_request
 
+log = logging.getLogger("bunpulse.api")
 blueprint = Blueprint("pusher_api", __name__)
 
 CHANNEL_ATTRIBUTES = frozenset(("user_count", "subscription_count", "cache"))
+JSON_HEADER = ("Content-Type", "application/json")
 
 
-def _core():
-    return current_app.extensions["bunpulse"]
-
-
-def _json(payload, status=200):
-    return current_app.response_class(orjson.dumps(payload), status=status,
-                                      mimetype="application/json")
-
-
-@blueprint.errorhandler(ApiError)
-def _api_error(exc):
-    return _json({"error": exc.message}, exc.status)
-
-
-def _query(environ):
+def query_params(environ):
     """The query string as a dict of first values: the signature's parameters are plain ASCII,
     and werkzeug's MultiDict parse costs more than checking the HMAC."""
     params = {}
@@ -42,11 +37,56 @@ def _query(environ):
     return params
 
 
-def _authenticated_app(app_id=None):
+class ApiRequest:
+    """What a handler reads of a request, straight from the WSGI environ."""
+
+    __slots__ = ("environ", "method", "path", "params", "max_body", "_body")
+
+    def __init__(self, environ, max_body):
+        self.environ = environ
+        self.method = environ["REQUEST_METHOD"]
+        # As werkzeug decodes it: the WSGI string is latin-1, the path UTF-8.
+        self.path = "/" + environ.get("PATH_INFO", "").encode("latin-1").decode(
+            "utf-8", "replace").lstrip("/")
+        self.params = query_params(environ)
+        self.max_body = max_body
+        self._body = None
+
+    @property
+    def raw_path(self):
+        """The path as the client sent it, before percent-decoding."""
+        return self.environ.get("RAW_URI", "").partition("?")[0]
+
+    def body(self):
+        """The body, read once; a body past the bound is refused before it is read."""
+        if self._body is None:
+            try:
+                length = int(self.environ.get("CONTENT_LENGTH") or 0)
+            except ValueError:
+                raise ApiError(400, "Invalid Content-Length") from None
+            if length > self.max_body:
+                raise ApiError(413, f"Request body is larger than {self.max_body} bytes")
+            stream = self.environ.get("wsgi.input")
+            body = stream.read(self.max_body + 1) if stream is not None else b""
+            if len(body) > self.max_body:
+                raise ApiError(413, f"Request body is larger than {self.max_body} bytes")
+            self._body = body
+        return self._body
+
+
+def _json_body(req):
+    try:
+        body = orjson.loads(req.body() or b"{}")
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "Malformed JSON body") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "The body must be a JSON object")
+    return body
+
+
+def _authenticated_app(core, req, app_id=None):
     """The app a request is for, once its credentials are checked."""
-    req = request._get_current_object()  # one context lookup, not one per attribute
-    core = _core()
-    params = _query(req.environ)
+    params = req.params
     if app_id is None:  # the PyPI library's unprefixed terminate path
         app = core.apps.by_key(params.get("auth_key", ""))
         if app is None:
@@ -55,28 +95,16 @@ def _authenticated_app(app_id=None):
         app = core.apps.by_id(app_id)
         if app is None:
             raise ApiError(404, f"Unknown app id {app_id}")
-    environ = req.environ
-    authorization = environ.get("HTTP_AUTHORIZATION")
+    authorization = req.environ.get("HTTP_AUTHORIZATION")
     if authorization is not None and authorization.startswith("Bearer "):
         if not bearer_ok(app, authorization):
             raise ApiError(401, "Invalid bearer token: use the app secret")
     else:
-        verify_api_request(app, req.method, req.path, params, req.get_data(cache=True),
-                           raw_path=environ.get("RAW_URI", "").partition("?")[0])
+        verify_api_request(app, req.method, req.path, params, req.body(),
+                           raw_path=req.raw_path)
     if not app.enabled:
         raise ApiError(403, "Application is disabled")
     return app
-
-
-def _body():
-    raw = request.get_data(cache=True)
-    try:
-        body = orjson.loads(raw or b"{}")
-    except orjson.JSONDecodeError:
-        raise ApiError(400, "Malformed JSON body") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "The body must be a JSON object")
-    return body
 
 
 def _attributes(raw):
@@ -132,21 +160,48 @@ def _event(app, item, where="", allow_many=True):
     return name, data, channels, socket_id, attributes
 
 
-@blueprint.post("/apps/<app_id>/events")
-def trigger(app_id):
-    app = _authenticated_app(app_id)
-    name, data, channels, socket_id, attributes = _event(app, _body())
-    core = _core()
+def _route(rule, methods=("GET",), **options):
+    """Register `handler(core, req, **route_args) -> payload` as a Flask view."""
+    def register(handler):
+        if not hasattr(handler, "flask_view"):  # one view however many rules
+            def view(**route_args):
+                req = ApiRequest(request.environ, current_app.config["MAX_CONTENT_LENGTH"])
+                return _json(handler(_core(), req, **route_args))
+            handler.flask_view = view
+        blueprint.add_url_rule(rule, handler.__name__, handler.flask_view,
+                               methods=list(methods), **options)
+        return handler
+    return register
+
+
+def _core():
+    return current_app.extensions["bunpulse"]
+
+
+def _json(payload, status=200):
+    return current_app.response_class(orjson.dumps(payload), status=status,
+                                      mimetype="application/json")
+
+
+@blueprint.errorhandler(ApiError)
+def _api_error(exc):
+    return _json({"error": exc.message}, exc.status)
+
+
+@_route("/apps/<app_id>/events", methods=["POST"])
+def trigger(core, req, app_id):
+    app = _authenticated_app(core, req, app_id)
+    name, data, channels, socket_id, attributes = _event(app, _json_body(req))
     core.trigger(app, channels, name, data, socket_id)
     if not attributes:
-        return _json({})
-    return _json({"channels": {c: core.channel_info(app, c, attributes) for c in channels}})
+        return {}
+    return {"channels": {c: core.channel_info(app, c, attributes) for c in channels}}
 
 
-@blueprint.post("/apps/<app_id>/batch_events")
-def trigger_batch(app_id):
-    app = _authenticated_app(app_id)
-    batch = _body().get("batch")
+@_route("/apps/<app_id>/batch_events", methods=["POST"])
+def trigger_batch(core, req, app_id):
+    app = _authenticated_app(core, req, app_id)
+    batch = _json_body(req).get("batch")
     if not isinstance(batch, list):
         raise ApiError(400, "'batch' must be a list of events")
     if len(batch) > app.max_batch_size:
@@ -156,42 +211,40 @@ def trigger_batch(app_id):
         if not isinstance(item, dict):
             raise ApiError(400, f"batch[{n}]: each event must be a JSON object")
         events.append(_event(app, item, f"batch[{n}]: ", allow_many=False))
-    core = _core()
     for name, data, channels, socket_id, _ in events:
         core.trigger(app, channels, name, data, socket_id)
     if not any(event[4] for event in events):
-        return _json({})
-    return _json({"batch": [core.channel_info(app, channels[0], attributes)
-                            for _, _, channels, _, attributes in events]})
+        return {}
+    return {"batch": [core.channel_info(app, channels[0], attributes)
+                      for _, _, channels, _, attributes in events]}
 
 
-@blueprint.get("/apps/<app_id>/channels")
-def channels(app_id):
-    app = _authenticated_app(app_id)
-    prefix = request.args.get("filter_by_prefix", "")
-    attributes = _attributes(request.args.get("info"))
+@_route("/apps/<app_id>/channels")
+def channels(core, req, app_id):
+    app = _authenticated_app(core, req, app_id)
+    prefix = req.params.get("filter_by_prefix", "")
+    attributes = _attributes(req.params.get("info"))
     if "cache" in attributes or "subscription_count" in attributes:
         raise ApiError(400, "Only info=user_count is available when listing channels")
     if "user_count" in attributes and not prefix.startswith("presence-"):
         raise ApiError(400, "info=user_count needs filter_by_prefix=presence-")
     result = {}
-    for name, (_, user_count) in _core().adapter.channel_counts(app.id).items():
+    for name, (_, user_count) in core.adapter.channel_counts(app.id).items():
         if name.startswith(prefix):
             result[name] = {"user_count": user_count} if attributes else {}
-    return _json({"channels": result})
+    return {"channels": result}
 
 
-@blueprint.get("/apps/<app_id>/channels/<path:name>")
-def channel(app_id, name):
-    app = _authenticated_app(app_id)
+@_route("/apps/<app_id>/channels/<path:name>")
+def channel(core, req, app_id, name):
+    app = _authenticated_app(core, req, app_id)
     _check_channel(app, name)
-    attributes = _attributes(request.args.get("info"))
+    attributes = _attributes(req.params.get("info"))
     kind = channel_kind(name)
     if "user_count" in attributes and not kind.presence:
         raise ApiError(400, "info=user_count is only available for presence channels")
     if "cache" in attributes and not kind.cache:
         raise ApiError(400, "info=cache is only available for cache channels")
-    core = _core()
     subscriptions = core.adapter.subscription_count(app.id, name)
     result = {"occupied": subscriptions > 0}
     result.update(core.channel_info(app, name, attributes))
@@ -199,35 +252,67 @@ def channel(app_id, name):
         cached = core.adapter.cache_get(app.id, name)
         result["cache"] = None if cached is None else {  # the reference's shape exactly
             "data": cached[1], "ttl": max(0, int(cached[2]))}
-    return _json(result)
+    return result
 
 
-@blueprint.get("/apps/<app_id>/channels/<path:name>/users")
-def channel_users(app_id, name):
-    app = _authenticated_app(app_id)
+@_route("/apps/<app_id>/channels/<path:name>/users")
+def channel_users(core, req, app_id, name):
+    app = _authenticated_app(core, req, app_id)
     _check_channel(app, name)
     if not channel_kind(name).presence:
         raise ApiError(400, "Users are only available for presence channels")
-    members = _core().adapter.members(app.id, name)
-    return _json({"users": [{"id": user_id} for user_id in members]})
+    return {"users": [{"id": user_id} for user_id in core.adapter.members(app.id, name)]}
 
 
-@blueprint.post("/apps/<app_id>/users/<user_id>/terminate_connections")
-@blueprint.post("/users/<user_id>/terminate_connections", defaults={"app_id": None})
-def terminate_connections(user_id, app_id):
-    app = _authenticated_app(app_id)
-    _body()
-    _core().terminate_user(app, user_id)
-    return _json({})
+@_route("/apps/<app_id>/users/<user_id>/terminate_connections", methods=["POST"])
+@_route("/users/<user_id>/terminate_connections", methods=["POST"], defaults={"app_id": None})
+def terminate_connections(core, req, user_id, app_id):
+    app = _authenticated_app(core, req, app_id)
+    _json_body(req)
+    core.terminate_user(app, user_id)
+    return {}
 
 
-@blueprint.get("/health")
-def health():
-    return _json({"ok": True})
+@_route("/health")
+def health(core, req):
+    return {"ok": True}
 
 
-@blueprint.get("/stats")
-def stats():
+@_route("/stats")
+def stats(core, req):
     """This worker's counters (each gunicorn worker answers for itself); no secrets."""
-    core = _core()
-    return _json({"webhooks": core.webhooks.stats.as_dict(), "evictions": core.evictions})
+    return {"webhooks": core.webhooks.stats.as_dict(), "evictions": core.evictions}
+
+
+# ------------------------------------------------------------- the publish shortcut
+
+PUBLISH_HANDLERS = {"events": trigger, "batch_events": trigger_batch}
+
+
+def publish_shortcut(flask_wsgi_app, core, max_body):
+    """WSGI middleware: POST /apps/{id}/events and /batch_events go straight to their handlers,
+    everything else to Flask. Same handlers, same answers, about a third less CPU a publish."""
+    def application(environ, start_response):
+        if environ["REQUEST_METHOD"] == "POST":
+            path = environ.get("PATH_INFO", "")
+            if path.startswith("/apps/"):
+                app_id, _, action = path[6:].partition("/")
+                handler = PUBLISH_HANDLERS.get(action)
+                if handler is not None and app_id:
+                    return _serve(handler, core, ApiRequest(environ, max_body), start_response)
+        return flask_wsgi_app(environ, start_response)
+    return application
+
+
+def _serve(handler, core, req, start_response):
+    try:
+        status, payload = 200, handler(core, req, req.path.split("/")[2])  # the decoded id
+    except ApiError as exc:
+        status, payload = exc.status, {"error": exc.message}
+    except Exception:  # as Flask would: log it, answer 500, keep serving
+        log.exception("Error serving %s %s", req.method, req.path)
+        status, payload = 500, {"error": "Internal server error"}
+    body = orjson.dumps(payload)
+    start_response(f"{status} {HTTP_STATUS_CODES[status].upper()}",  # as werkzeug words it
+                   [JSON_HEADER, ("Content-Length", str(len(body)))])
+    return [body]

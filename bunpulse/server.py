@@ -311,6 +311,7 @@ def create_app(settings=None, core=None):
     app.config["MAX_CONTENT_LENGTH"] = 256 * 1024 + 2 * max(
         a.max_event_data_size * max(a.max_batch_size, 1) for a in core.apps)
     app.register_blueprint(api.blueprint)
+    app.wsgi_app = api.publish_shortcut(app.wsgi_app, core, app.config["MAX_CONTENT_LENGTH"])
 
     @app.route("/app/<path:key>", websocket=True)
     @app.route("/", websocket=True, defaults={"key": None})

@@ -254,6 +254,64 @@ def test_query_parsing_matches_werkzeug(query):
     """The API's own query parser (it is on every request's path) reads what werkzeug reads."""
     from werkzeug.test import EnvironBuilder
     from werkzeug.wrappers import Request
-    from bunpulse.api import _query
+    from bunpulse.api import query_params
     environ = EnvironBuilder(path="/apps/1/events", query_string=query).get_environ()
-    assert _query(environ) == Request(environ).args.to_dict()
+    assert query_params(environ) == Request(environ).args.to_dict()
+
+
+def test_chunked_body_is_read(server, listener):
+    """A body sent with Transfer-Encoding: chunked (no Content-Length) is published too."""
+    raw = json.dumps(event(name="chunked")).encode()
+    params = {"auth_key": KEY, "auth_version": "1.0", "auth_timestamp": str(int(time.time())),
+              "body_md5": hashlib.md5(raw).hexdigest()}
+    params["auth_signature"] = sign_api_request(SECRET, "POST", f"/apps/{APP_ID}/events", params)
+    response = requests.post(server.url + f"/apps/{APP_ID}/events", params=params,
+                             data=iter([raw[:10], raw[10:]]), timeout=5)
+    assert response.status_code == 200, response.text
+    assert listener.recv()["event"] == "chunked"
+
+
+def test_publish_shortcut_answers_as_flask_does(tmp_path):
+    """The publish calls skip Flask's request context; every answer, good or bad, is the one
+    the Flask route gives for the same request."""
+    from flask import Flask
+    from werkzeug.test import Client
+    from bunpulse.config import load_settings
+    from bunpulse.server import create_app
+
+    settings = load_settings([], environ={"PUSHER_APP_ID": APP_ID, "PUSHER_APP_KEY": KEY,
+                                          "PUSHER_APP_SECRET": SECRET})
+    app = create_app(settings)
+    shortcut = Client(app)
+    flask_only = Client(Flask.wsgi_app.__get__(app))  # the same app without the middleware
+
+    def signed(path, body, secret=SECRET, **extra):
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        params = {"auth_key": KEY, "auth_version": "1.0", "auth_timestamp": str(int(time.time())),
+                  "body_md5": hashlib.md5(raw).hexdigest(), **extra}
+        params["auth_signature"] = sign_api_request(secret, "POST", path, params)
+        return {"path": path, "query_string": params, "data": raw}
+
+    events, batch = f"/apps/{APP_ID}/events", f"/apps/{APP_ID}/batch_events"
+    cases = [
+        signed(events, event()),
+        signed(events, event(info="subscription_count")),
+        signed(events, event(), secret="wrong"),
+        signed(events, b"{not json"),
+        signed(events, event(channels=["bad name"])),
+        signed(events, event(data="x" * 10241)),
+        signed("/apps/999/events", event()),
+        signed(batch, {"batch": [{"name": "e", "channel": "a", "data": "x"}] * 11}),
+        signed(batch, {"batch": [{"name": "e", "channel": "a", "data": "x", "info": "bogus"}]}),
+        {"path": events, "data": json.dumps(event()),
+         "headers": {"Authorization": f"Bearer {SECRET}"}},
+        {"path": events, "data": json.dumps(event()), "headers": {"Authorization": "Bearer x"}},
+        {"path": events, "data": b"x" * (1 << 20)},
+    ]
+    for case in cases:
+        a, b = shortcut.post(**case), flask_only.post(**case)
+        assert (a.status, a.headers["Content-Type"], a.get_json()) == \
+               (b.status, b.headers["Content-Type"], b.get_json()), case["path"]
+    assert shortcut.post(**cases[0]).get_json() == {}
+    assert shortcut.post(**cases[2]).status_code == 401
+    assert shortcut.post(**cases[-1]).status_code == 413
