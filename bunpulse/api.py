@@ -37,6 +37,12 @@ def query_params(environ):
     return params
 
 
+def request_path(environ):
+    """The path as werkzeug decodes it: the WSGI string is latin-1, the path UTF-8."""
+    return "/" + environ.get("PATH_INFO", "").encode("latin-1").decode(
+        "utf-8", "replace").lstrip("/")
+
+
 class ApiRequest:
     """What a handler reads of a request, straight from the WSGI environ."""
 
@@ -45,9 +51,7 @@ class ApiRequest:
     def __init__(self, environ, max_body):
         self.environ = environ
         self.method = environ["REQUEST_METHOD"]
-        # As werkzeug decodes it: the WSGI string is latin-1, the path UTF-8.
-        self.path = "/" + environ.get("PATH_INFO", "").encode("latin-1").decode(
-            "utf-8", "replace").lstrip("/")
+        self.path = request_path(environ)
         self.params = query_params(environ)
         self.max_body = max_body
         self._body = None

@@ -1133,10 +1133,12 @@ class Connections(Scenario):
         pids = self.target.pids()
         time.sleep(0.5)
         before = sum(proc_rss_kib(pid) for pid in pids)
+        self.start_profile()
         meter = self.meter()
         rate, elapsed = self.open_clients(count, lambda i: channels[i % len(channels)],
                                           window=self.opt.connect_window)
         figures = meter.stop()
+        self.stop_profile()
         # Idle for a moment, answering pings, so that the server settles.
         idle_end = time.monotonic() + self.opt.idle
         self.loop.run_until(lambda: time.monotonic() >= idle_end, self.opt.idle + 1, "idle")
@@ -1408,7 +1410,8 @@ def build_parser():
     parser.add_argument("--gen-cpus", default="auto",
                         help="CPUs the generator is pinned to (default: 1 for one process)")
     parser.add_argument("--profile", metavar="DIR",
-                        help="record the server with py-spy during fanout, http and presence")
+                        help="record the server with py-spy during fanout, connections (the "
+                             "connects), http and presence")
     return parser
 
 
@@ -1539,7 +1542,7 @@ def main(argv=None):
                     target.stop()
                     target = make_target(args, server_cpus)
                 scenario = make(target)
-                if args.profile and name in ("fanout", "http", "presence"):
+                if args.profile and name in ("fanout", "connections", "http", "presence"):
                     scenario.profile = (args.profile, run)
                 log(f"{name} run {run + 1}/{args.runs}")
                 try:

@@ -315,3 +315,10 @@ def test_publish_shortcut_answers_as_flask_does(tmp_path):
     assert shortcut.post(**cases[0]).get_json() == {}
     assert shortcut.post(**cases[2]).status_code == 401
     assert shortcut.post(**cases[-1]).status_code == 413
+
+
+def test_plain_http_on_the_websocket_endpoint(server):
+    """Upgrades skip Flask; plain HTTP still reaches it: 426 on /app/{key}, 404 elsewhere."""
+    response = requests.get(server.url + f"/app/{KEY}?protocol=7", timeout=5)
+    assert "WebSocket" in assert_error(response, 426)
+    assert_error(requests.get(server.url + "/nothing/here", timeout=5), 404)
