@@ -295,7 +295,7 @@ PUBLISH_HANDLERS = {"events": trigger, "batch_events": trigger_batch}
 
 def publish_shortcut(flask_wsgi_app, core, max_body):
     """WSGI middleware: POST /apps/{id}/events and /batch_events go straight to their handlers,
-    everything else to Flask. Same handlers, same answers, about a third less CPU a publish."""
+    everything else to Flask. Same handlers, same answers, a quarter less CPU a publish."""
     def application(environ, start_response):
         if environ["REQUEST_METHOD"] == "POST":
             path = environ.get("PATH_INFO", "")
