@@ -71,7 +71,10 @@ class ApiRequest:
             if length > self.max_body:
                 raise ApiError(413, f"Request body is larger than {self.max_body} bytes")
             stream = self.environ.get("wsgi.input")
-            body = stream.read(self.max_body + 1) if stream is not None else b""
+            try:
+                body = stream.read(self.max_body + 1) if stream is not None else b""
+            except OSError:  # the client closed early, or sent a broken chunked body
+                raise ApiError(400, "Incomplete request body") from None
             if len(body) > self.max_body:
                 raise ApiError(413, f"Request body is larger than {self.max_body} bytes")
             self._body = body

@@ -322,3 +322,16 @@ def test_plain_http_on_the_websocket_endpoint(server):
     response = requests.get(server.url + f"/app/{KEY}?protocol=7", timeout=5)
     assert "WebSocket" in assert_error(response, 426)
     assert_error(requests.get(server.url + "/nothing/here", timeout=5), 404)
+
+
+def test_a_truncated_body_is_a_400_not_a_server_error(server):
+    """A client that sends less than its Content-Length and stops gets a 400; nothing is
+    logged as a server error and the server goes on."""
+    import socket as socketlib
+    with socketlib.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.sendall(b"POST /apps/1/events HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{}")
+        sock.shutdown(socketlib.SHUT_WR)
+        answer = sock.recv(65536).decode("latin-1")
+    assert answer.startswith("HTTP/1.1 400") and "Incomplete request body" in answer
+    assert requests.get(server.url + "/health", timeout=5).status_code == 200
+    assert "Error serving" not in server.log()
