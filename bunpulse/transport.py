@@ -384,10 +384,10 @@ class PusherWebSocketHandler(WebSocketHandler):
             list(self.application(self.environ, lambda status, headers, exc_info=None: []))
             session = self.environ.get(SESSION_KEY)
             if session is not None:
-                # The socket's long life, after the application returned: the request's
-                # environ, headers, request line and the handshake's response headers are
-                # freed first (pywsgi keeps them, and they would be a tenth of what an
-                # idle connection holds; the access log skips upgrades).
+                # The socket's long life, after the application returned. pywsgi would keep
+                # the request's environ, headers and request line and the handshake's
+                # response headers for all of it: freed first (the access log skips
+                # upgrades, so nothing reads them again).
                 self.environ = {"wsgi.websocket": self.websocket}
                 self.headers = self.websocket.environ = self.response_headers = None
                 self.requestline = self.path = ""
