@@ -332,8 +332,9 @@ def create_app(settings=None, core=None):
         else:
             session()  # another handler: the application blocks for the socket's whole life
 
-    # Every upgrade goes straight to serve_socket: Flask's request context and routing were a
-    # third of a connect's CPU. The routes stay for Flask to answer plain HTTP there (426).
+    # Every upgrade goes straight to serve_socket (upgrade_shortcut below): Flask's request
+    # context and routing were a third of a connect's CPU. The routes stay so that Flask
+    # answers plain HTTP there with 426; their view runs only if the shortcut is bypassed.
     @app.route("/app/<path:key>", websocket=True)
     @app.route("/", websocket=True, defaults={"key": None})
     @app.route("/<path:key>", websocket=True)

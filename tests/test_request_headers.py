@@ -67,6 +67,7 @@ def test_exactly_the_limit_of_headers_is_fine():
 @pytest.mark.parametrize("headers", [
     b"Host: x\r\nno colon here\r\n",
     b"".join(b"X-%d: v\r\n" % n for n in range(MAX_HEADERS + 1)),
+    b"Host: x\r\nContent-Length: abc\r\n",
 ])
 def test_server_answers_400_and_keeps_serving(server, headers):
     with socket.create_connection((server.host, server.port), timeout=5) as sock:
