@@ -22,6 +22,7 @@ wsgi_app = "bunpulse.server:create_app()"
 timeout = 30                    # the hub never blocks; a stuck worker is restarted
 graceful_timeout = 5            # clients are told 4200 first, then reconnect elsewhere
 keepalive = 5
+backlog = _settings.backlog     # BUNPULSE_BACKLOG: gunicorn's own default is 2048 too
 loglevel = _settings.log_level
 accesslog = None
 

@@ -10,6 +10,8 @@ from urllib.parse import urlparse
 
 from dotenv import dotenv_values
 
+from .addresses import parse_trusted
+
 
 class ConfigError(Exception):
     """Invalid configuration; the message names the option."""
@@ -95,6 +97,22 @@ OPTIONS = (
            "largest client WebSocket message in bytes; larger ones are closed with 1009"),
     Option("max_buffer", "BUNPULSE_MAX_BUFFER", 1048576, _int(4096),
            "bytes queued for one slow client before it is evicted with 4100"),
+    Option("max_messages_per_second", "BUNPULSE_MAX_MESSAGES_PER_SECOND", 100, _int(0),
+           "messages one connection may send per second, pings and WebSocket pings included "
+           "(0: no limit); a client that keeps flooding gets pusher:error and close 4100"),
+    Option("message_burst", "BUNPULSE_MESSAGE_BURST", 1000, _int(1),
+           "messages a connection may send at once above that rate (e.g. subscribing to all "
+           "its channels after a reconnect)"),
+    Option("max_subscriptions", "BUNPULSE_MAX_SUBSCRIPTIONS", 2000, _int(1),
+           "channels one connection may hold; past it pusher:error, the connection stays"),
+    Option("max_connections_per_ip", "BUNPULSE_MAX_CONNECTIONS_PER_IP", 0, _int(0),
+           "concurrent WebSocket connections per client address, per worker (0: no limit); "
+           "past it pusher:error and close 4004"),
+    Option("trust_proxy", "BUNPULSE_TRUST_PROXY", None, parse_trusted,
+           "addresses (comma-separated IPs or networks, or 'all') of proxies whose "
+           "X-Forwarded-For / Forwarded header names the client address"),
+    Option("backlog", "BUNPULSE_BACKLOG", 2048, _int(1),
+           "listen backlog: connections the kernel queues before they are accepted"),
     Option("cache_ttl", "BUNPULSE_CACHE_TTL", 1800, _int(1),
            "seconds a cache channel keeps its last event"),
     Option("subscription_vacancy_url", "BUNPULSE_SUBSCRIPTION_VACANCY_URL", None,

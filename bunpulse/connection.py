@@ -16,7 +16,8 @@ log = logging.getLogger("bunpulse.connection")
 class Connection:
     __slots__ = ("server", "app", "ws", "outbox", "socket_id", "subscriptions", "user_id",
                  "user_data", "watchlist", "last_seen", "closed", "_pinged", "_timer",
-                 "_auth_timer", "_window", "_window_count", "__weakref__")
+                 "_auth_timer", "_window", "_window_count", "_allowance", "_allowance_at",
+                 "__weakref__")
 
     def __init__(self, server, app, ws, socket_id):
         self.server = server
@@ -35,6 +36,8 @@ class Connection:
         self._auth_timer = None
         self._window = 0
         self._window_count = 0
+        self._allowance = server.settings.message_burst  # tokens of the message rate limit
+        self._allowance_at = self.last_seen
 
     # ---------------------------------------------------------------- life cycle
 
@@ -43,6 +46,8 @@ class Connection:
         server = self.server
         self.send(protocol.connection_established(self.socket_id, server.activity_timeout))
         server.adapter.add_connection(self)
+        if server.settings.max_messages_per_second:
+            self.ws.on_ping = self._ping_frame
         self._arm_heartbeat(server.settings.heartbeat_interval / 1000)
         if self.app.user_authentication_timeout:
             self._auth_timer = gevent.get_hub().loop.timer(
@@ -62,8 +67,10 @@ class Connection:
                 return
             if ws.closed:
                 continue  # closing: wait for the client's close frame, ignore the rest
-            self.last_seen = time.monotonic()
+            self.last_seen = now = time.monotonic()
             self._pinged = False
+            if self._flooding(now):
+                continue
             if isinstance(message, bytes):
                 self.send_error(None, "Binary frames are not supported: send JSON text")
                 continue
@@ -101,6 +108,34 @@ class Connection:
 
     def terminate(self):
         self.refuse(PusherError.UNAUTHORIZED, "You got disconnected by the app.")
+
+    # ---------------------------------------------------------------- message rate
+
+    def _flooding(self, now):
+        """Take one message from the allowance (a token bucket: `message_burst` at once,
+        refilled at `max_messages_per_second`); a client past it is refused with 4100, which
+        pusher-js answers by reconnecting after a back-off, not at once."""
+        settings = self.server.settings
+        rate = settings.max_messages_per_second
+        if not rate:
+            return False
+        allowance = min(settings.message_burst,
+                        self._allowance + (now - self._allowance_at) * rate)
+        self._allowance_at = now
+        if allowance >= 1:
+            self._allowance = allowance - 1
+            return False
+        self._allowance = allowance
+        if not self.ws.closed:
+            log.info("closing %s: more than %d messages per second", self.socket_id, rate)
+            self.refuse(PusherError.OVER_CAPACITY,
+                        f"Too many messages: at most {rate} per second "
+                        f"(bursts of {settings.message_burst})")
+        return True
+
+    def _ping_frame(self):
+        """A WebSocket ping frame: answered by the transport, counted here like a message."""
+        self._flooding(time.monotonic())
 
     # ---------------------------------------------------------------- heartbeat
 

@@ -16,11 +16,13 @@ from werkzeug.routing import WebsocketMismatch
 
 from . import protocol
 from .adapters import make_adapter
+from .accept import PausingAccept
 from .adapters.local import PresenceFull
+from .addresses import TrustedProxies, client_address
 from .apps import load_apps
 from .config import ConfigError, listen_host, load_settings, redacted, uses_dev_app
 from .connection import Connection
-from .errors import ConnectionRefused, PusherError, SubscriptionError
+from .errors import ClientError, ConnectionRefused, PusherError, SubscriptionError
 from .hub import Hub
 from .protocol import channel_kind, data_string
 from .transport import SESSION_KEY, PusherWebSocketHandler, build_frame
@@ -81,6 +83,8 @@ class BunPulse:
         seconds = min(120, settings.heartbeat_interval / 1000)
         self.activity_timeout = int(seconds) if seconds >= 1 else seconds
         self.evictions = 0
+        self.trusted_proxies = TrustedProxies(settings.trust_proxy)
+        self._per_address = {}  # client address -> its open connections (with the option only)
         self.adapter.bind(self)
         self.adapter.start()
 
@@ -94,19 +98,50 @@ class BunPulse:
         except ConnectionRefused as refusal:
             return refusal
 
-    def serve_websocket(self, ws, admission):
+    def serve_websocket(self, ws, admission, address=None):
         """Run one Pusher connection on an upgraded socket, given what `admit` said; blocks for
-        its whole life."""
+        its whole life. `address` (the client's, see `address_of`) is counted against
+        max_connections_per_ip."""
         ws.max_message_size = self.settings.max_message_size
         ws.outbox.limit = self.settings.max_buffer
         ws.outbox.on_evict = self._count_eviction
         if isinstance(admission, ConnectionRefused):
-            ws.send_bytes(protocol.error(admission.code, admission.message))
-            ws.close(admission.code, admission.message)
-            while ws.receive() is not None:  # wait for the client's close frame
-                pass
+            self._refuse_socket(ws, admission)
             return
-        Connection(self, admission, ws, self.new_socket_id()).run()
+        if address is None:
+            Connection(self, admission, ws, self.new_socket_id()).run()
+            return
+        per_address = self._per_address
+        held = per_address.get(address, 0)
+        if held >= self.settings.max_connections_per_ip:
+            log.info("refusing a connection from %s: %d already open", address, held)
+            self._refuse_socket(ws, ConnectionRefused(
+                PusherError.OVER_CONNECTION_QUOTA,
+                f"Too many connections from your address (at most "
+                f"{self.settings.max_connections_per_ip})"))
+            return
+        per_address[address] = held + 1
+        try:
+            Connection(self, admission, ws, self.new_socket_id()).run()
+        finally:
+            left = per_address[address] - 1
+            if left:
+                per_address[address] = left
+            else:
+                del per_address[address]
+
+    def address_of(self, environ):
+        """The client address a new socket counts against, or None when nothing is counted."""
+        if not self.settings.max_connections_per_ip:
+            return None
+        return client_address(environ, self.trusted_proxies)
+
+    @staticmethod
+    def _refuse_socket(ws, refusal):
+        ws.send_bytes(protocol.error(refusal.code, refusal.message))
+        ws.close(refusal.code, refusal.message)
+        while ws.receive() is not None:  # wait for the client's close frame
+            pass
 
     def _admit(self, path, query):
         match = APP_PATH.match(path)
@@ -162,20 +197,23 @@ class BunPulse:
             raise SubscriptionError(
                 f"Invalid channel name: 1 to {app.max_channel_name_length} characters of "
                 "A-Z a-z 0-9 _ - = @ , . ;", 400, "InvalidChannelName")
+        if name in conn.subscriptions:
+            # As Pusher answers it: nothing changes, and a presence member keeps the identity
+            # it joined with (another user_id must not hide behind it).
+            raise ClientError(f"Existing subscription to channel {name}")
+        limit = self.settings.max_subscriptions
+        if len(conn.subscriptions) >= limit:
+            raise SubscriptionError(f"Subscription limit reached: at most {limit} channels "
+                                    "per connection", 403, "LimitReached")
         member = conn.authorize(name, data)
         kind = channel_kind(name)
-        new = name not in conn.subscriptions
-        if new:
-            try:
-                occupied, added, roster = self.adapter.subscribe(
-                    conn, name, member, app.max_presence_members)
-            except PresenceFull:
-                raise SubscriptionError(f"Presence channel {name} is full "
-                                        f"({app.max_presence_members} members)", 403,
-                                        "LimitReached") from None
-        else:
-            added = occupied = False
-            roster = self.adapter.members(app.id, name) if kind.presence else None
+        try:
+            occupied, added, roster = self.adapter.subscribe(
+                conn, name, member, app.max_presence_members)
+        except PresenceFull:
+            raise SubscriptionError(f"Presence channel {name} is full "
+                                    f"({app.max_presence_members} members)", 403,
+                                    "LimitReached") from None
         conn.send(protocol.subscription_succeeded(
             name, None if roster is None else protocol.presence_roster(roster)))
         if added:
@@ -186,7 +224,7 @@ class BunPulse:
             emit(app, {"name": "channel_occupied", "channel": name})
         if added:
             emit(app, {"name": "member_added", "channel": name, "user_id": member[0]})
-        if new and app.webhooks:  # every new subscription changes the count, as every leave
+        if app.webhooks:  # every new subscription changes the count, as every leave
             self._emit_subscription_count(app, name)
         if kind.cache:
             self._replay_cache(conn, name)
@@ -322,10 +360,11 @@ def create_app(settings=None, core=None):
     def serve_socket(environ):
         # Admitted here, so that the socket's long life keeps neither its path nor its query.
         admission = core.admit(api.request_path(environ), api.query_params(environ))
+        address = core.address_of(environ)
         ws = environ["wsgi.websocket"]
 
         def session():  # not functools.partial: a call through C deepens the greenlet's C
-            core.serve_websocket(ws, admission)  # stack, saved on every switch (+0.6 KiB)
+            core.serve_websocket(ws, admission, address)  # stack, saved on every switch
 
         if SESSION_KEY in environ:
             environ[SESSION_KEY] = session  # our handler runs it after the application returns
@@ -390,7 +429,7 @@ def _listener(settings):
             os.unlink(path)
         sock = gsocket.socket(gsocket.AF_UNIX, gsocket.SOCK_STREAM)
         sock.bind(path)
-        sock.listen(2048)
+        sock.listen(settings.backlog)  # (a TCP listener gets it from the server)
         return sock
     return host, settings.port
 
@@ -410,11 +449,18 @@ def log_startup(settings, core, address):
              else "local (one process)")
 
 
+class PusherWSGIServer(PausingAccept, WSGIServer):
+    """pywsgi's server, quiet and paused at the file-descriptor limit."""
+
+
 def make_wsgi_server(settings, core=None):
     core = core if core is not None else BunPulse(settings)
     app = create_app(settings, core)
-    server = WSGIServer(_listener(settings), app, handler_class=PusherWebSocketHandler,
-                        log=None, error_log=logging.getLogger("bunpulse.wsgi"))
+    listener = _listener(settings)
+    backlog = None if hasattr(listener, "accept") else settings.backlog  # a unix socket listens
+    server = PusherWSGIServer(listener, app, backlog=backlog,
+                              handler_class=PusherWebSocketHandler, log=None,
+                              error_log=logging.getLogger("bunpulse.wsgi"))
     PusherWebSocketHandler.max_buffer = settings.max_buffer
     return server, core
 

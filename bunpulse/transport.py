@@ -16,14 +16,25 @@ import struct
 import gevent
 from gevent.pywsgi import WSGIHandler, _NoopLog
 from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
+from gunicorn.workers.ggevent import PyWSGIServer
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import WebSocket
 from wsaccel.xormask import XorMaskerSimple
 
+from .accept import PausingAccept
 from .errors import PusherError, WsClose
 from .request_headers import RequestHeaders
 
 log = logging.getLogger("bunpulse.transport")
+client_log = logging.getLogger("bunpulse.clients")
+
+
+class _ClientMistakes(logging.LoggerAdapter):
+    """gevent-websocket warns about a client's bad upgrade request: a client's mistake, so
+    at info."""
+
+    def warning(self, msg, *args, **kwargs):
+        self.info(msg, *args, **kwargs)
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
 OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
@@ -193,7 +204,8 @@ def _buffered_ahead(handler):
 class PusherWebSocket(WebSocket):
     """A server-side WebSocket with correct reads and a single writer (`outbox`)."""
 
-    __slots__ = ("outbox", "max_message_size", "close_code", "_recv", "_data", "refused_midway")
+    __slots__ = ("outbox", "max_message_size", "close_code", "_recv", "_data", "refused_midway",
+                 "on_ping")
 
     def __init__(self, environ, handler, max_buffer=1 << 20):
         self.environ = environ
@@ -209,6 +221,7 @@ class PusherWebSocket(WebSocket):
         self.max_message_size = 1 << 16
         self.close_code = None
         self.refused_midway = False  # a frame was refused before its payload was read
+        self.on_ping = None  # called on each ping frame (the connection's message rate limit)
 
     def __del__(self):
         pass  # never send a close frame from the garbage collector
@@ -289,6 +302,8 @@ class PusherWebSocket(WebSocket):
                 self._answer_close(payload)
                 return None
             if frame_opcode == OP_PING:
+                if self.on_ping is not None:
+                    self.on_ping()
                 self.outbox.send(build_frame(payload, OP_PONG))
                 continue
             if frame_opcode == OP_PONG:
@@ -337,6 +352,7 @@ class PusherWebSocketHandler(WebSocketHandler):
     """gevent-websocket's handler with our WebSocket and no per-address client table."""
 
     max_buffer = 1 << 20
+    logger = _ClientMistakes(client_log, {})
 
     def handle(self):
         # pywsgi sends a response's headers and body in two writes: with Nagle on, the body
@@ -399,6 +415,11 @@ class PusherWebSocketHandler(WebSocketHandler):
             self.environ["wsgi.websocket"] = None
             self.websocket = None
 
+    def log_error(self, msg, *args):
+        # pywsgi calls this only for a client's invalid request (it answers 400): the client's
+        # mistake, not the server's, so at info and without the socket's repr.
+        client_log.info(msg, *args)
+
     def log_request(self):
         # Not for upgrades, and not formatted at all when the log is gevent's no-op (the
         # embedded server's): the line costs 3% of an API publish.
@@ -407,10 +428,12 @@ class PusherWebSocketHandler(WebSocketHandler):
 
 
 class PusherWorker(GeventWebSocketWorker):
-    """gunicorn's gevent WebSocket worker with our handler; when the worker is told to stop,
-    the application's `on_worker_stop` runs first so clients get 4200 and reconnect at once."""
+    """gunicorn's gevent WebSocket worker with our handler and a server that pauses at the
+    file-descriptor limit; when the worker is told to stop, the application's
+    `on_worker_stop` runs first so clients get 4200 and reconnect at once."""
 
     wsgi_handler = PusherWebSocketHandler
+    server_class = type("PusherPyWSGIServer", (PausingAccept, PyWSGIServer), {})
 
     def run(self):
         gevent.spawn(self._stop_when_told)

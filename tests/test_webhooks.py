@@ -155,7 +155,9 @@ def test_subscription_count(start_server, webhook_receiver, clients):
     room, presence = f"room-{uid()}", f"presence-{uid()}"
     first = join(clients, server, room)
     join(clients, server, room)
-    subscribe(first, pusher_api(server), room)  # already subscribed: the count is unchanged
+    first.send({"event": "pusher:subscribe", "data": {"channel": room}})
+    assert first.recv_event("pusher:error")["data"]["message"] == (
+        f"Existing subscription to channel {room}")  # and the count is unchanged
     unsubscribe(first, room)
     # presence: every connection counts, also a second one of the same user
     join(clients, server, presence, "u1")
@@ -356,7 +358,8 @@ def test_dead_receiver_keeps_memory_bounded_and_the_server_serving(start_server,
                                  "max_client_events_per_second": 1_000_000,
                                  "webhooks": [{"url": dead, "event_types": ["client_event"]}]}]))
     server = start_server(env={"BUNPULSE_APPS_FILE": str(apps), **FAST,
-                               "BUNPULSE_WEBHOOK_QUEUE_SIZE": "1000"})
+                               "BUNPULSE_WEBHOOK_QUEUE_SIZE": "1000",
+                               "BUNPULSE_MAX_MESSAGES_PER_SECOND": "0"})  # a flood on purpose
     api = pusher.Pusher(app_id="2", key="key2", secret="secret2", host=server.host,
                         port=server.port, ssl=False)
     client = clients(server, key="key2")
