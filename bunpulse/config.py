@@ -100,9 +100,10 @@ OPTIONS = (
     Option("max_messages_per_second", "BUNPULSE_MAX_MESSAGES_PER_SECOND", 100, _int(0),
            "messages one connection may send per second, pings and WebSocket pings included "
            "(0: no limit); a client that keeps flooding gets pusher:error and close 4100"),
-    Option("message_burst", "BUNPULSE_MESSAGE_BURST", 1000, _int(1),
-           "messages a connection may send at once above that rate (e.g. subscribing to all "
-           "its channels after a reconnect)"),
+    Option("message_burst", "BUNPULSE_MESSAGE_BURST", 2500, _int(1),
+           "messages a connection may send at once above that rate: more than "
+           "--max-subscriptions, as pusher-js subscribes to all its channels at once on "
+           "reconnecting"),
     Option("max_subscriptions", "BUNPULSE_MAX_SUBSCRIPTIONS", 2000, _int(1),
            "channels one connection may hold; past it pusher:error, the connection stays"),
     Option("max_connections_per_ip", "BUNPULSE_MAX_CONNECTIONS_PER_IP", 0, _int(0),

@@ -4,7 +4,6 @@ Server-to-client frames are returned as UTF-8 JSON bytes, ready to be framed onc
 many sockets. Channel events carry `data` as a JSON string (Pusher's double encoding).
 """
 import re
-from functools import lru_cache
 
 import orjson
 
@@ -54,9 +53,21 @@ class ChannelKind:
         return self.private and not self.encrypted
 
 
-@lru_cache(maxsize=4096)
+# The kind depends on the prefix alone: one shared instance per prefix, longest first. Not a
+# cache keyed by name, which would keep the names a client made up after it left.
+_KINDS = tuple((prefix, ChannelKind(prefix)) for prefix in (
+    "private-encrypted-cache-", "private-encrypted-", "private-cache-", "presence-cache-",
+    "private-", "presence-", "cache-", USER_CHANNEL_PREFIX))
+_PUBLIC = ChannelKind("")
+_KIND_INITIALS = frozenset(prefix[0] for prefix, _ in _KINDS)
+
+
 def channel_kind(name):
-    return ChannelKind(name)
+    if name[:1] in _KIND_INITIALS:
+        for prefix, kind in _KINDS:
+            if name.startswith(prefix):
+                return kind
+    return _PUBLIC
 
 
 def valid_channel_name(name, max_length=MAX_CHANNEL_NAME):
