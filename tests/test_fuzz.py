@@ -1,0 +1,172 @@
+"""Property-based tests (hypothesis) of what parses client input: the Pusher message parser,
+the HTTP API's JSON bodies (through the real WSGI app) and the request head reader. Every input
+gets a clear answer; no exception other than the documented one escapes."""
+import io
+import json
+import os
+import re
+from urllib.parse import quote
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bunpulse.config import load_settings
+from bunpulse.errors import ClientError
+from bunpulse.protocol import parse_client_frame
+from bunpulse.request_headers import MAX_HEADERS, RequestHeaders
+from conftest import APP_ID, KEY, SECRET
+
+# Modest example counts: the whole file runs in seconds. No example database on disk.
+FAST = settings(max_examples=200, deadline=None, database=None)
+API = settings(max_examples=100, deadline=None, database=None,
+               suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+# What JSON can carry: no NaN or infinity, no lone surrogates (orjson refuses them).
+texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",)))
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-2**63, max_value=2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False) | texts,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4),
+    max_leaves=12)
+
+
+# ------------------------------------------------------------------ Pusher messages
+
+@FAST
+@given(st.one_of(st.text(), st.binary().map(lambda b: b.decode("latin-1")),
+                 json_values.map(json.dumps)))
+def test_any_text_is_a_frame_or_a_client_error(text):
+    try:
+        frame = parse_client_frame(text)
+    except ClientError as exc:
+        assert exc.message and exc.code is None
+        return
+    assert isinstance(frame.event, str) and frame.event
+    assert frame.channel is None or isinstance(frame.channel, str)
+
+
+@FAST
+@given(texts.filter(lambda e: e and not e.startswith("pusher:")), st.none() | texts,
+       json_values)
+def test_a_well_formed_message_is_read_as_sent(event, channel, data):
+    message = {"event": event, "data": data}
+    if channel is not None:
+        message["channel"] = channel
+    frame = parse_client_frame(json.dumps(message))
+    assert (frame.event, frame.channel, frame.data) == (event, channel, data)
+
+
+@FAST
+@given(json_values)
+def test_pusher_events_take_data_in_both_encodings(data):
+    as_object = parse_client_frame(json.dumps({"event": "pusher:subscribe", "data": data}))
+    as_string = parse_client_frame(json.dumps({"event": "pusher:subscribe",
+                                               "data": json.dumps(data)}))
+    assert as_object.data == data
+    assert as_string.data == data
+
+
+# ------------------------------------------------------------------ HTTP API bodies
+
+@pytest.fixture(scope="module")
+def api_client():
+    from bunpulse.server import create_app
+    app = create_app(load_settings(None, environ={}, overrides={
+        "app_id": APP_ID, "app_key": KEY, "app_secret": SECRET, "env_file": os.devnull}))
+    return app.test_client()
+
+
+EVENT_KEYS = ("name", "data", "channel", "channels", "socket_id", "info", "batch")
+event_like = st.dictionaries(st.sampled_from(EVENT_KEYS), json_values, max_size=6)
+channel_names = st.sampled_from(("a", "private-a", "presence-a", "cache-a", "#server-to-user-1",
+                                 "x" * 201, "", "bad name")) | texts
+near_valid = st.fixed_dictionaries(
+    {"name": st.sampled_from(("ev", "")) | texts, "data": texts | json_values},
+    optional={"channel": channel_names, "channels": st.lists(channel_names, max_size=120),
+              "socket_id": st.sampled_from(("1.2", "1.", "x")) | texts,
+              "info": st.sampled_from(("subscription_count", "user_count,x")) | json_values})
+bodies = st.one_of(
+    st.binary(max_size=200),
+    json_values.map(lambda v: orjson.dumps(v)),
+    event_like.map(lambda v: orjson.dumps(v)),
+    near_valid.map(lambda v: orjson.dumps(v)),
+    st.lists(event_like | near_valid, max_size=12).map(lambda b: orjson.dumps({"batch": b})),
+)
+POSTS = ("/apps/1/events", "/apps/1/batch_events", "/apps/1/users/u1/terminate_connections")
+
+
+def assert_clear_answer(response):
+    assert response.status_code < 500, response.data
+    payload = json.loads(response.data)
+    assert response.headers["Content-Type"].startswith("application/json")
+    if response.status_code >= 400:
+        assert isinstance(payload["error"], str) and payload["error"]
+
+
+@API
+@given(st.sampled_from(POSTS), bodies)
+def test_any_api_body_gets_a_json_answer_never_a_500(api_client, path, body):
+    response = api_client.post(path, data=body, headers={
+        "Authorization": f"Bearer {SECRET}", "Content-Type": "application/json"})
+    assert_clear_answer(response)
+
+
+@API
+@given(st.sampled_from(POSTS), bodies, st.text(max_size=40))
+def test_unsigned_or_badly_signed_bodies_get_a_json_401(api_client, path, body, query):
+    response = api_client.post(path, data=body, query_string={"auth_signature": query,
+                                                              "auth_key": KEY})
+    assert_clear_answer(response)
+    assert response.status_code in (400, 401)
+
+
+@API
+@given(st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7e), max_size=40),
+       st.dictionaries(st.sampled_from(("info", "filter_by_prefix", "auth_key")),
+                       st.text(max_size=20), max_size=3))
+def test_any_api_query_gets_a_json_answer(api_client, name, query):
+    response = api_client.get(f"/apps/1/channels/{quote(name, safe='')}", query_string=query,
+                              headers={"Authorization": f"Bearer {SECRET}"})
+    assert_clear_answer(response)
+
+
+# ------------------------------------------------------------------ request heads
+
+TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+names = st.text(alphabet="!#$%&'*+.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-",
+                min_size=1, max_size=20)
+values = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=40).map(
+    lambda v: v.strip(" \t"))
+
+
+@FAST
+@given(st.lists(st.binary(max_size=80), max_size=12),
+       st.sampled_from((b"\r\n", b"\n")), st.booleans())
+def test_any_head_is_read_or_refused_never_raises(lines, newline, ended):
+    head = newline.join(lines) + (newline * 2 if ended else b"")
+    headers = RequestHeaders.read(io.BytesIO(head))
+    if headers.status:
+        return
+    items = headers.items()
+    assert len(items) <= MAX_HEADERS
+    assert all(TOKEN.match(name) for name, _ in items)
+    assert all("\r" not in value and "\n" not in value for _, value in items)
+
+
+@FAST
+@given(st.lists(st.tuples(names, values, st.lists(values, max_size=2)), max_size=20))
+def test_well_formed_heads_are_read_exactly_folded_or_not(headers):
+    lines, expected = [], []
+    for name, value, continuations in headers:
+        lines.append(f"{name}: {value}")
+        lines.extend(f" {more}" for more in continuations)  # obsolete line folding
+        expected.append((name, " ".join(v for v in [value, *continuations] if v).strip()))
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    read = RequestHeaders.read(io.BytesIO(head))
+    assert read.status == ""
+    assert [(n, " ".join(v.split())) for n, v in read.items()] == [
+        (n, " ".join(v.split())) for n, v in expected]
+    for name, value in expected[:1]:
+        assert " ".join(read.get(name.upper()).split()) == " ".join(value.split())
