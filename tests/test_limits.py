@@ -211,8 +211,10 @@ def test_a_repeated_presence_subscribe_never_changes_the_identity(start_server):
 
 # ------------------------------------------------------------------ listen backlog
 
-def test_listen_backlog_is_configurable(start_server):
-    server = start_server(env={"BUNPULSE_BACKLOG": "77"})
+@pytest.mark.parametrize("command", [None, [sys.executable, "-m", "gunicorn", "-c",
+                                             "gunicorn.conf.py"]], ids=["embedded", "gunicorn"])
+def test_listen_backlog_is_configurable(start_server, command):
+    server = start_server(env={"BUNPULSE_BACKLOG": "77"}, command=command)
     out = subprocess.run(["ss", "-Hltn", f"sport = :{server.port}"], capture_output=True,
                          text=True, timeout=10).stdout
     assert out.split()[2] == "77", out  # Send-Q of a listening socket: its backlog
@@ -223,11 +225,15 @@ def test_listen_backlog_is_configurable(start_server):
 NOFILE = 64
 
 
-def test_at_the_descriptor_limit_one_line_then_recovery(start_server):
+@pytest.mark.parametrize("module, args", [("bunpulse", []),
+                                          ("gunicorn", ["-c", "gunicorn.conf.py"])],
+                         ids=["embedded", "gunicorn"])
+def test_at_the_descriptor_limit_one_line_then_recovery(start_server, module, args):
     # The server under a low descriptor limit, set in its own process before it starts.
     command = [sys.executable, "-c",
-               f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({NOFILE}, "
-               f"{NOFILE})); import runpy; runpy.run_module('bunpulse', run_name='__main__')"]
+               f"import resource, runpy, sys; sys.argv[1:] = {args!r}; "
+               f"resource.setrlimit(resource.RLIMIT_NOFILE, ({NOFILE}, {NOFILE})); "
+               f"runpy.run_module({module!r}, run_name='__main__')"]
     server = start_server(command=command)
     holders = []
     for _ in range(NOFILE + 20):  # more idle connections than descriptors
