@@ -277,7 +277,8 @@ def main():
     parser.add_argument("--slow-pause", type=float, default=45, help="s a slow consumer stalls")
     parser.add_argument("--users", type=int, default=40, help="presence user ids in the pool")
     parser.add_argument("--rate", type=float, default=20, help="events published per second")
-    parser.add_argument("--out", default="soak-samples.jsonl", help="JSON lines of samples")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench-results", "soak.jsonl"),
+                        help="JSON lines of samples")
     args = parser.parse_args()
 
     port = int(os.environ.get("SOAK_PORT") or 0) or _free_port()
@@ -306,6 +307,7 @@ def run(args, port, pid):
     workers += [gevent.spawn(soak.slow_consumer) for _ in range(args.slow)]
     samples, start = [], time.monotonic()
     end = start + args.minutes * 60
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as out:
         while time.monotonic() < end:
             gevent.sleep(SAMPLE)
