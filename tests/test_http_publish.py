@@ -289,7 +289,7 @@ def test_publish_shortcut_answers_as_flask_does(tmp_path):
     from flask import Flask
     from werkzeug.test import Client
     from bunpulse.config import load_settings
-    from bunpulse.server import create_app
+    from bunpulse.wsgi import create_app
 
     settings = load_settings([], environ={"PUSHER_APP_ID": APP_ID, "PUSHER_APP_KEY": KEY,
                                           "PUSHER_APP_SECRET": SECRET})
