@@ -16,7 +16,7 @@ from .connection import Connection
 from .errors import ConnectionRefused, PusherError, SubscriptionError
 from .hub import Hub
 from .protocol import channel_kind, data_string
-from .transport import build_frame
+from .frames import build_frame
 from .webhooks import WebhookSender
 
 log = logging.getLogger("bunpulse")
