@@ -17,7 +17,7 @@ except ConfigError as exc:
 _host = listen_host(_settings)
 bind = [_host if _host.startswith("unix:") else f"{_host}:{_settings.port}"]
 workers = _settings.workers
-worker_class = "bunpulse.transport.PusherWorker"
+worker_class = "bunpulse.worker.PusherWorker"
 worker_connections = 20000      # gunicorn's default of 1000 would cap sockets per worker
 wsgi_app = "bunpulse.wsgi:create_app()"
 timeout = 30                    # the hub never blocks; a stuck worker is restarted

@@ -18,7 +18,6 @@ import socket
 
 import gevent
 from gevent.pywsgi import WSGIHandler, _NoopLog
-from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import WebSocket
 
@@ -347,24 +346,3 @@ class PusherWebSocketHandler(WebSocketHandler):
         # embedded server's): the line costs 3% of an API publish.
         if "101" not in str(self.status) and not isinstance(self.server.log, _NoopLog):
             WSGIHandler.log_request(self)
-
-
-class PusherWorker(GeventWebSocketWorker):
-    """gunicorn's gevent WebSocket worker with our handler; when the worker is told to stop,
-    the application's `on_worker_stop` runs first so clients get 4200 and reconnect at once."""
-
-    wsgi_handler = PusherWebSocketHandler
-
-    def run(self):
-        gevent.spawn(self._stop_when_told)
-        super().run()
-
-    def _stop_when_told(self):
-        while self.alive:
-            gevent.sleep(0.2)
-        stop = getattr(self.wsgi, "on_worker_stop", None)
-        if stop is not None:
-            try:
-                stop()
-            except Exception:  # noqa: BLE001 - shutting down regardless
-                log.exception("on_worker_stop failed")
