@@ -42,7 +42,6 @@ def make_wsgi_server(settings, core=None):
     app = create_app(settings, core)
     server = WSGIServer(_listener(settings), app, handler_class=PusherWebSocketHandler,
                         log=None, error_log=logging.getLogger("bunpulse.wsgi"))
-    PusherWebSocketHandler.max_buffer = settings.max_buffer
     return server, core
 
 

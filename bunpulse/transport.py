@@ -178,7 +178,7 @@ class PusherWebSocket(WebSocket):
     __slots__ = ("outbox", "close_code", "_recv", "_ahead", "_parser", "_events",
                  "refused_midway")
 
-    def __init__(self, sock, ahead=b"", max_buffer=1 << 20):
+    def __init__(self, sock, ahead=b""):
         self.environ = None
         self.handler = None
         self.stream = None
@@ -187,7 +187,7 @@ class PusherWebSocket(WebSocket):
         self._ahead = ahead
         self._parser = FrameParser()
         self._events = []
-        self.outbox = Outbox(sock, max_buffer)
+        self.outbox = Outbox(sock, 1 << 20)  # the core sets its limit (max_buffer)
         self.close_code = None
         self.refused_midway = False  # a frame was refused before its payload was read
 
@@ -278,8 +278,6 @@ class PusherWebSocket(WebSocket):
 class PusherWebSocketHandler(WebSocketHandler):
     """gevent-websocket's handler with our WebSocket and no per-address client table."""
 
-    max_buffer = 1 << 20
-
     def handle(self):
         # pywsgi sends a response's headers and body in two writes: with Nagle on, the body
         # waits for the client's delayed ACK, 40 ms on every keep-alive HTTP API request.
@@ -313,7 +311,7 @@ class PusherWebSocketHandler(WebSocketHandler):
         if not valid_key:
             self.start_response("400 Bad Request", [])
             return [b"Invalid Sec-WebSocket-Key"]
-        self.websocket = PusherWebSocket(self.socket, _buffered_ahead(self), self.max_buffer)
+        self.websocket = PusherWebSocket(self.socket, _buffered_ahead(self))
         self.environ.update({"wsgi.websocket_version": version, "wsgi.websocket": self.websocket})
         accept = base64.b64encode(hashlib.sha1((key + self.GUID).encode("latin-1")).digest())
         self.start_response("101 Switching Protocols", [
