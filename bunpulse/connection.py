@@ -42,7 +42,7 @@ class Connection:
         """Serve the socket until it closes; blocks for the connection's whole life."""
         server = self.server
         self.send(protocol.connection_established(self.socket_id, server.activity_timeout))
-        server.adapter.add_connection(self)
+        server.connected(self)
         self._arm_heartbeat(server.settings.heartbeat_interval / 1000)
         if self.app.user_authentication_timeout:
             self._auth_timer = gevent.get_hub().loop.timer(

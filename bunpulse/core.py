@@ -10,10 +10,9 @@ import gevent
 
 from . import protocol
 from .adapters import make_adapter
-from .adapters.local import PresenceFull
 from .apps import load_apps
 from .connection import Connection
-from .errors import ConnectionRefused, PusherError, SubscriptionError
+from .errors import ConnectionRefused, PresenceFull, PusherError, SubscriptionError
 from .hub import Hub
 from .protocol import channel_kind, data_string
 from .frames import build_frame
@@ -122,6 +121,10 @@ class BunPulse:
             raise ConnectionRefused(PusherError.OVER_CONNECTION_QUOTA,
                                     "Application is over its connection quota")
         return app
+
+    def connected(self, conn):
+        """A connection is established: count it and make it reachable."""
+        self.adapter.add_connection(conn)
 
     def _count_eviction(self):
         self.evictions += 1
@@ -255,6 +258,21 @@ class BunPulse:
                 hook["user_id"] = user_id
             self.webhooks.emit(app, hook)
         self.hooks.emit("client_event", conn, {"event": name, "channel": channel, "data": data})
+
+    def channel_counts(self, app):
+        """{channel: (subscription_count, user_count)} for every occupied channel."""
+        return self.adapter.channel_counts(app.id)
+
+    def subscription_count(self, app, channel):
+        return self.adapter.subscription_count(app.id, channel)
+
+    def members(self, app, channel):
+        """{user_id: user_info} of a presence channel."""
+        return self.adapter.members(app.id, channel)
+
+    def cached(self, app, channel):
+        """(event, data, seconds left) of a cache channel's last event, or None."""
+        return self.adapter.cache_get(app.id, channel)
 
     def channel_info(self, app, channel, attributes):
         info = {}

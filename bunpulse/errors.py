@@ -69,3 +69,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class PresenceFull(Exception):
+    """An adapter's refusal: a new user would pass the presence channel's member limit."""
