@@ -279,7 +279,7 @@ def channel(core, req, app_id, name):
     result.update(core.channel_info(app, name, attributes))
     if "cache" in attributes:
         cached = core.cached(app, name)
-        result["cache"] = None if cached is None else {  # the reference's shape exactly
+        result["cache"] = None if cached is None else {  # the shape Pusher's API answers with
             "data": cached[1], "ttl": max(0, int(cached[2]))}
     return result
 

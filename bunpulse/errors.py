@@ -2,8 +2,8 @@
 from enum import IntEnum
 
 
-class PusherError(IntEnum):
-    """Close codes and `pusher:error` codes of the Pusher protocol."""
+class ErrorCode(IntEnum):
+    """The Pusher protocol's codes: close codes and `pusher:error` codes (not an exception)."""
 
     SSL_ONLY = 4000
     APP_NOT_FOUND = 4001
