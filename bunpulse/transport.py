@@ -186,7 +186,7 @@ class PusherWebSocket(WebSocket):
         self._recv = sock.recv
         self._ahead = ahead
         self._parser = FrameParser()
-        self._events = []
+        self._events = ()  # events parsed and not handled yet (none: no list held)
         self.outbox = Outbox(sock, 1 << 20)  # the core sets its limit (max_buffer)
         self.close_code = None
         self.refused_midway = False  # a frame was refused before its payload was read
@@ -213,7 +213,10 @@ class PusherWebSocket(WebSocket):
                 raise ConnectionLost()
             self._parser.receive_data(data)
             events = self._events = self._parser.events_received()
-        return events.pop(0)
+        event = events.pop(0)
+        if not events:
+            self._events = ()
+        return event
 
     def receive(self):
         """The next message: str (text) or bytes (binary); None once the connection is over."""
