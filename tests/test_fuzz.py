@@ -72,7 +72,7 @@ def test_pusher_events_take_data_in_both_encodings(data):
 
 @pytest.fixture(scope="module")
 def api_client():
-    from bunpulse.server import create_app
+    from bunpulse.wsgi import create_app
     app = create_app(load_settings(None, environ={}, overrides={
         "app_id": APP_ID, "app_key": KEY, "app_secret": SECRET, "env_file": os.devnull}))
     return app.test_client()
