@@ -7,7 +7,7 @@ import pusher
 import pytest
 import requests
 
-from conftest import (APP_ID, KEY, assert_signatures_kept, connected, pusher_api,
+from conftest import (APP_ID, KEY, assert_alive, assert_signatures_kept, connected, pusher_api,
                       signed_request, wait_until)
 from conftest import library_subscribe as subscribe
 
@@ -142,8 +142,7 @@ def test_terminate_user_connections(api, raw):
     for client in (first, second):
         assert client.recv_event("pusher:error")["data"]["code"] == 4009
         assert client.recv_close()[0] == 4009
-    other.send({"event": "pusher:ping", "data": {}})
-    assert other.recv_event("pusher:pong")
+    assert_alive(other)
 
 
 def test_pypi_library_errors(api):
