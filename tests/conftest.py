@@ -422,6 +422,29 @@ def assert_signatures_kept(response):
         assert query["auth_signature"] not in response.text and right not in response.text
 
 
+# ------------------------------------------------------------------------ in-process
+
+class RecordingSocket:
+    """Stands where a connection's WebSocket would be: records the frames sent and the close."""
+
+    def __init__(self):
+        self.frames = []
+        self.closed = None  # (code, reason) once closed
+        self.outbox = self  # what a Connection writes through
+
+    def send(self, frame):
+        self.frames.append(frame)
+
+    def close(self, code, reason=""):
+        self.closed = (code, reason)
+
+
+def recording_connection(app, socket_id):
+    """A real bunpulse Connection, not served: its socket records instead of sending."""
+    from bunpulse.connection import Connection
+    return Connection(None, app, RecordingSocket(), socket_id)
+
+
 # ------------------------------------------------------------------------ webhooks
 
 class WebhookReceiver:
