@@ -7,6 +7,7 @@ import time
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SATURATED = 0.9             # a process above this share of one core is called saturated
 
+
 def proc_cpu_seconds(pid):
     """utime + stime of a process, in seconds (0 if it is gone)."""
     try:

@@ -18,6 +18,7 @@ from .report import summarize_profile
 
 MEMBER_EVENT = b'"pusher_internal:member_'
 
+
 class Scenario:
     """Owns the loop and the clients of one scenario; subclasses implement `run`."""
 

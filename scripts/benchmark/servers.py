@@ -18,6 +18,7 @@ from .loadgen import signed_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+
 def loopback_only(host):
     try:
         address = ipaddress.ip_address(socket.gethostbyname(host))
