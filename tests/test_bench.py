@@ -12,7 +12,7 @@ from conftest import APP_ID, KEY, ROOT, SECRET
 
 from benchmark.loadgen import HANDSHAKE, Loop, Ws
 
-from bunpulse.transport import build_frame
+from bunpulse.frames import build_frame
 
 BENCH = os.path.join(ROOT, "scripts", "bench.py")
 

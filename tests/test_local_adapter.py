@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from bunpulse.adapters.local import LocalAdapter, PresenceFull
+from bunpulse.adapters.local import LocalAdapter
 from bunpulse.apps import App
+from bunpulse.errors import PresenceFull
 from bunpulse.hub import Hub
 from conftest import recording_connection
 
