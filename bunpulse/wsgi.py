@@ -21,6 +21,9 @@ def create_app(settings=None, core=None):
         settings = core.settings if core is not None else load_settings([])
     core = core if core is not None else BunPulse(settings)
     flask_app = Flask("bunpulse")
+    # A doubled slash is a bad path, answered in JSON like any other (404, or 400 for a channel
+    # name), not a redirect with an HTML body (found by tests/test_fuzz.py).
+    flask_app.url_map.merge_slashes = False
     flask_app.extensions["bunpulse"] = core
     # No API body needs more than a full batch of the largest events allowed: refuse bigger
     # ones (413) before reading them, rather than hold them in memory.

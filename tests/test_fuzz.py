@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bunpulse.config import load_settings
@@ -126,6 +126,7 @@ def test_unsigned_or_badly_signed_bodies_get_a_json_401(api_client, path, body, 
 @given(st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7e), max_size=40),
        st.dictionaries(st.sampled_from(("info", "filter_by_prefix", "auth_key")),
                        st.text(max_size=20), max_size=3))
+@example(name="/0", query={})  # a doubled slash was a redirect with an HTML body
 def test_any_api_query_gets_a_json_answer(api_client, name, query):
     response = api_client.get(f"/apps/1/channels/{quote(name, safe='')}", query_string=query,
                               headers={"Authorization": f"Bearer {SECRET}"})
