@@ -1,5 +1,6 @@
 """One Pusher connection: the read loop, dispatch of client frames, and the heartbeat."""
 import logging
+import math
 import time
 
 import gevent
@@ -36,8 +37,9 @@ class Connection:
         self._auth_timer = None
         self._window = 0
         self._window_count = 0
-        self._allowance = core.settings.message_burst  # tokens of the message rate limit
-        self._allowance_at = self.last_seen
+        # Tokens of the message rate limit; the first message fills the bucket to the burst.
+        self._allowance = 0.0
+        self._allowance_at = -math.inf
 
     # ---------------------------------------------------------------- life cycle
 
