@@ -12,6 +12,7 @@ from .signatures import channel_auth_ok, user_auth_ok
 from .frames import build_frame
 
 log = logging.getLogger("bunpulse.connection")
+_NEVER = -math.inf  # one float shared by every connection until its first message
 
 
 class Connection:
@@ -39,7 +40,7 @@ class Connection:
         self._window_count = 0
         # Tokens of the message rate limit; the first message fills the bucket to the burst.
         self._allowance = 0.0
-        self._allowance_at = -math.inf
+        self._allowance_at = _NEVER
 
     # ---------------------------------------------------------------- life cycle
 
@@ -49,7 +50,7 @@ class Connection:
         self.send(protocol.connection_established(self.socket_id, core.activity_timeout))
         core.connected(self)
         if core.settings.max_messages_per_second:
-            self.ws.on_ping = self._ping_frame
+            self.ws.ping_listener = self  # no bound method held per connection
         self._arm_heartbeat(core.settings.heartbeat_interval / 1000)
         if self.app.user_authentication_timeout:
             self._auth_timer = gevent.get_hub().loop.timer(
@@ -86,6 +87,7 @@ class Connection:
 
     def _cleanup(self):
         self.closed = True
+        self.ws.ping_listener = None  # a reference back to us: no cycle left for gc
         for timer in (self._timer, self._auth_timer):
             if timer is not None:
                 timer.stop()
@@ -135,7 +137,7 @@ class Connection:
                         f"(bursts of {settings.message_burst})")
         return True
 
-    def _ping_frame(self):
+    def ping_frame(self):
         """A WebSocket ping frame: answered by the transport, counted here like a message."""
         self._flooding(time.monotonic())
 

@@ -185,7 +185,7 @@ class PusherWebSocket(WebSocket):
     parsed."""
 
     __slots__ = ("outbox", "close_code", "_recv", "_ahead", "_parser", "_events",
-                 "refused_midway", "on_ping")
+                 "refused_midway", "ping_listener")
 
     def __init__(self, sock, ahead=b""):
         self.environ = None
@@ -199,7 +199,7 @@ class PusherWebSocket(WebSocket):
         self.outbox = Outbox(sock, 1 << 20)  # the core sets its limit (max_buffer)
         self.close_code = None
         self.refused_midway = False  # a frame was refused before its payload was read
-        self.on_ping = None  # called on each ping frame (the connection's message rate limit)
+        self.ping_listener = None  # its ping_frame() is called on each ping frame (rate limit)
 
     def __del__(self):
         pass  # never send a close frame from the garbage collector
@@ -236,8 +236,8 @@ class PusherWebSocket(WebSocket):
                 if type(event) is str or type(event) is bytes:
                     return event
                 if type(event) is PongDue:
-                    if self.on_ping is not None:
-                        self.on_ping()
+                    if self.ping_listener is not None:
+                        self.ping_listener.ping_frame()
                     self.outbox.send(event.frame)
                 elif type(event) is Close:
                     self._answer_close(event)

@@ -58,8 +58,12 @@ def _serve_socket(core, environ):
     address = core.address_of(environ)
     ws = environ["wsgi.websocket"]
 
-    def session():  # not functools.partial: a call through C deepens the greenlet's C
-        core.serve_websocket(ws, admission, address)  # stack, saved on every switch
+    if address is None:
+        def session():  # not functools.partial: a call through C deepens the greenlet's C
+            core.serve_websocket(ws, admission)  # stack, saved on every switch
+    else:  # a closure of its own: without the option, no connection holds an address cell
+        def session():
+            core.serve_websocket(ws, admission, address)
 
     if SESSION_KEY in environ:
         environ[SESSION_KEY] = session  # our handler runs it after the application returns
