@@ -1,15 +1,24 @@
 """gunicorn -c gunicorn.conf.py: BunPulse with gevent WebSocket workers.
 
 Settings come from the same environment variables and .env file as `python -m bunpulse`.
+Reloads: `kill -HUP <master>` starts new workers with the new configuration; `kill -USR2
+<master>` starts a new master (new code), then `kill -TERM <old master>`. Either way the old
+workers tell their clients 4200 and the clients reconnect to the new ones.
 """
 import logging
+import os
+import shutil
 import sys
+import tempfile
 
 from bunpulse.apps import load_apps
 from bunpulse.config import ConfigError, listen_host, load_settings, redacted, uses_dev_app
+from bunpulse.logs import gunicorn_logconfig
 
 try:
     _settings = load_settings([])
+    from bunpulse.tls import server_context
+    server_context(_settings)  # a bad certificate stops start-up with one clear line
 except ConfigError as exc:
     sys.exit(f"bunpulse: configuration error: {exc}")
 
@@ -23,22 +32,57 @@ timeout = 30                    # the hub never blocks; a stuck worker is restar
 graceful_timeout = 5            # clients are told 4200 first, then reconnect elsewhere
 keepalive = 5
 loglevel = _settings.log_level
-accesslog = None
+accesslog = None                # --access-log is BunPulse's own, for the HTTP API only
+logconfig_dict = gunicorn_logconfig(_settings.log_level, _settings.log_format)
+if _settings.ssl_cert:
+    certfile, keyfile = _settings.ssl_cert, _settings.ssl_key
+
+    def ssl_context(config, default_ssl_context_factory):
+        return server_context(_settings)  # with the key's passphrase, which gunicorn lacks
+
+# Metrics: every worker writes its counters to files in one directory (its own temporary one
+# unless PROMETHEUS_MULTIPROC_DIR is set) and the master serves them all from one listener.
+# The directory is emptied once per master, not on HUP (this file is read again) nor by a
+# master that USR2 started (the old workers still write there until they stop).
+_OWNER = "BUNPULSE_METRICS_MASTER"
+if _settings.metrics_port is not None and os.environ.get(_OWNER) != str(os.getpid()):
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="bunpulse-metrics-")
+        os.environ["BUNPULSE_METRICS_TMP"] = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    elif "GUNICORN_FD" not in os.environ:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+    os.environ[_OWNER] = str(os.getpid())
 
 
 def on_starting(server):
     adapter = f"redis {redacted(_settings.redis_url)}" if _settings.redis_url else "local"
-    server.log.info("BunPulse under gunicorn: %d worker(s) on %s, adapter %s", workers,
-                    ", ".join(bind), adapter)
+    server.log.info("BunPulse under gunicorn: %d worker(s) on %s (%s), adapter %s", workers,
+                    ", ".join(bind), "TLS" if _settings.ssl_cert else "no TLS", adapter,
+                    extra={"event": "start"})
     try:
         apps = load_apps(_settings)
     except ConfigError as exc:
         sys.exit(f"bunpulse: configuration error: {exc}")
+    server.log.info("%d app(s) loaded", len(apps), extra={"event": "apps_loaded",
+                                                         "apps": [a.id for a in apps]})
     for app in apps:
         server.log.info("app id=%s key=%s", app.id, app.key)
     if uses_dev_app(_settings):
         server.log.warning("NO CREDENTIALS CONFIGURED: serving the development app (key "
                            "app-key, secret app-secret) on 127.0.0.1 only")
+
+
+def when_ready(server):
+    if _settings.metrics_port is not None:
+        from bunpulse import metrics
+        metrics.set_worker_pids(lambda: list(server.WORKERS))
+        metrics.serve_in_thread(_settings.metrics_host, _settings.metrics_port)
+
+
+def on_reload(server):
+    server.log.info("reloading: new workers with the new configuration; the old ones tell "
+                    "their clients to reconnect (4200)", extra={"event": "reload"})
 
 
 def post_fork(server, worker):
@@ -47,3 +91,15 @@ def post_fork(server, worker):
     bunpulse_log.handlers = list(worker.log.error_log.handlers)
     bunpulse_log.setLevel(_settings.log_level.upper())
     bunpulse_log.propagate = False
+
+
+def child_exit(server, worker):
+    if _settings.metrics_port is not None:
+        from prometheus_client import multiprocess
+        multiprocess.mark_process_dead(worker.pid)  # its gauges leave the sums
+
+
+def on_exit(server):
+    if os.environ.get("BUNPULSE_METRICS_TMP"):
+        shutil.rmtree(os.environ["BUNPULSE_METRICS_TMP"], ignore_errors=True)
+    server.log.info("BunPulse stopped", extra={"event": "stop"})

@@ -278,15 +278,25 @@ def terminate_connections(core, req, user_id, app_id):
     return {}
 
 
-@_route("/health")
-def health(core, req):
-    return {"ok": True}
+@blueprint.route("/health")
+def health():
+    """Alive: 200 while serving, 503 once the worker is stopping."""
+    if _core().stopping:
+        return _json({"ok": False, "status": "stopping"}, 503)
+    return _json({"ok": True, "status": "alive"})
 
 
-@_route("/stats")
-def stats(core, req):
-    """This worker's counters (each gunicorn worker answers for itself); no secrets."""
-    return {"webhooks": core.webhooks.stats.as_dict(), "evictions": core.evictions}
+@blueprint.route("/ready")
+def ready():
+    """Ready for new connections: not stopping, and Redis reachable when configured."""
+    core = _core()
+    redis = ("up" if core.adapter.ready() else "down") if core.settings.redis_url else \
+        "not configured"
+    if core.stopping:
+        return _json({"ready": False, "reason": "stopping", "redis": redis}, 503)
+    if redis == "down":
+        return _json({"ready": False, "reason": "redis unreachable", "redis": redis}, 503)
+    return _json({"ready": True, "redis": redis})
 
 
 # ------------------------------------------------------------- the publish shortcut

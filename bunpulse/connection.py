@@ -5,7 +5,7 @@ import time
 import gevent
 
 from . import protocol
-from .errors import ClientError, PusherError, SubscriptionError
+from .errors import ClientError, PusherError, SubscriptionError, WsClose
 from .protocol import channel_kind
 from .signatures import channel_auth_ok, user_auth_ok
 from .transport import build_frame
@@ -41,6 +41,9 @@ class Connection:
     def run(self):
         """Serve the socket until it closes; blocks for the connection's whole life."""
         server = self.server
+        metrics = server.metrics.app(self.app.id)
+        metrics.connections.inc()
+        metrics.connections_opened_total.inc()
         self.send(protocol.connection_established(self.socket_id, server.activity_timeout))
         server.adapter.add_connection(self)
         self._arm_heartbeat(server.settings.heartbeat_interval / 1000)
@@ -56,10 +59,16 @@ class Connection:
 
     def _read_loop(self):
         ws = self.ws
+        metrics = self.server.metrics.app(self.app.id)
+        received, received_bytes = metrics.ws_messages_received_total, \
+            metrics.ws_bytes_received_total
         while True:
             message = ws.receive()
             if message is None:
                 return
+            received.inc()
+            received_bytes.inc(len(message) if isinstance(message, bytes) or message.isascii()
+                               else len(message.encode()))
             if ws.closed:
                 continue  # closing: wait for the client's close frame, ignore the rest
             self.last_seen = time.monotonic()
@@ -81,11 +90,27 @@ class Connection:
             if timer is not None:
                 timer.stop()
                 timer.close()
+        metrics = self.server.metrics.app(self.app.id)
+        metrics.connections.dec()
+        code = self.outbox.close_code or self.ws.close_code or WsClose.ABNORMAL
+        metrics.closed(code if 1000 <= code < 5000 else "invalid").inc()
+        if code == PusherError.OVER_CAPACITY:
+            metrics.evictions_total.inc()
+        elif code == WsClose.MESSAGE_TOO_BIG:
+            self.server.limits.warning((self.app.id, "max_message_size"),
+                                       "app %s: a client sent a message over %d bytes: closed "
+                                       "with 1009", self.app.id,
+                                       self.server.settings.max_message_size,
+                                       app_id=self.app.id, limit="max_message_size")
         self.server.disconnected(self)
 
     def send(self, payload):
         """Send one JSON message (bytes) to this client."""
-        self.outbox.send(build_frame(payload))
+        frame = build_frame(payload)
+        self.outbox.send(frame)
+        metrics = self.server.metrics.app(self.app.id)
+        metrics.ws_messages_sent_total.inc()
+        metrics.ws_bytes_sent_total.inc(len(frame))
 
     def send_error(self, code, message):
         self.send(protocol.error(code, message))
@@ -225,6 +250,11 @@ class Connection:
             self._window, self._window_count = now, 0
         self._window_count += 1
         if self._window_count > app.max_client_events_per_second:
+            self.server.limits.warning((app.id, "max_client_events_per_second"),
+                                       "app %s: a client passed %d client events a second: "
+                                       "rejected with 4301", app.id,
+                                       app.max_client_events_per_second, app_id=app.id,
+                                       limit="max_client_events_per_second")
             raise ClientError("Client event rejected due to rate limit",
                               PusherError.CLIENT_EVENT_REJECTED)
         data = frame.data

@@ -22,7 +22,10 @@ from .config import ConfigError, listen_host, load_settings, redacted, uses_dev_
 from .connection import Connection
 from .errors import ConnectionRefused, PusherError, SubscriptionError
 from .hub import Hub
+from .logs import Throttled
+from .metrics import Metrics, instrument, serve_in_gevent
 from .protocol import channel_kind, data_string
+from .tls import server_context
 from .transport import SESSION_KEY, PusherWebSocketHandler, build_frame
 from .webhooks import WebhookSender
 
@@ -70,9 +73,12 @@ class BunPulse:
     def __init__(self, settings, apps=None):
         self.settings = settings
         self.apps = apps if apps is not None else load_apps(settings)
-        self.hub = Hub()
+        self.metrics = Metrics(enabled=settings.metrics_port is not None)
+        self.limits = Throttled(log)  # "limit hit" lines, at most one a minute per app and kind
+        self.stopping = False
+        self.hub = Hub(self.metrics)
         self.adapter = make_adapter(settings, self.hub)
-        self.webhooks = WebhookSender(settings)
+        self.webhooks = WebhookSender(settings, self.metrics)
         self.hooks = Hooks()
         self.new_socket_id = SocketIds()
         # Clients ping after this many seconds of silence, well before the server's timeout.
@@ -80,7 +86,6 @@ class BunPulse:
         # client stay silent past a sub-second heartbeat timeout. pusher-js multiplies by 1000.
         seconds = min(120, settings.heartbeat_interval / 1000)
         self.activity_timeout = int(seconds) if seconds >= 1 else seconds
-        self.evictions = 0
         self.adapter.bind(self)
         self.adapter.start()
 
@@ -99,7 +104,6 @@ class BunPulse:
         its whole life."""
         ws.max_message_size = self.settings.max_message_size
         ws.outbox.limit = self.settings.max_buffer
-        ws.outbox.on_evict = self._count_eviction
         if isinstance(admission, ConnectionRefused):
             ws.send_bytes(protocol.error(admission.code, admission.message))
             ws.close(admission.code, admission.message)
@@ -126,12 +130,12 @@ class BunPulse:
         if not app.enabled:
             raise ConnectionRefused(PusherError.APP_DISABLED, "Application is disabled")
         if app.max_connections and self.adapter.connection_count(app.id) >= app.max_connections:
+            self.limits.warning((app.id, "max_connections"), "app %s is at its connection limit "
+                                "(%d): new connections are refused with 4004", app.id,
+                                app.max_connections, app_id=app.id, limit="max_connections")
             raise ConnectionRefused(PusherError.OVER_CONNECTION_QUOTA,
                                     "Application is over its connection quota")
         return app
-
-    def _count_eviction(self):
-        self.evictions += 1
 
     def disconnected(self, conn):
         changes, offline = self.adapter.remove_connection(conn)
@@ -143,6 +147,7 @@ class BunPulse:
 
     def shutdown(self):
         """Tell every client to reconnect at once (4200), e.g. when a worker stops."""
+        self.stopping = True  # /health and /ready answer 503 from now on
         for conn in self.hub.connections():
             conn.refuse(PusherError.RECONNECT, "Server is restarting: reconnect")
         # Let them leave (up to 1 s) and send the webhooks their leaving causes (up to 2 s):
@@ -170,6 +175,10 @@ class BunPulse:
                 occupied, added, roster = self.adapter.subscribe(
                     conn, name, member, app.max_presence_members)
             except PresenceFull:
+                self.limits.warning((app.id, "max_presence_members"), "app %s: presence "
+                                    "channel %s is full (%d members): subscriptions refused",
+                                    app.id, name, app.max_presence_members, app_id=app.id,
+                                    limit="max_presence_members")
                 raise SubscriptionError(f"Presence channel {name} is full "
                                         f"({app.max_presence_members} members)", 403,
                                         "LimitReached") from None
@@ -244,6 +253,7 @@ class BunPulse:
         """Publish one event (data: a string, forwarded as is) to channels; the frame is built
         once per channel and shared by every subscriber."""
         data = data_string(data)
+        self.metrics.app(app.id).events_published_total.inc(len(channels))
         for channel in channels:
             if channel_kind(channel).cache:
                 self.adapter.cache_set(app.id, channel, name, data, self.settings.cache_ttl)
@@ -252,6 +262,7 @@ class BunPulse:
 
     def client_event(self, conn, channel, name, data, user_id):
         app = conn.app
+        self.metrics.app(app.id).client_events_total.inc()
         self.adapter.publish(app.id, channel,
                              build_frame(protocol.event(name, channel, data, user_id)),
                              conn.socket_id)
@@ -342,7 +353,9 @@ def create_app(settings=None, core=None):
         serve_socket(request.environ)
         return ""
 
-    flask_wsgi_app = api.publish_shortcut(app.wsgi_app, core, app.config["MAX_CONTENT_LENGTH"])
+    flask_wsgi_app = instrument(
+        api.publish_shortcut(app.wsgi_app, core, app.config["MAX_CONTENT_LENGTH"]),
+        core.metrics, settings.access_log)
 
     def upgrade_shortcut(environ, start_response):
         if environ.get("wsgi.websocket") is not None:
@@ -397,8 +410,12 @@ def _listener(settings):
 
 def log_startup(settings, core, address):
     where = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
-    log.info("BunPulse listening on %s: WebSocket ws://%s/app/{key}, HTTP API http://%s/apps/"
-             "{id}/..., health http://%s/health", where, where, where, where)
+    ws, http = ("wss", "https") if settings.ssl_cert else ("ws", "http")
+    log.info("BunPulse listening on %s: WebSocket %s://%s/app/{key}, HTTP API %s://%s/apps/"
+             "{id}/..., health %s://%s/health", where, ws, where, http, where, http, where,
+             extra={"event": "start", "address": where, "tls": bool(settings.ssl_cert)})
+    log.info("%d app(s) loaded", len(core.apps), extra={"event": "apps_loaded",
+                                                       "apps": [a.id for a in core.apps]})
     for app in core.apps:
         log.info("app id=%s key=%s client_events=%s webhooks=%d", app.id, app.key,
                  app.client_events, len(app.webhooks))
@@ -411,12 +428,21 @@ def log_startup(settings, core, address):
 
 
 def make_wsgi_server(settings, core=None):
+    context = server_context(settings)  # before anything starts: a bad file is a ConfigError
     core = core if core is not None else BunPulse(settings)
     app = create_app(settings, core)
+    tls = {"ssl_context": context} if context is not None else {}
     server = WSGIServer(_listener(settings), app, handler_class=PusherWebSocketHandler,
-                        log=None, error_log=logging.getLogger("bunpulse.wsgi"))
+                        log=None, error_log=logging.getLogger("bunpulse.wsgi"), **tls)
     PusherWebSocketHandler.max_buffer = settings.max_buffer
     return server, core
+
+
+def start_metrics(settings):
+    """The metrics listener of the embedded server, or None when it is off."""
+    if settings.metrics_port is None:
+        return None
+    return serve_in_gevent(settings.metrics_host, settings.metrics_port)
 
 
 class BunPulseServer:
@@ -430,6 +456,7 @@ class BunPulseServer:
         self.settings = settings
         self.core = BunPulse(settings)
         self._wsgi = None
+        self._metrics = None
         self._loop = None
         self._thread = None
         self._ready = threading.Event()
@@ -446,7 +473,11 @@ class BunPulseServer:
 
     @property
     def url(self):
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.settings.ssl_cert else 'http'}://{self.host}:{self.port}"
+
+    @property
+    def metrics_port(self):
+        return self._metrics.server_port if self._metrics is not None else None
 
     def start(self):
         from gevent import monkey
@@ -468,6 +499,7 @@ class BunPulseServer:
     def _start_here(self):
         self._wsgi, _ = make_wsgi_server(self.settings, self.core)
         self._wsgi.start()
+        self._metrics = start_metrics(self.settings)
         self._loop = gevent.get_hub().loop
         log_startup(self.settings, self.core, self._wsgi.address)
 
@@ -522,6 +554,8 @@ class BunPulseServer:
             self.core.shutdown()
             gevent.sleep(0.05)
             self._wsgi.stop(timeout=1)
+            if self._metrics is not None:
+                self._metrics.stop(timeout=1)
             if self._halt is not None:
                 # Release the thread from inside its hub: once the listener is gone the hub
                 # has nothing left to wait on, and a later wake-up would find LoopExit.
@@ -543,13 +577,17 @@ def serve_forever(settings):
     """The embedded server of `python -m bunpulse` (the process is already monkey-patched)."""
     server, core = make_wsgi_server(settings)
     server.start()
+    metrics = start_metrics(settings)
     log_startup(settings, core, server.address)
     stop = gevent.event.Event()
     import signal
     gevent.signal_handler(signal.SIGTERM, stop.set)
     gevent.signal_handler(signal.SIGINT, stop.set)
     stop.wait()
-    log.info("shutting down: telling clients to reconnect (4200)")
+    log.info("shutting down: telling clients to reconnect (4200)", extra={"event": "stopping"})
     core.shutdown()
     gevent.sleep(0.2)
     server.stop(timeout=2)
+    if metrics is not None:
+        metrics.stop(timeout=1)
+    log.info("BunPulse stopped", extra={"event": "stop"})

@@ -71,7 +71,7 @@ class Outbox:
     """
 
     __slots__ = ("_sock", "_raw_send", "_pending", "_pending_size", "_writer", "limit",
-                 "closed", "on_evict", "__weakref__")
+                 "closed", "close_code", "on_evict", "__weakref__")
 
     def __init__(self, sock, limit, on_evict=None):
         self._sock = sock
@@ -82,6 +82,7 @@ class Outbox:
         self._writer = None
         self.limit = limit
         self.closed = False
+        self.close_code = None  # the code of the close frame this side sent first
         self.on_evict = on_evict
 
     @property
@@ -127,6 +128,7 @@ class Outbox:
         self._pending.clear()
         self._pending_size = 0
         self.closed = True
+        self.close_code = PusherError.OVER_CAPACITY
         try:  # best effort: the socket buffer is probably full
             self._raw_send(close_frame(PusherError.OVER_CAPACITY, "Client too slow"))
         except OSError:
@@ -147,6 +149,7 @@ class Outbox:
             return
         self.send(close_frame(code, reason))
         self.closed = True
+        self.close_code = code
         if self._writer is None:
             self._half_close()
         else:

@@ -65,9 +65,11 @@ def unix_request(path, request_line, timeout=2):
 class ServerProcess:
     """`python -m bunpulse` (or gunicorn) in a subprocess, with its log kept for assertions."""
 
-    def __init__(self, env=None, args=(), port=None, command=None):
+    def __init__(self, env=None, args=(), port=None, command=None, metrics=False, ca=None):
+        """metrics: serve /metrics on a free port; ca: the CA file that verifies its TLS."""
         self.port = port or free_port()
         self.host = "127.0.0.1"
+        self.ca = ca
         self.log_file = tempfile.NamedTemporaryFile("w+", prefix="bunpulse-", suffix=".log",
                                                     delete=False)
         full_env = {k: v for k, v in os.environ.items()
@@ -76,6 +78,8 @@ class ServerProcess:
                          "PUSHER_APP_SECRET": SECRET, "BUNPULSE_HOST": "127.0.0.1",
                          "BUNPULSE_PORT": str(self.port), "PYTHONUNBUFFERED": "1",
                          "BUNPULSE_ENV_FILE": os.devnull})
+        if metrics:
+            full_env["BUNPULSE_METRICS_PORT"] = str(free_port())
         full_env.update(env or {})
         self.env = full_env
         command = command or [sys.executable, "-m", "bunpulse"]
@@ -85,12 +89,33 @@ class ServerProcess:
         self.wait_ready()
 
     @property
+    def tls(self):
+        return bool(self.env.get("BUNPULSE_SSL_CERT"))
+
+    @property
     def url(self):
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     @property
     def ws_url(self):
-        return f"ws://{self.host}:{self.port}"
+        return f"{'wss' if self.tls else 'ws'}://{self.host}:{self.port}"
+
+    @property
+    def metrics_url(self):
+        return f"http://127.0.0.1:{self.env['BUNPULSE_METRICS_PORT']}"
+
+    def metrics(self):
+        """The samples of one scrape of /metrics: {(name, ((label, value), ...)): value}."""
+        from prometheus_client.parser import text_string_to_metric_families
+        text = requests.get(self.metrics_url + "/metrics", timeout=5).text
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples}
+
+    def metric(self, name, **labels):
+        """The sum of a metric's samples whose labels include `labels` (0 if none)."""
+        return sum(value for (sample, sample_labels), value in self.metrics().items()
+                   if sample == name and set(labels.items()) <= set(sample_labels))
 
     def wait_ready(self, timeout=15):
         deadline = time.monotonic() + timeout
@@ -101,7 +126,8 @@ class ServerProcess:
                 if self.unix_path is not None:
                     if unix_request(self.unix_path, "GET /health").startswith(b"HTTP/1.1 200"):
                         return
-                elif requests.get(self.url + "/health", timeout=0.5).status_code == 200:
+                elif requests.get(self.url + "/health", timeout=0.5,
+                                  verify=self.ca or True).status_code == 200:
                     return
             except (requests.RequestException, OSError):
                 pass

@@ -18,6 +18,10 @@ class LocalAdapter:
     def stop(self):
         pass
 
+    def ready(self):
+        """Whether what this adapter depends on is reachable."""
+        return True
+
     # ---------------------------------------------------------------- connections
 
     def add_connection(self, conn):
