@@ -11,6 +11,7 @@ import base64
 import hashlib
 import logging
 import socket
+import ssl
 import struct
 
 import gevent
@@ -75,8 +76,11 @@ class Outbox:
 
     def __init__(self, sock, limit, on_evict=None):
         self._sock = sock
-        raw = getattr(sock, "_sock", sock)  # the non-blocking socket under gevent's wrapper
-        self._raw_send = raw.send
+        tls = getattr(sock, "_sslobj", None)
+        if tls is not None:
+            self._raw_send = _tls_send(tls.write)
+        else:  # the non-blocking socket under gevent's wrapper
+            self._raw_send = getattr(sock, "_sock", sock).send
         self._pending = []
         self._pending_size = 0
         self._writer = None
@@ -157,6 +161,8 @@ class Outbox:
         gevent.get_hub().loop.timer(CLOSE_LINGER).start(self.shutdown)
 
     def _half_close(self):
+        if getattr(self._sock, "_sslobj", None) is not None:
+            return  # shutdown() would drop TLS for the reads still to come (the client's close)
         try:
             self._sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -169,6 +175,18 @@ class Outbox:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def _tls_send(write):
+    """A TLS socket's send that never waits: its SSL object's write on the non-blocking socket
+    below. A record that does not fit now is written again from its start later, as OpenSSL
+    requires (the writer's next write begins with the same bytes)."""
+    def send(data):
+        try:
+            return write(data)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            raise BlockingIOError() from None
+    return send
 
 
 READ_SIZE = 4096  # bytes asked of the socket at once; what is not parsed yet waits in `_data`
