@@ -180,9 +180,24 @@ def endpoint_of(path):
     return "other"
 
 
+PROBES = ("health", "ready")  # polled every few seconds: not worth a line each
+
+
+def _log_access(access, environ, path, status, elapsed):
+    # The path without its query string: nothing of a signature or a key in the log.
+    method, remote = environ.get("REQUEST_METHOD"), environ.get("REMOTE_ADDR", "-")
+    forwarded = environ.get("HTTP_X_FORWARDED_FOR")
+    fields = {"method": method, "path": path, "status": int(status),
+              "duration_ms": round(elapsed * 1000, 2), "remote_addr": remote}
+    if forwarded:
+        fields["forwarded_for"] = forwarded
+    access.info("%s %s %s %.1fms from %s%s", method, path, status, elapsed * 1000, remote,
+                f" (forwarded for {forwarded})" if forwarded else "", extra=fields)
+
+
 def instrument(wsgi_app, metrics, access_log=False):
     """WSGI middleware for the HTTP API (not upgrades): request count and duration by endpoint
-    and status, and with access_log one log line a request."""
+    and status, and with access_log one log line a request (health probes aside)."""
     if not metrics.enabled and not access_log:
         return wsgi_app
     access = logging.getLogger("bunpulse.access")
@@ -204,16 +219,8 @@ def instrument(wsgi_app, metrics, access_log=False):
             endpoint = endpoint_of(path)
             requests_total.labels(endpoint, status[0]).inc()
             duration.labels(endpoint).observe(elapsed)
-            if access_log:
-                forwarded = environ.get("HTTP_X_FORWARDED_FOR")
-                access.info("%s %s %s %.1fms from %s%s", environ.get("REQUEST_METHOD"), path,
-                            status[0], elapsed * 1000, environ.get("REMOTE_ADDR", "-"),
-                            f" (forwarded for {forwarded})" if forwarded else "",
-                            extra={"method": environ.get("REQUEST_METHOD"), "path": path,
-                                   "status": int(status[0]), "duration_ms":
-                                       round(elapsed * 1000, 2),
-                                   "remote_addr": environ.get("REMOTE_ADDR"),
-                                   "forwarded_for": forwarded})
+            if access_log and endpoint not in PROBES:
+                _log_access(access, environ, path, status[0], elapsed)
     return application
 
 
