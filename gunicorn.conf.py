@@ -29,7 +29,8 @@ worker_class = "bunpulse.transport.PusherWorker"
 worker_connections = 20000      # gunicorn's default of 1000 would cap sockets per worker
 wsgi_app = "bunpulse.server:create_app()"
 timeout = 30                    # the hub never blocks; a stuck worker is restarted
-graceful_timeout = 5            # clients are told 4200 first, then reconnect elsewhere
+graceful_timeout = 10           # on a reload, old workers wait up to 7 s for a new one to
+                                # answer, then tell their clients 4200
 keepalive = 5
 loglevel = _settings.log_level
 accesslog = None                # --access-log is BunPulse's own, for the HTTP API only

@@ -145,6 +145,10 @@ class BunPulse:
             self._tell_watchers(conn.app, offline, "offline")
         self.hooks.emit("disconnect", conn, None)
 
+    def drain(self):
+        """A stop is coming: /health and /ready answer 503, the clients stay for now."""
+        self.stopping = True
+
     def shutdown(self):
         """Tell every client to reconnect at once (4200), e.g. when a worker stops."""
         self.stopping = True  # /health and /ready answer 503 from now on
@@ -388,6 +392,7 @@ def create_app(settings=None, core=None):
             return False
         return True
 
+    app.on_worker_draining = core.drain
     app.on_worker_stop = core.shutdown
     return app
 

@@ -221,6 +221,7 @@ class NodeDriver:
                 message = json.loads(line)
             except ValueError:
                 continue
+            message["at"] = time.monotonic()  # when the test saw it
             with self._lock:
                 self.reports.append(message)
                 self._lock.notify_all()
