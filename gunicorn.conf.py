@@ -12,8 +12,9 @@ import sys
 import tempfile
 
 from bunpulse.apps import load_apps
-from bunpulse.config import ConfigError, listen_host, load_settings, redacted, uses_dev_app
+from bunpulse.config import ConfigError, listen_host, load_settings
 from bunpulse.logs import gunicorn_logconfig
+from bunpulse.startup import log_startup
 
 try:
     _settings = load_settings([])
@@ -25,9 +26,9 @@ except ConfigError as exc:
 _host = listen_host(_settings)
 bind = [_host if _host.startswith("unix:") else f"{_host}:{_settings.port}"]
 workers = _settings.workers
-worker_class = "bunpulse.transport.PusherWorker"
+worker_class = "bunpulse.worker.PusherWorker"
 worker_connections = 20000      # gunicorn's default of 1000 would cap sockets per worker
-wsgi_app = "bunpulse.server:create_app()"
+wsgi_app = "bunpulse.wsgi:create_app()"
 timeout = 30                    # the hub never blocks; a stuck worker is restarted
 graceful_timeout = 10           # on a reload, old workers wait up to 7 s for a new one to
                                 # answer, then tell their clients 4200
@@ -57,21 +58,11 @@ if _settings.metrics_port is not None and os.environ.get(_OWNER) != str(os.getpi
 
 
 def on_starting(server):
-    adapter = f"redis {redacted(_settings.redis_url)}" if _settings.redis_url else "local"
-    server.log.info("BunPulse under gunicorn: %d worker(s) on %s (%s), adapter %s", workers,
-                    ", ".join(bind), "TLS" if _settings.ssl_cert else "no TLS", adapter,
-                    extra={"event": "start"})
     try:
         apps = load_apps(_settings)
     except ConfigError as exc:
         sys.exit(f"bunpulse: configuration error: {exc}")
-    server.log.info("%d app(s) loaded", len(apps), extra={"event": "apps_loaded",
-                                                         "apps": [a.id for a in apps]})
-    for app in apps:
-        server.log.info("app id=%s key=%s", app.id, app.key)
-    if uses_dev_app(_settings):
-        server.log.warning("NO CREDENTIALS CONFIGURED: serving the development app (key "
-                           "app-key, secret app-secret) on 127.0.0.1 only")
+    log_startup(_settings, apps, ", ".join(bind), server.log, workers=workers)
 
 
 def when_ready(server):

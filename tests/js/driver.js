@@ -23,7 +23,7 @@ function report(msg) { process.stdout.write(JSON.stringify(msg) + '\n'); }
 function connect({id, presence, user, key}) {
   const client = new Pusher(key || env.BP_KEY, {
     cluster: 'mt1', wsHost: env.BP_HOST, wsPort: Number(env.BP_PORT),
-    wssPort: Number(env.BP_PORT), forceTLS: tls, enabledTransports: [tls ? 'wss' : 'ws'],
+    wssPort: Number(env.BP_PORT), forceTLS: tls, enabledTransports: ['ws'],
     disableStats: true,
     channelAuthorization: {customHandler: ({socketId, channelName}, cb) => {
       try {
