@@ -735,9 +735,9 @@ def children(pid):
 class GunicornTarget(LocalTarget):
     """`gunicorn -c gunicorn.conf.py` with N workers (N > 1 needs Redis: given or started)."""
 
-    def __init__(self, cpus, workers, redis_url=None, root=ROOT):
+    def __init__(self, cpus, workers, redis_url=None, root=ROOT, env=None):
         self.redis = None
-        env = {"BUNPULSE_WORKERS": str(workers)}
+        env = dict(env or {}, BUNPULSE_WORKERS=str(workers))
         if workers > 1 and not redis_url:
             binary = shutil.which("redis-server")
             if binary is None:
@@ -1409,6 +1409,9 @@ def build_parser():
                         help="CPUs the server is pinned to (default: 0 for one process)")
     parser.add_argument("--gen-cpus", default="auto",
                         help="CPUs the generator is pinned to (default: 1 for one process)")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="local and gunicorn targets: a setting for the server, e.g. "
+                             "BUNPULSE_METRICS_PORT=0 (metrics on); repeatable")
     parser.add_argument("--profile", metavar="DIR",
                         help="record the server with py-spy during fanout, connections (the "
                              "connects), http and presence")
@@ -1425,10 +1428,12 @@ def raise_fd_limit(want):
 
 
 def make_target(args, server_cpus):
+    env = dict(pair.partition("=")[::2] for pair in args.server_env)
     if args.target == "local":
-        return LocalTarget(server_cpus, root=args.server_root)
+        return LocalTarget(server_cpus, env=env, root=args.server_root)
     if args.target == "gunicorn":
-        return GunicornTarget(server_cpus, args.workers, args.redis_url, args.server_root)
+        return GunicornTarget(server_cpus, args.workers, args.redis_url, args.server_root,
+                              env=env)
     missing = [flag for flag, value in (("--ws-url", args.ws_url), ("--http-url", args.http_url),
                                         ("--key", args.key), ("--secret", args.secret))
                if not value]
