@@ -2,12 +2,13 @@
 `python -m bunpulse` and from gunicorn (one scrape covers every worker)."""
 import json
 import os
+import re
 import signal
 import sys
 
 import requests
 
-from conftest import APP_ID, KEY, RawClient, connected, pusher_api, wait_until
+from conftest import APP_ID, KEY, ROOT, RawClient, connected, pusher_api, wait_until
 
 GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
 
@@ -159,3 +160,17 @@ def test_redis_up_and_ready_follow_redis(start_server, redis_server):
     log = server.log()
     assert log.index("lost Redis") < log.index("Redis is back")
     api._pusher_client.http.session.close()
+
+
+def test_the_readme_table_and_the_dashboard_name_every_metric():
+    from bunpulse.metrics import METRICS
+    names = {"bunpulse_" + name for name, *_ in METRICS}
+    with open(os.path.join(ROOT, "README.md")) as handle:
+        readme = set(re.findall(r"^\| `(bunpulse_\w+)` \|", handle.read(), re.M))
+    assert readme == names
+    with open(os.path.join(ROOT, "docs", "grafana-dashboard.json")) as handle:
+        dashboard = json.load(handle)
+    used = {re.sub(r"_(bucket|sum|count)$", "", name) for panel in dashboard["panels"]
+            for target in panel["targets"] for name in re.findall(r"bunpulse_\w+",
+                                                                   target["expr"])}
+    assert used == names
