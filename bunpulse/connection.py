@@ -9,6 +9,7 @@ from .errors import ClientError, ErrorCode, SubscriptionError, WsClose
 from .protocol import channel_kind
 from .signatures import channel_auth_ok, user_auth_ok
 from .frames import build_frame
+from .metrics import NULL_APP
 
 log = logging.getLogger("bunpulse.connection")
 
@@ -16,7 +17,7 @@ log = logging.getLogger("bunpulse.connection")
 class Connection:
     __slots__ = ("core", "app", "ws", "outbox", "socket_id", "subscriptions", "user_id",
                  "user_data", "watchlist", "last_seen", "closed", "_pinged", "_timer",
-                 "_auth_timer", "_window", "_window_count", "__weakref__")
+                 "_auth_timer", "_window", "_window_count", "metrics", "__weakref__")
 
     def __init__(self, core, app, ws, socket_id):
         self.core = core
@@ -35,15 +36,16 @@ class Connection:
         self._auth_timer = None
         self._window = 0
         self._window_count = 0
+        # The app's metrics, bound once (a connection built without a core counts nothing)
+        self.metrics = core.metrics.app(app.id) if core is not None else NULL_APP
 
     # ---------------------------------------------------------------- life cycle
 
     def run(self):
         """Serve the socket until it closes; blocks for the connection's whole life."""
         core = self.core
-        metrics = core.metrics.app(self.app.id)
-        metrics.connections.inc()
-        metrics.connections_opened_total.inc()
+        self.metrics.connections.inc()
+        self.metrics.connections_opened_total.inc()
         self.send(protocol.connection_established(self.socket_id, core.activity_timeout))
         core.connected(self)
         self._arm_heartbeat(core.settings.heartbeat_interval / 1000)
@@ -59,9 +61,8 @@ class Connection:
 
     def _read_loop(self):
         ws = self.ws
-        metrics = self.core.metrics.app(self.app.id)
-        received, received_bytes = metrics.ws_messages_received_total, \
-            metrics.ws_bytes_received_total
+        received, received_bytes = self.metrics.ws_messages_received_total, \
+            self.metrics.ws_bytes_received_total
         while True:
             message = ws.receive()
             if message is None:
@@ -90,8 +91,7 @@ class Connection:
             if timer is not None:
                 timer.stop()
                 timer.close()
-        core = self.core
-        metrics = core.metrics.app(self.app.id)
+        core, metrics = self.core, self.metrics
         metrics.connections.dec()
         code = self.outbox.close_code or self.ws.close_code or WsClose.ABNORMAL
         metrics.closed(code if 1000 <= code < 5000 else "invalid").inc()
@@ -108,9 +108,8 @@ class Connection:
         """Send one JSON message (bytes) to this client."""
         frame = build_frame(payload)
         self.outbox.send(frame)
-        metrics = self.core.metrics.app(self.app.id)
-        metrics.ws_messages_sent_total.inc()
-        metrics.ws_bytes_sent_total.inc(len(frame))
+        self.metrics.ws_messages_sent_total.inc()
+        self.metrics.ws_bytes_sent_total.inc(len(frame))
 
     def send_error(self, code, message):
         self.send(protocol.error(code, message))
