@@ -9,7 +9,7 @@ from .errors import ClientError, ErrorCode, SubscriptionError, WsClose
 from .protocol import channel_kind
 from .signatures import channel_auth_ok, user_auth_ok
 from .frames import build_frame
-from .metrics import NULL_APP
+from .metrics import AppMetrics
 
 log = logging.getLogger("bunpulse.connection")
 
@@ -36,8 +36,8 @@ class Connection:
         self._auth_timer = None
         self._window = 0
         self._window_count = 0
-        # The app's metrics, bound once (a connection built without a core counts nothing)
-        self.metrics = core.metrics.app(app.id) if core is not None else NULL_APP
+        # The app's metrics, bound once (a connection built without a core counts for nobody)
+        self.metrics = core.metrics.app(app.id) if core is not None else AppMetrics(None, app.id)
 
     # ---------------------------------------------------------------- life cycle
 
@@ -61,15 +61,14 @@ class Connection:
 
     def _read_loop(self):
         ws = self.ws
-        received, received_bytes = self.metrics.ws_messages_received_total, \
-            self.metrics.ws_bytes_received_total
+        metrics = self.metrics
         while True:
             message = ws.receive()
             if message is None:
                 return
-            received.inc()
-            received_bytes.inc(len(message) if isinstance(message, bytes) or message.isascii()
-                               else len(message.encode()))
+            metrics.received += 1
+            metrics.received_bytes += (len(message) if isinstance(message, bytes)
+                                       or message.isascii() else len(message.encode()))
             if ws.closed:
                 continue  # closing: wait for the client's close frame, ignore the rest
             self.last_seen = time.monotonic()
@@ -108,8 +107,8 @@ class Connection:
         """Send one JSON message (bytes) to this client."""
         frame = build_frame(payload)
         self.outbox.send(frame)
-        self.metrics.ws_messages_sent_total.inc()
-        self.metrics.ws_bytes_sent_total.inc(len(frame))
+        self.metrics.sent += 1
+        self.metrics.sent_bytes += len(frame)
 
     def send_error(self, code, message):
         self.send(protocol.error(code, message))

@@ -163,6 +163,7 @@ class BunPulse:
             gevent.sleep(0.02)
         self.webhooks.close(grace=2.0)
         self.adapter.stop()
+        self.metrics.stop_flushing()  # the last counts land before the worker exits
 
     # ---------------------------------------------------------------- channels
 
@@ -258,7 +259,7 @@ class BunPulse:
         """Publish one event (data: a string, forwarded as is) to channels; the frame is built
         once per channel and shared by every subscriber."""
         data = data_string(data)
-        self.metrics.app(app.id).events_published_total.inc(len(channels))
+        self.metrics.app(app.id).published += len(channels)
         for channel in channels:
             if channel_kind(channel).cache:
                 self.adapter.cache_set(app.id, channel, name, data, self.settings.cache_ttl)
@@ -267,7 +268,7 @@ class BunPulse:
 
     def client_event(self, conn, channel, name, data, user_id):
         app = conn.app
-        self.metrics.app(app.id).client_events_total.inc()
+        self.metrics.app(app.id).client_events += 1
         self.adapter.publish(app.id, channel,
                              build_frame(protocol.event(name, channel, data, user_id)),
                              conn.socket_id)

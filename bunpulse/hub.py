@@ -147,8 +147,8 @@ class Hub:
             return 0
         sent = self._deliver(channel, app_id, frame, except_socket_id)
         metrics = self.metrics.app(app_id)  # once per event, never per delivery
-        metrics.ws_messages_sent_total.inc(sent)
-        metrics.ws_bytes_sent_total.inc(sent * len(frame))
+        metrics.sent += sent
+        metrics.sent_bytes += sent * len(frame)
         return sent
 
     def _deliver(self, channel, app_id, frame, except_socket_id):

@@ -14,6 +14,7 @@ import time
 log = logging.getLogger("bunpulse.metrics")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+FLUSH_EVERY = 1.0  # seconds between two flushes of the counts kept as ints
 HTTP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 # (name without bunpulse_, kind, help, labels)
@@ -63,55 +64,66 @@ class _Null:
 NULL = _Null()
 
 
-class _NullApp:
-    __slots__ = ()
-
-    def __getattr__(self, name):
-        return NULL
+# Counted as plain ints where they happen (every event, message and delivery batch) and added
+# to their counters by `Metrics.flush`, about once a second: a counter's inc() would cost
+# more than the send it counts on a small channel.
+BATCHED = ("ws_messages_sent_total", "ws_bytes_sent_total", "ws_messages_received_total",
+           "ws_bytes_received_total", "events_published_total", "client_events_total")
 
 
 class AppMetrics:
-    """One app's metrics with their app_id label bound once (a labelled lookup per count
-    would cost more than the count)."""
+    """One app's metrics: the BATCHED counts as ints (`sent`, `sent_bytes`, `received`,
+    `received_bytes`, `published`, `client_events`), the rest as children with their app_id
+    label bound once (NULL while metrics are off)."""
+
+    __slots__ = ("sent", "sent_bytes", "received", "received_bytes", "published",
+                 "client_events", "connections", "connections_opened_total", "channels",
+                 "subscriptions", "webhooks_sent_total", "webhooks_failed_total",
+                 "evictions_total", "_families", "_app_id", "_children")
+    _COUNTS = ("sent", "sent_bytes", "received", "received_bytes", "published",
+               "client_events")
 
     def __init__(self, families, app_id):
         self._families = families
         self._app_id = app_id
-        for name, _, _, labels in METRICS:
-            if labels == APP:
-                setattr(self, name, families[name].labels(app_id))
         self._children = {}
+        for count in self._COUNTS:
+            setattr(self, count, 0)
+        for name, _, _, labels in METRICS:
+            if labels == APP and name not in BATCHED:
+                setattr(self, name, families[name].labels(app_id) if families else NULL)
 
-    def _child(self, name, value):
-        child = self._children.get((name, value))
+    def flush(self):
+        """Add what was counted since the last flush to the counters."""
+        if not self._families:
+            for count in self._COUNTS:  # off: nothing to add them to
+                setattr(self, count, 0)
+            return
+        for count, name in zip(self._COUNTS, BATCHED):
+            value = getattr(self, count)
+            if value:
+                setattr(self, count, 0)  # before inc(): no switch to another greenlet between
+                self._child(name).inc(value)
+
+    def _child(self, name, *values):
+        child = self._children.get((name, values))
         if child is None:
-            child = self._children[(name, value)] = self._families[name].labels(
-                self._app_id, str(value))
+            child = self._children[(name, values)] = self._families[name].labels(
+                self._app_id, *map(str, values))
         return child
 
     def closed(self, code):
         """connections_closed_total for one close code."""
-        return self._child("connections_closed_total", code)
+        return self._child("connections_closed_total", code) if self._families else NULL
 
     def webhooks_dropped(self, reason):
         """webhooks_dropped_total for one reason: queue_full or retries_exhausted."""
-        return self._child("webhooks_dropped_total", reason)
+        return self._child("webhooks_dropped_total", reason) if self._families else NULL
 
-
-class _NullAppMetrics(_NullApp):
-    __slots__ = ()
-
-    def closed(self, code):
-        return NULL
-
-    def webhooks_dropped(self, reason):
-        return NULL
-
-
-NULL_APP = _NullAppMetrics()
 
 _families = None
 _families_lock = threading.Lock()
+_flushing = []  # the Metrics of this process that flush (the embedded listener flushes them)
 
 
 def _build_families():
@@ -136,6 +148,8 @@ class Metrics:
     def __init__(self, enabled):
         self.enabled = enabled
         self._apps = {}
+        self._flusher = None
+        self._families = None
         if enabled:
             global _families
             with _families_lock:  # one set per process, shared by every core in it
@@ -153,9 +167,31 @@ class Metrics:
     def app(self, app_id):
         metrics = self._apps.get(app_id)
         if metrics is None:
-            metrics = self._apps[app_id] = (AppMetrics(self._families, app_id) if self.enabled
-                                            else NULL_APP)
+            metrics = self._apps[app_id] = AppMetrics(self._families, app_id)
         return metrics
+
+    def flush(self):
+        for metrics in list(self._apps.values()):
+            metrics.flush()
+
+    def start_flushing(self, every=FLUSH_EVERY):
+        """Flush now and then, in the current gevent hub (the one that serves)."""
+        if self.enabled and self._flusher is None:
+            import gevent
+
+            def loop():
+                while True:
+                    gevent.sleep(every)
+                    self.flush()
+            self._flusher = gevent.spawn(loop)
+            _flushing.append(self)
+
+    def stop_flushing(self):
+        if self._flusher is not None:
+            self._flusher.kill(block=False)
+            self._flusher = None
+            _flushing.remove(self)
+        self.flush()
 
 
 # ------------------------------------------------------------------ the HTTP API's metrics
@@ -287,6 +323,13 @@ def stats(registry=None):
     return {key: int(totals.get(key, 0)) for key in keys}
 
 
+def _flush_here():
+    # A scrape of the embedded server sees every count up to now (under gunicorn the
+    # workers flush on their own and the master has nothing to flush).
+    for metrics in list(_flushing):
+        metrics.flush()
+
+
 def metrics_app(environ, start_response):
     """The metrics listener's WSGI app: /metrics (Prometheus text format) and /stats (JSON)."""
     import json
@@ -297,8 +340,10 @@ def metrics_app(environ, start_response):
         status, ctype, body = "405 Method Not Allowed", "application/json", \
             b'{"error":"Use GET"}'
     elif path == "/metrics":
+        _flush_here()
         status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(_registry())
     elif path == "/stats":
+        _flush_here()
         status, ctype, body = "200 OK", "application/json", json.dumps(stats()).encode()
     else:
         status, ctype, body = "404 Not Found", "application/json", \

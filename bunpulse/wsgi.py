@@ -43,6 +43,7 @@ def create_app(settings=None, core=None):
         return flask_wsgi_app(environ, start_response)
 
     http = instrument(http, core.metrics, settings.access_log)
+    core.metrics.start_flushing()  # in the hub that serves: create_app runs there
 
     def dispatch(environ, start_response):
         if environ.get("wsgi.websocket") is not None:

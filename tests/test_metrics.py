@@ -119,7 +119,8 @@ def test_one_scrape_covers_every_gunicorn_worker_and_reloads(start_server, redis
         for client in clients:
             for n in range(4):
                 assert json.loads(client.recv_event("ev")["data"]) == {"n": n}
-        assert m("bunpulse_events_published_total", app_id=APP_ID) == 4
+        # the workers add their counts to the shared files about once a second
+        wait_until(lambda: m("bunpulse_events_published_total", app_id=APP_ID) == 4)
         assert m("bunpulse_http_requests_total", endpoint="events", status="200") == 4
         api._pusher_client.http.session.close()
 
