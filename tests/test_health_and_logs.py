@@ -98,3 +98,17 @@ def test_the_log_format_is_checked(start_server):
                             env=ServerProcess.base_env(free_port()))
     assert result.returncode == 2
     assert "invalid --log-format='xml': must be text or json" in result.stderr
+
+
+def test_json_logs_under_gunicorn_too(start_server):
+    import sys
+    server = start_server(command=[sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+                          env={"BUNPULSE_LOG_FORMAT": "json", "BUNPULSE_ACCESS_LOG": "true"})
+    pusher_api(server).trigger("news", "ev", {})
+    wait_until(lambda: any(e["logger"] == "bunpulse.access" for e in json_lines(server)))
+    server.stop()
+    entries = json_lines(server)  # gunicorn's own lines as well as BunPulse's
+    loggers = {e["logger"] for e in entries}
+    assert {"gunicorn.error", "bunpulse.access"} <= loggers
+    events = [e.get("event") for e in entries]
+    assert "start" in events and "apps_loaded" in events and events[-1] == "stop"
