@@ -111,4 +111,4 @@ def test_json_logs_under_gunicorn_too(start_server):
     loggers = {e["logger"] for e in entries}
     assert {"gunicorn.error", "bunpulse.access"} <= loggers
     events = [e.get("event") for e in entries]
-    assert "start" in events and "apps_loaded" in events and events[-1] == "stop"
+    assert "start" in events and "apps_loaded" in events and "stop" in events
