@@ -104,7 +104,9 @@ def test_json_logs_under_gunicorn_too(start_server):
     import sys
     server = start_server(command=[sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
                           env={"BUNPULSE_LOG_FORMAT": "json", "BUNPULSE_ACCESS_LOG": "true"})
-    pusher_api(server).trigger("news", "ev", {})
+    api = pusher_api(server)
+    api.trigger("news", "ev", {})
+    api._pusher_client.http.session.close()  # an idle keep-alive would hold the stop
     wait_until(lambda: any(e["logger"] == "bunpulse.access" for e in json_lines(server)))
     server.stop()
     entries = json_lines(server)  # gunicorn's own lines as well as BunPulse's
