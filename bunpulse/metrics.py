@@ -1,9 +1,9 @@
 """Prometheus metrics, and the listener of their own that serves them (`--metrics-port`).
 
-Counting is off (every counter a no-op) unless a metrics port is configured. Under gunicorn
+Metrics are off (every metric a no-op) unless a metrics port is configured. Under gunicorn
 the counters live in prometheus_client's multiprocess files (PROMETHEUS_MULTIPROC_DIR, set up
-by gunicorn.conf.py) and the master serves one scrape for every worker. Hot paths count once
-per event or per flush with `inc(n)`, never once per delivery.
+by gunicorn.conf.py) and the master serves one scrape for every worker. The hot paths count
+once per event, never once per delivery, in plain ints that a flush adds to their counters.
 """
 import logging
 import os
