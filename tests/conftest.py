@@ -77,8 +77,9 @@ class ServerProcess:
         self.log_file = tempfile.NamedTemporaryFile("w+", prefix="bunpulse-", suffix=".log",
                                                     delete=False)
         full_env = self.base_env(self.port)
-        if metrics:
-            full_env["BUNPULSE_METRICS_PORT"] = str(free_port())
+        if metrics:  # a port of its own: two free_port() calls may return the same one
+            full_env["BUNPULSE_METRICS_PORT"] = str(next(
+                port for port in iter(free_port, None) if port != self.port))
         full_env.update(env or {})
         self.env = full_env
         command = command or [sys.executable, "-m", "bunpulse"]
