@@ -49,6 +49,8 @@ class Connection:
                 self.app.user_authentication_timeout / 1000)
             self._auth_timer.start(self._require_authorization)
         server.hooks.emit("connection", self, None)
+        if self.app.id in server.watching:
+            server.dashboard.log(self.app.id, "connection", socket_id=self.socket_id)
         try:
             self._read_loop()
         finally:
@@ -56,12 +58,14 @@ class Connection:
 
     def _read_loop(self):
         ws = self.ws
+        counts = self.server.hub.app(self.app.id)
         while True:
             message = ws.receive()
             if message is None:
                 return
             if ws.closed:
                 continue  # closing: wait for the client's close frame, ignore the rest
+            counts.messages_in += 1
             self.last_seen = time.monotonic()
             self._pinged = False
             if isinstance(message, bytes):

@@ -81,6 +81,10 @@ class BunPulse:
         seconds = min(120, settings.heartbeat_interval / 1000)
         self.activity_timeout = int(seconds) if seconds >= 1 else seconds
         self.evictions = 0
+        # The debug dashboard (bunpulse.dashboard), when enabled: `watching` holds the ids of
+        # the apps someone watches, so that an event costs one dict lookup when nobody does.
+        self.watching = {}
+        self.dashboard = None
         self.adapter.bind(self)
         self.adapter.start()
 
@@ -134,6 +138,8 @@ class BunPulse:
         self.evictions += 1
 
     def disconnected(self, conn):
+        if conn.app.id in self.watching:
+            self.dashboard.closed(conn)
         changes, offline = self.adapter.remove_connection(conn)
         for change in changes:
             self._left(conn.app, change)
@@ -151,6 +157,8 @@ class BunPulse:
             if not self.hub.connections():
                 break
             gevent.sleep(0.02)
+        if self.dashboard is not None:
+            self.dashboard.stop()
         self.webhooks.close(grace=2.0)
         self.adapter.stop()
 
@@ -178,6 +186,8 @@ class BunPulse:
             roster = self.adapter.members(app.id, name) if kind.presence else None
         conn.send(protocol.subscription_succeeded(
             name, None if roster is None else protocol.presence_roster(roster)))
+        if new and app.id in self.watching:
+            self.dashboard.subscribed(conn, name, occupied, member if added else None)
         if added:
             self.adapter.publish(app.id, name, build_frame(
                 protocol.member_added(name, member[0], member[1])), conn.socket_id)
@@ -193,11 +203,16 @@ class BunPulse:
 
     def unsubscribe(self, conn, name):
         change = self.adapter.unsubscribe(conn, name)
+        if change is not None and conn.app.id in self.watching:
+            self.dashboard.log(conn.app.id, "unsubscribed", socket_id=conn.socket_id,
+                               channel=name)
         if change is not None:
             self._left(conn.app, change)
 
     def _left(self, app, change):
         name, vacated, removed = change
+        if app.id in self.watching:
+            self.dashboard.left(app.id, name, vacated, removed)
         if removed is not None:
             self.adapter.publish(app.id, name, build_frame(protocol.member_removed(name, removed)))
             self.webhooks.emit(app, {"name": "member_removed", "channel": name,
@@ -244,6 +259,8 @@ class BunPulse:
         """Publish one event (data: a string, forwarded as is) to channels; the frame is built
         once per channel and shared by every subscriber."""
         data = data_string(data)
+        if app.id in self.watching:
+            self.dashboard.published(app.id, channels, name, data, socket_id)
         for channel in channels:
             if channel_kind(channel).cache:
                 self.adapter.cache_set(app.id, channel, name, data, self.settings.cache_ttl)
@@ -255,6 +272,10 @@ class BunPulse:
         self.adapter.publish(app.id, channel,
                              build_frame(protocol.event(name, channel, data, user_id)),
                              conn.socket_id)
+        if app.id in self.watching:
+            self.dashboard.log(app.id, "client_event", socket_id=conn.socket_id,
+                               channel=channel, event=name, data=data_string(data),
+                               user_id=user_id)
         if app.webhooks:
             hook = {"name": "client_event", "channel": channel, "event": name,
                     "data": data_string(data), "socket_id": conn.socket_id}
@@ -318,6 +339,9 @@ def create_app(settings=None, core=None):
     app.config["MAX_CONTENT_LENGTH"] = 256 * 1024 + 2 * max(
         a.max_event_data_size * max(a.max_batch_size, 1) for a in core.apps)
     app.register_blueprint(api.blueprint)
+    if settings.dashboard:
+        from .dashboard import install_dashboard
+        install_dashboard(app, core)
 
     def serve_socket(environ):
         # Admitted here, so that the socket's long life keeps neither its path nor its query.

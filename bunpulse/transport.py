@@ -71,7 +71,7 @@ class Outbox:
     """
 
     __slots__ = ("_sock", "_raw_send", "_pending", "_pending_size", "_writer", "limit",
-                 "closed", "on_evict", "__weakref__")
+                 "closed", "on_evict", "close_info", "__weakref__")
 
     def __init__(self, sock, limit, on_evict=None):
         self._sock = sock
@@ -83,6 +83,7 @@ class Outbox:
         self.limit = limit
         self.closed = False
         self.on_evict = on_evict
+        self.close_info = None  # (code, reason, who closed: "server", "client" or "evicted")
 
     @property
     def backlog(self):
@@ -127,6 +128,7 @@ class Outbox:
         self._pending.clear()
         self._pending_size = 0
         self.closed = True
+        self.close_info = (PusherError.OVER_CAPACITY, "Client too slow", "evicted")
         try:  # best effort: the socket buffer is probably full
             self._raw_send(close_frame(PusherError.OVER_CAPACITY, "Client too slow"))
         except OSError:
@@ -147,6 +149,7 @@ class Outbox:
             return
         self.send(close_frame(code, reason))
         self.closed = True
+        self.close_info = (code, reason, "server")
         if self._writer is None:
             self._half_close()
         else:
@@ -310,6 +313,8 @@ class PusherWebSocket(WebSocket):
     def _answer_close(self, payload):
         code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else WsClose.NORMAL
         self.close_code = code
+        if self.outbox.close_info is None:
+            self.outbox.close_info = (code, payload[2:].decode("utf-8", "replace"), "client")
         if not self.closed:
             self.closed = True
             self.outbox.send(close_frame(code if 1000 <= code < 5000 and code not in

@@ -47,6 +47,8 @@ class WebhookSender:
         self.timeout = settings.webhook_timeout_ms / 1000
         self.queue_size = settings.webhook_queue_size
         self.stats = WebhookStats()
+        # observer(app, outcome, events): "sent", "failed" or "dropped" (the dashboard's log)
+        self.observer = None
         # Bounded too: a connection that floods without blocking starves the dispatcher
         # greenlet, so the inbox, not the targets' queues, would hold the whole flood.
         self._inbox = queue.Queue(self.queue_size)
@@ -73,9 +75,17 @@ class WebhookSender:
             self._inbox.put_nowait((app, event))
         except queue.Full:
             self.stats.dropped_full += 1
+            self.report(app, "dropped", [event])
             if self.stats.dropped_full == 1 or self.stats.dropped_full % 10000 == 0:
                 log.warning("webhook inbox is full (%d events): %d events dropped so far",
                             self.queue_size, self.stats.dropped_full)
+
+    def report(self, app, outcome, events):
+        if self.observer is not None:
+            try:
+                self.observer(app, outcome, events)
+            except Exception:  # noqa: BLE001 - an observer never stops the webhooks
+                log.exception("webhook observer failed")
 
     def close(self, grace=0.0):
         """Stop sending. With grace, first deliver what is queued (delayed events at once) for
@@ -161,6 +171,7 @@ class _Target:
     def add(self, event):
         if len(self.events) >= self.owner.queue_size:
             self.owner.stats.dropped_full += 1
+            self.owner.report(self.app, "dropped", [event])
             if not self._dropping:
                 self._dropping = True
                 log.warning("webhook queue for %s is full (%d events): dropping new events",
@@ -197,11 +208,14 @@ class _Target:
         while self.running:
             if self._post(batch):
                 owner.stats.sent += len(batch)
+                owner.report(self.app, "sent", batch)
                 return
             owner.stats.failed_attempts += 1
+            owner.report(self.app, "failed", batch)
             left = deadline - time.monotonic()
             if left <= 0 or owner._flushing:  # stopping: one try each, no restart held up
                 owner.stats.dropped_expired += len(batch)
+                owner.report(self.app, "dropped", batch)
                 log.error("webhook to %s failed %s: dropped %d events", self.url,
                           "while stopping" if owner._flushing else f"for {owner.retry_for} s",
                           len(batch))
