@@ -125,7 +125,7 @@
     fetch(path, {credentials: "same-origin", cache: "no-store"}).then(function (response) {
       if (response.status === 401) { status.textContent = "Signed out"; return null; }
       return response.json();
-    }).then(function (body) { if (body) done(body); }).catch(function () {});
+    }).then(function (body) { if (body) done(body); }).catch(function (error) { console.error(error); });
   }
 
   // ------------------------------------------------------------------ channels
@@ -164,7 +164,7 @@
   var samples = {};   // second -> [second, connections, in, out, api]
   var lastSecond = 0;
   var SVG = "http://www.w3.org/2000/svg";
-  var W = 600, H = 130, PAD = 4, BOTTOM = 16;
+  var H = 130, PAD = 6, BOTTOM = 18, MIN_SPAN = 300;
 
   function svgEl(tag, attrs, text) {
     var node = document.createElementNS(SVG, tag);
@@ -173,29 +173,40 @@
     return node;
   }
 
+  function minutes(seconds) {
+    return seconds >= 120 ? "−" + Math.round(seconds / 60) + " min" : "−" + seconds + " s";
+  }
+
+  // The span shown grows with the samples kept, from five minutes up to the hour.
+  function span(now) {
+    var first = now;
+    Object.keys(samples).forEach(function (s) { first = Math.min(first, Number(s)); });
+    return Math.min(HOUR, Math.max(MIN_SPAN, now - first));
+  }
+
   function draw(id, now, series) {   // series: [{index, cls}]
     var svg = document.getElementById(id);
+    var W = Math.max(200, Math.round(svg.getBoundingClientRect().width) || 600);
     svg.setAttribute("viewBox", "0 0 " + W + " " + H);
     svg.textContent = "";
-    var start = now - HOUR, peak = 1;
+    var seconds = span(now), start = now - seconds, peak = 1;
     Object.keys(samples).forEach(function (s) {
       series.forEach(function (line) { peak = Math.max(peak, samples[s][line.index]); });
     });
     var plotH = H - BOTTOM - PAD;
     svg.appendChild(svgEl("line", {x1: 0, x2: W, y1: PAD + plotH, y2: PAD + plotH, "class": "axis"}));
     svg.appendChild(svgEl("line", {x1: 0, x2: W, y1: PAD, y2: PAD, "class": "grid"}));
-    svg.appendChild(svgEl("text", {x: 2, y: PAD + 10, "class": "label"}, String(peak)));
-    svg.appendChild(svgEl("text", {x: 2, y: H - 3, "class": "label"}, "−60 min"));
-    svg.appendChild(svgEl("text", {x: W / 2, y: H - 3, "class": "label", "text-anchor": "middle"}, "−30 min"));
-    svg.appendChild(svgEl("text", {x: W - 2, y: H - 3, "class": "label", "text-anchor": "end"}, "now"));
+    svg.appendChild(svgEl("text", {x: 4, y: PAD + 12, "class": "label"}, "max " + peak));
+    svg.appendChild(svgEl("text", {x: 2, y: H - 4, "class": "label"}, minutes(seconds)));
+    svg.appendChild(svgEl("text", {x: W / 2, y: H - 4, "class": "label", "text-anchor": "middle"}, minutes(Math.round(seconds / 2))));
+    svg.appendChild(svgEl("text", {x: W - 2, y: H - 4, "class": "label", "text-anchor": "end"}, "now"));
     series.forEach(function (line) {
-      var points = [], prev = null;
-      // One point per second; a second without a sample is 0 (nothing happened there).
+      var points = [];
+      // One point per second; a worker writes a sample whenever it has connections or
+      // traffic, so a second without one had neither.
       for (var t = start; t <= now; t++) {
         var sample = samples[t], v = sample ? sample[line.index] : 0;
-        if (line.index === 1 && !sample && prev !== null) v = prev;  // connections hold
-        prev = v;
-        points.push(((t - start) / HOUR * W).toFixed(1) + "," + (PAD + plotH - v / peak * plotH).toFixed(1));
+        points.push(((t - start) / seconds * W).toFixed(1) + "," + (PAD + plotH - v / peak * plotH).toFixed(1));
       }
       svg.appendChild(svgEl("polyline", {points: points.join(" "), "class": "series " + line.cls}));
     });
