@@ -309,3 +309,79 @@ def test_shows_the_whole_deployment_under_gunicorn_with_two_workers(
         wait_log(page, r"api_message\s+channels presence-hall · event everyone")
     finally:
         context.close()
+
+
+# ------------------------------------------------------------------------ the feed, without a browser
+
+class LogReader:
+    """A signed-in session reading the live log's event stream in a thread."""
+
+    def __init__(self, url, app_id=APP_ID, secret=SECRET):
+        self.http = requests.Session()
+        page = self.http.get(url + "/dashboard", timeout=5).text
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+        self.http.post(url + "/dashboard/sign-in", timeout=5, data={
+            "app_id": app_id, "secret": secret, "csrf_token": token}).raise_for_status()
+        self.records, self.ready = [], threading.Event()
+        self.response = self.http.get(url + "/dashboard/events", stream=True, timeout=10)
+        threading.Thread(target=self._read, daemon=True).start()
+        assert self.ready.wait(5), "no ready event"
+
+    def _read(self):
+        try:
+            for line in self.response.iter_lines(decode_unicode=True):
+                if line == "event: ready":
+                    self.ready.set()
+                elif line.startswith("data: ["):
+                    self.records.extend(json.loads(line[6:]))
+        except (requests.RequestException, AttributeError, ValueError):
+            pass
+
+    def wait(self, **fields):
+        return wait_until(lambda: next((r for r in list(self.records) if all(
+            r.get(k) == v for k, v in fields.items())), None), 5, message=f"record {fields}")
+
+    def close(self):
+        self.response.close()
+
+
+@pytest.fixture
+def library_dashboard(webhook_receiver):
+    from gevent import monkey
+
+    from bunpulse import start_bunpulse
+    assert not monkey.is_module_patched("socket"), "the test process must not be patched"
+    server = start_bunpulse(port=0, host="127.0.0.1", app_id=APP_ID, app_key="test-key",
+                            app_secret=SECRET, env_file=os.devnull, dashboard=True,
+                            webhook_url=webhook_receiver.url, webhook_batch_ms=0,
+                            webhook_delay_ms=0, max_message_size=1024)
+    yield server
+    server.stop()
+
+
+def test_reports_only_while_someone_watches(library_dashboard, webhook_receiver, raw):
+    from conftest import KEY, RawClient, connected, raw_subscribe
+    core = library_dashboard.core
+    client = RawClient(f"ws://127.0.0.1:{library_dashboard.port}/app/{KEY}?protocol=7")
+    connected(client)
+    assert core.watching == {}  # nobody watches: the core builds no record
+    reader = LogReader(library_dashboard.url)
+    assert core.watching == {APP_ID: True}
+    try:
+        socket_id = connected(other := RawClient(
+            f"ws://127.0.0.1:{library_dashboard.port}/app/{KEY}?protocol=7"))
+        reader.wait(type="connection", socket_id=socket_id)
+        raw_subscribe(other, socket_id, "room")
+        reader.wait(type="subscribed", socket_id=socket_id, channel="room")
+        sent = reader.wait(type="webhook_sent")  # channel_occupied reached the receiver
+        assert "channel_occupied" in sent["events"] and sent["channels"] == ["room"]
+        webhook_receiver.wait_events("channel_occupied")
+        other.send("x" * 2000)  # past max_message_size: the server closes with 1009
+        closed = reader.wait(type="disconnection", socket_id=socket_id)
+        assert closed["code"] == 1009 and closed["closed_by"] == "server"
+        reader.wait(type="vacated", channel="room")
+    finally:
+        reader.close()
+        client.close()
+    # The stream's end is seen at its next write (a keep-alive at the latest).
+    wait_until(lambda: core.watching == {}, 15, 0.1, "the viewer's departure")

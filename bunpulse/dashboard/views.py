@@ -22,7 +22,7 @@ blueprint = Blueprint("dashboard", __name__, url_prefix="/dashboard",
                       template_folder="templates", static_folder="static")
 
 SESSION_SECONDS = 12 * 3600
-PING_EVERY = 10.0     # seconds between keep-alive comments on an idle stream
+PING_EVERY = 3.0      # seconds between keep-alive comments: a closed page is found at a write
 POLL = 0.1            # seconds a stream waits for records before looking again
 MAX_CHANNELS = 500    # channels listed at most
 MAX_MEMBERS = 100     # presence members listed per channel at most
