@@ -115,6 +115,11 @@ def test_signs_in_and_shows_connections_subscriptions_members_and_publishes(
     wait_log(page, r'member_added\s+channel presence-lab · user ada · user_info '
                    r'\{"name":"Ada Lovelace"\}')
 
+    node.subscribe("reader", "cache-weather")
+    pusher_api(dashboard_server).trigger("cache-weather", "forecast", {"sun": True})
+    playwright_api.expect(channel_row(page, "cache-weather")).to_contain_text(
+        'cached forecast: {"sun": true}')
+
     # The event creator publishes through the HTTP API's path: pusher-js receives it.
     page.get_by_label("Channel", exact=True).fill("news, presence-lab")
     page.get_by_label("Event", exact=True).fill("greeting")

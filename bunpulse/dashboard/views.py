@@ -17,6 +17,7 @@ from flask import (Blueprint, Response, abort, current_app, redirect, render_tem
 
 from .. import api
 from ..errors import ApiError
+from ..protocol import channel_kind
 
 blueprint = Blueprint("dashboard", __name__, url_prefix="/dashboard",
                       template_folder="templates", static_folder="static")
@@ -184,12 +185,13 @@ def channels():
     for name in sorted(counts)[:MAX_CHANNELS]:
         subscriptions, users = counts[name]
         entry = {"name": name, "subscription_count": subscriptions}
-        if name.startswith("presence-"):
+        kind = channel_kind(name)
+        if kind.presence:
             members = adapter.members(app.id, name)
             entry["user_count"] = len(members)
             entry["members"] = [{"id": uid, "user_info": info}
                                 for uid, info in sorted(members.items())[:MAX_MEMBERS]]
-        if "cache-" in name:
+        if kind.cache:
             cached = adapter.cache_get(app.id, name)
             if cached is not None:
                 entry["cache"] = {"event": cached[0], "data": cached[1][:2048],
