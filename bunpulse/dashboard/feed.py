@@ -4,6 +4,7 @@ open event stream) keeps what it has not sent yet.
 The core checks `core.watching` (a dict of app ids) before it builds any record, so an app
 nobody watches costs one dict lookup per event. Under Redis, `watching` covers viewers on
 every worker (relay.py) and records travel to the workers that serve them."""
+import logging
 import time
 from collections import deque
 
@@ -13,6 +14,8 @@ from .stats import StatsRing
 
 MAX_DATA = 2048        # characters of event data a log record keeps
 VIEWER_BACKLOG = 1000  # records a slow viewer may fall behind before the oldest are dropped
+
+logger = logging.getLogger("bunpulse.dashboard")
 
 
 def _clip(text):
@@ -73,8 +76,7 @@ class Feed:
                 if self.relay is not None:
                     self.relay.tick(sample)
             except Exception:  # noqa: BLE001 - the dashboard never stops the server
-                import logging
-                logging.getLogger("bunpulse.dashboard").exception("dashboard tick failed")
+                logger.exception("dashboard tick failed")
 
     # ---------------------------------------------------------------- viewers
 

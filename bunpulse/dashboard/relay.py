@@ -171,10 +171,11 @@ class RedisRelay:
             log.warning("dashboard relay: %s", exc)
             return None
         merged = {}
+        current = int(time.time())  # the workers may not all have written this second yet
         for raw_samples in lists:
             for raw in raw_samples:
                 sample = orjson.loads(raw)
-                if sample[0] <= since:
+                if not since < sample[0] < current:
                     continue
                 total = merged.get(sample[0])
                 if total is None:
