@@ -359,7 +359,7 @@ def library_dashboard(webhook_receiver):
     server = start_bunpulse(port=0, host="127.0.0.1", app_id=APP_ID, app_key="test-key",
                             app_secret=SECRET, env_file=os.devnull, dashboard=True,
                             webhook_url=webhook_receiver.url, webhook_batch_ms=0,
-                            webhook_delay_ms=0, max_message_size=1024)
+                            webhook_delay_ms=0, max_message_size=1024, max_buffer=65536)
     yield server
     server.stop()
 
@@ -385,6 +385,21 @@ def test_reports_only_while_someone_watches(library_dashboard, webhook_receiver,
         closed = reader.wait(type="disconnection", socket_id=socket_id)
         assert closed["code"] == 1009 and closed["closed_by"] == "server"
         reader.wait(type="vacated", channel="room")
+        # A client that stops reading is evicted (4100).
+        import socket
+        stalled = RawClient(f"ws://127.0.0.1:{library_dashboard.port}/app/{KEY}?protocol=7",
+                            sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),))
+        stalled_id = connected(stalled)
+        raw_subscribe(stalled, stalled_id, "firehose")
+        stalled.recv_event("pusher_internal:subscription_succeeded")
+        for _ in range(800):  # 7 MB: far past what loopback buffers absorb
+            library_dashboard.publish("firehose", {"event": "big", "data": "z" * 9000})
+            if any(r.get("type") == "eviction" for r in list(reader.records)):
+                break
+        evicted = reader.wait(type="eviction", socket_id=stalled_id)
+        assert evicted["code"] == 4100 and evicted["reason"] == "Client too slow"
+        reader.wait(type="disconnection", socket_id=stalled_id, code=4100, closed_by="evicted")
+        stalled.close()
     finally:
         reader.close()
         client.close()
