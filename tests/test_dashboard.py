@@ -7,22 +7,22 @@ Screenshots of each view go to $BUNPULSE_SCREENSHOT_DIR when set (the README's c
 import json
 import os
 import re
-import shutil
+import socket
 import sys
 import threading
 import time
 
 import pytest
 import requests
+from playwright import sync_api as playwright_api
 
-from conftest import APP_ID, SECRET, RedisServer, ServerProcess, pusher_api, wait_until
+from conftest import (APP_ID, KEY, SECRET, RawClient, ServerProcess, connected, pusher_api,
+                      raw_subscribe, wait_until)
 
 CHROMIUM = "/usr/bin/chromium"
 DASHBOARD_ENV = {"BUNPULSE_DASHBOARD": "true", "BUNPULSE_WEBHOOK_DELAY_MS": "0"}
 GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
 INJECTION = '<img src=x onerror="window.__pwned=1">'
-
-playwright_api = pytest.importorskip("playwright.sync_api")
 
 
 @pytest.fixture(scope="module")
@@ -365,7 +365,6 @@ def library_dashboard(webhook_receiver):
 
 
 def test_reports_only_while_someone_watches(library_dashboard, webhook_receiver, raw):
-    from conftest import KEY, RawClient, connected, raw_subscribe
     core = library_dashboard.core
     client = RawClient(f"ws://127.0.0.1:{library_dashboard.port}/app/{KEY}?protocol=7")
     connected(client)
@@ -386,7 +385,6 @@ def test_reports_only_while_someone_watches(library_dashboard, webhook_receiver,
         assert closed["code"] == 1009 and closed["closed_by"] == "server"
         reader.wait(type="vacated", channel="room")
         # A client that stops reading is evicted (4100).
-        import socket
         stalled = RawClient(f"ws://127.0.0.1:{library_dashboard.port}/app/{KEY}?protocol=7",
                             sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),))
         stalled_id = connected(stalled)
