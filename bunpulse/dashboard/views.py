@@ -179,25 +179,25 @@ def events():
 def channels():
     """Occupied channels with their counts, presence members and cached events."""
     app = _require_app()
-    adapter = _core().adapter
-    counts = adapter.channel_counts(app.id)
+    core = _core()
+    counts = core.channel_counts(app)
     listed = []
     for name in sorted(counts)[:MAX_CHANNELS]:
         subscriptions, users = counts[name]
         entry = {"name": name, "subscription_count": subscriptions}
         kind = channel_kind(name)
         if kind.presence:
-            members = adapter.members(app.id, name)
+            members = core.members(app, name)
             entry["user_count"] = len(members)
             entry["members"] = [{"id": uid, "user_info": info}
                                 for uid, info in sorted(members.items())[:MAX_MEMBERS]]
         if kind.cache:
-            cached = adapter.cache_get(app.id, name)
+            cached = core.cached(app, name)
             if cached is not None:
                 entry["cache"] = {"event": cached[0], "data": cached[1][:2048],
                                   "ttl": max(0, int(cached[2]))}
         listed.append(entry)
-    return _json({"connections": adapter.connection_count(app.id), "channels": listed,
+    return _json({"connections": core.connection_count(app), "channels": listed,
                   "total": len(counts)})
 
 
