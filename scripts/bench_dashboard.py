@@ -63,7 +63,7 @@ def open_viewer(url):
 
     def read():
         try:
-            for line in stream.iter_lines():
+            for line in stream.iter_lines(chunk_size=65536):
                 if line.startswith(b"data: ["):
                     received[0] += 1
         except (requests.RequestException, AttributeError, ValueError):

@@ -334,13 +334,13 @@ class LogReader:
 
     def _read(self):
         try:
-            for line in self.response.iter_lines(decode_unicode=True):
+            for line in self.response.iter_lines(chunk_size=65536, decode_unicode=True):
                 if line == "event: ready":
                     self.ready.set()
                 elif line.startswith("data: ["):
                     self.records.extend(json.loads(line[6:]))
         except (requests.RequestException, AttributeError, ValueError):
-            pass
+            pass  # closed by the test
 
     def wait(self, **fields):
         return wait_until(lambda: next((r for r in list(self.records) if all(

@@ -25,6 +25,7 @@ blueprint = Blueprint("dashboard", __name__, url_prefix="/dashboard",
 SESSION_SECONDS = 12 * 3600
 PING_EVERY = 3.0      # seconds between keep-alive comments: a closed page is found at a write
 POLL = 0.1            # seconds a stream waits for records before looking again
+MAX_BATCH = 100       # records in one stream message at most
 MAX_CHANNELS = 500    # channels listed at most
 MAX_MEMBERS = 100     # presence members listed per channel at most
 
@@ -157,7 +158,7 @@ def events():
             while not viewer.done:
                 if records:
                     batch = []
-                    while records:
+                    while records and len(batch) < MAX_BATCH:
                         batch.append(records.popleft())
                     yield f"data: {orjson.dumps(batch).decode()}\n\n"
                     idle = 0.0
