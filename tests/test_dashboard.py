@@ -312,6 +312,13 @@ def test_shows_the_whole_deployment_under_gunicorn_with_two_workers(
         for n in range(total):
             node.wait_event(f"c{n}", "everyone")
         wait_log(page, r"api_message\s+channels presence-hall · event everyone")
+        # Signing out revokes the session in every worker, whichever serves the next request.
+        cookies = {c["name"]: c["value"] for c in context.cookies()}
+        page.get_by_role("button", name="Sign out").click()
+        playwright_api.expect(page.get_by_role("button", name="Sign in")).to_be_visible()
+        for _ in range(6):
+            assert requests.get(server.url + "/dashboard/api/channels", cookies=cookies,
+                                timeout=5).status_code == 401
     finally:
         context.close()
 
