@@ -9,6 +9,8 @@ from collections import deque
 
 import gevent
 
+from .metrics import Metrics
+
 YIELD_EVERY = 256  # sockets served between two yields while fanning out to a big channel
 
 
@@ -43,8 +45,9 @@ class AppState:
 
 
 class Hub:
-    def __init__(self):
+    def __init__(self, metrics=None):
         self._apps = {}
+        self.metrics = metrics if metrics is not None else Metrics(enabled=False)
 
     def states(self):
         """[(app id, AppState)] of every app this worker has seen."""
@@ -90,6 +93,10 @@ class Hub:
             channel = channels[name] = Channel(name)
         channel.subscribers[conn] = conn.outbox.send
         conn.subscriptions[name] = None if member is None else member[0]
+        metrics = self.metrics.app(conn.app.id)
+        metrics.subscriptions.inc()
+        if occupied:
+            metrics.channels.inc()
         added = False
         if member is not None:
             user_id, user_info = member
@@ -112,6 +119,8 @@ class Hub:
         if channel is None:
             return None
         channel.subscribers.pop(conn, None)
+        metrics = self.metrics.app(conn.app.id)
+        metrics.subscriptions.dec()
         removed = None
         if user_id is not None:
             entry = channel.members.get(user_id)
@@ -123,6 +132,7 @@ class Hub:
         vacated = not channel.subscribers
         if vacated:
             del channels[name]
+            metrics.channels.dec()
         return name, vacated, removed
 
     def channel(self, app_id, name):
@@ -145,16 +155,21 @@ class Hub:
         channel = state.channels.get(name) if state is not None else None
         if channel is None:
             return 0
+        sent = self._deliver(channel, state, frame, except_socket_id)
+        state.messages_out += sent  # the dashboard's charts
+        metrics = self.metrics.app(app_id)  # once per event, never per delivery
+        metrics.sent += sent
+        metrics.sent_bytes += sent * len(frame)
+        return sent
+
+    def _deliver(self, channel, state, frame, except_socket_id):
         skip = state.connections.get(except_socket_id) if except_socket_id else None
         subscribers = channel.subscribers
         if not channel.sending and len(subscribers) <= YIELD_EVERY:
             for conn, send in subscribers.items():
                 if conn is not skip:
                     send(frame)
-            delivered = len(subscribers) - (skip in subscribers)
-            state.messages_out += delivered
-            return delivered
-        state.messages_out += len(subscribers)
+            return len(subscribers) - (skip in subscribers)
         # A big channel yields while it fans out; later frames queue behind so that every
         # subscriber still sees the channel's events in order.
         channel.queue.append((frame, skip))

@@ -19,6 +19,7 @@ from collections import deque
 import orjson
 import requests
 
+from .metrics import Metrics
 from .signatures import webhook_signature
 
 log = logging.getLogger("bunpulse.webhooks")
@@ -28,25 +29,16 @@ CANCELS = {again: delayed for delayed, again in DELAYED.items()}
 MAX_BACKOFF = 30.0
 
 
-class WebhookStats:
-    __slots__ = ("sent", "failed_attempts", "dropped_full", "dropped_expired")
-
-    def __init__(self):
-        self.sent = self.failed_attempts = self.dropped_full = self.dropped_expired = 0
-
-    def as_dict(self):
-        return {name: getattr(self, name) for name in self.__slots__}
-
-
 class WebhookSender:
-    def __init__(self, settings):
+    def __init__(self, settings, metrics=None):
         self.delay = settings.webhook_delay_ms / 1000
         self.batch_window = settings.webhook_batch_ms / 1000
         self.batch_size = settings.webhook_batch_size
         self.retry_for = settings.webhook_retry_seconds
         self.timeout = settings.webhook_timeout_ms / 1000
         self.queue_size = settings.webhook_queue_size
-        self.stats = WebhookStats()
+        self.metrics = metrics if metrics is not None else Metrics(enabled=False)
+        self.dropped_full = 0  # inbox overflows, for the log line
         # observer(app, outcome, events): "sent", "failed" or "dropped" (the dashboard's log)
         self.observer = None
         # Bounded too: a connection that floods without blocking starves the dispatcher
@@ -74,11 +66,12 @@ class WebhookSender:
         try:
             self._inbox.put_nowait((app, event))
         except queue.Full:
-            self.stats.dropped_full += 1
+            self.dropped_full += 1
+            self.metrics.app(app.id).webhooks_dropped("queue_full").inc()
             self.report(app, "dropped", [event])
-            if self.stats.dropped_full == 1 or self.stats.dropped_full % 10000 == 0:
+            if self.dropped_full == 1 or self.dropped_full % 10000 == 0:
                 log.warning("webhook inbox is full (%d events): %d events dropped so far",
-                            self.queue_size, self.stats.dropped_full)
+                            self.queue_size, self.dropped_full)
 
     def report(self, app, outcome, events):
         if self.observer is not None:
@@ -160,6 +153,7 @@ class _Target:
         self.owner = owner
         self.app = app
         self.url = url
+        self.metrics = owner.metrics.app(app.id)
         self.events = deque()
         self.wake = threading.Event()
         self.session = requests.Session()
@@ -170,7 +164,7 @@ class _Target:
 
     def add(self, event):
         if len(self.events) >= self.owner.queue_size:
-            self.owner.stats.dropped_full += 1
+            self.metrics.webhooks_dropped("queue_full").inc()
             self.owner.report(self.app, "dropped", [event])
             if not self._dropping:
                 self._dropping = True
@@ -207,14 +201,14 @@ class _Target:
         backoff = 0.5
         while self.running:
             if self._post(batch):
-                owner.stats.sent += len(batch)
+                self.metrics.webhooks_sent_total.inc(len(batch))
                 owner.report(self.app, "sent", batch)
                 return
-            owner.stats.failed_attempts += 1
+            self.metrics.webhooks_failed_total.inc()
             owner.report(self.app, "failed", batch)
             left = deadline - time.monotonic()
             if left <= 0 or owner._flushing:  # stopping: one try each, no restart held up
-                owner.stats.dropped_expired += len(batch)
+                self.metrics.webhooks_dropped("retries_exhausted").inc(len(batch))
                 owner.report(self.app, "dropped", batch)
                 log.error("webhook to %s failed %s: dropped %d events", self.url,
                           "while stopping" if owner._flushing else f"for {owner.retry_for} s",
