@@ -70,6 +70,7 @@ class Connection:
     def _read_loop(self):
         ws = self.ws
         metrics = self.metrics
+        counts = self.core.hub.app(self.app.id)  # the dashboard's charts
         while True:
             message = ws.receive()
             if message is None:
@@ -79,6 +80,7 @@ class Connection:
                                        or message.isascii() else len(message.encode()))
             if ws.closed:
                 continue  # closing: wait for the client's close frame, ignore the rest
+            counts.messages_in += 1
             self.last_seen = now = time.monotonic()
             self._pinged = False
             if self._flooding(now):
