@@ -37,7 +37,7 @@ def on_starting(server):
     for app in apps:
         server.log.info("app id=%s key=%s", app.id, app.key)
     if uses_dev_app(_settings):
-        server.log.warning("NO CREDENTIALS CONFIGURED: serving the development app (key "
+        server.log.warning("NO CREDENTIALS CONFIGURED: serving the development app (id 1, key "
                            "app-key, secret app-secret) on 127.0.0.1 only")
 
 
