@@ -8,7 +8,7 @@ from . import protocol
 from .errors import ClientError, PusherError, SubscriptionError
 from .protocol import channel_kind
 from .signatures import channel_auth_ok, user_auth_ok
-from .transport import build_frame
+from .frames import build_frame
 
 log = logging.getLogger("bunpulse.connection")
 

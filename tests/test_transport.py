@@ -10,7 +10,8 @@ import requests
 
 from bunpulse.errors import PusherError
 from bunpulse.signatures import sign_api_request
-from bunpulse.transport import Outbox, build_frame, close_frame
+from bunpulse.frames import build_frame, close_frame
+from bunpulse.transport import Outbox
 from conftest import APP_ID, KEY, SECRET, connected, wait_until
 
 
