@@ -65,8 +65,9 @@ def unix_request(path, request_line, timeout=2):
 class ServerProcess:
     """`python -m bunpulse` (or gunicorn) in a subprocess, with its log kept for assertions."""
 
-    def __init__(self, env=None, args=(), port=None, command=None):
+    def __init__(self, env=None, args=(), port=None, command=None, health="/health"):
         self.port = port or free_port()
+        self.health = health  # where it answers once ready (a host app mounts BunPulse deeper)
         self.host = "127.0.0.1"
         self.log_file = tempfile.NamedTemporaryFile("w+", prefix="bunpulse-", suffix=".log",
                                                     delete=False)
@@ -101,7 +102,7 @@ class ServerProcess:
                 if self.unix_path is not None:
                     if unix_request(self.unix_path, "GET /health").startswith(b"HTTP/1.1 200"):
                         return
-                elif requests.get(self.url + "/health", timeout=0.5).status_code == 200:
+                elif requests.get(self.url + self.health, timeout=0.5).status_code == 200:
                     return
             except (requests.RequestException, OSError):
                 pass
@@ -170,9 +171,9 @@ def api(server):
 class NodeDriver:
     """pusher-js and the npm `pusher` library in one Node process (tests/js/driver.js)."""
 
-    def __init__(self, server, app_id=APP_ID, key=KEY, secret=SECRET):
+    def __init__(self, server, app_id=APP_ID, key=KEY, secret=SECRET, prefix=""):
         env = dict(os.environ, BP_HOST=server.host, BP_PORT=str(server.port), BP_APP_ID=app_id,
-                   BP_KEY=key, BP_SECRET=secret, BP_MASTER_KEY=MASTER_KEY)
+                   BP_KEY=key, BP_SECRET=secret, BP_MASTER_KEY=MASTER_KEY, BP_PREFIX=prefix)
         self.proc = subprocess.Popen(["node", "driver.js"], cwd=JS_DIR, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, bufsize=1)

@@ -1,0 +1,228 @@
+"""Where Flask and WSGI users already are, end to end with pusher-js and the official libraries:
+`flask --app bunpulse run` (with and without --debug), gunicorn's stock gevent-websocket worker
+and BunPulse's own serving `bunpulse:create_app()`, and BunPulse mounted at /realtime in a Flask
+application and in a Django project under both workers.
+
+Each way gets the same checks: a connection, an unknown key closed with 4001, a public event, a
+private channel authorized through bunpulse.authorizer, a presence channel with the host's user,
+a signin, and a publish from the host application's code. A standalone BunPulse has no host: a
+Flask app in this test process plays it (the helper signs with the app's credentials, and
+publishes with the PyPI library). One server and one pusher-js driver serve a way's checks."""
+import json
+import os
+import socket
+import sys
+import threading
+import time
+
+import pusher
+import pytest
+import requests
+from flask import Flask, request
+from werkzeug.serving import make_server
+
+from bunpulse.apps import App
+from bunpulse.authorizer import auth_blueprint
+from bunpulse.signatures import sign_api_request
+from conftest import (APP_ID, KEY, MASTER_KEY, ROOT, SECRET, NodeDriver, RawClient,
+                      ServerProcess, free_port, wait_until)
+
+STOCK = "geventwebsocket.gunicorn.workers.GeventWebSocketWorker"
+OWN = "bunpulse.worker.PusherWorker"
+GUNICORN = [sys.executable, "-m", "gunicorn"]
+FLASK_RUN = [sys.executable, "-m", "flask"]
+PREFIX = "/realtime"
+HOSTS_PATH = os.pathsep.join([ROOT, os.path.join(ROOT, "tests", "hosts"),
+                              os.path.join(ROOT, "tests", "django_host")])
+
+# way: (command, args after the port is known, mounted at PREFIX)
+WAYS = {
+    "flask run": (FLASK_RUN, lambda port: ["--app", "bunpulse", "run", "--port", str(port)],
+                  False),
+    "flask run --debug": (FLASK_RUN, lambda port: ["--app", "bunpulse", "run", "--debug",
+                                                   "--port", str(port)], False),
+    "stock worker": (GUNICORN, lambda port: ["-k", STOCK, "-b", f"127.0.0.1:{port}",
+                                             "bunpulse:create_app()"], False),
+    "own worker": (GUNICORN, lambda port: ["-k", OWN, "-b", f"127.0.0.1:{port}",
+                                           "bunpulse:create_app()"], False),
+    "flask host, stock worker": (GUNICORN, lambda port: ["-k", STOCK, "-b", f"127.0.0.1:{port}",
+                                                         "flask_host:app"], True),
+    "flask host, own worker": (GUNICORN, lambda port: ["-k", OWN, "-b", f"127.0.0.1:{port}",
+                                                       "flask_host:app"], True),
+    "flask host, flask run --debug": (FLASK_RUN, lambda port: [
+        "--app", "flask_host", "run", "--debug", "--port", str(port)], True),
+    "django, stock worker": (GUNICORN, lambda port: [
+        "-k", STOCK, "-b", f"127.0.0.1:{port}", "hostproject.wsgi:application"], True),
+    "django, own worker": (GUNICORN, lambda port: [
+        "-k", OWN, "-b", f"127.0.0.1:{port}", "hostproject.wsgi:application"], True),
+}
+
+HOST_ENV = {"PYTHONPATH": HOSTS_PATH, "FLASK_SKIP_DOTENV": "1", "BUNPULSE_WORKERS": "1",
+            "HOST_ENCRYPTION_MASTER_KEY": MASTER_KEY}
+
+
+def start_way(name, env=None):
+    command, args, mounted = WAYS[name]
+    port = free_port()
+    server = ServerProcess(command=command, args=args(port), port=port,
+                           env=dict(HOST_ENV, **(env or {})),
+                           health=(PREFIX if mounted else "") + "/health")
+    server.prefix = PREFIX if mounted else ""
+    return server
+
+
+class StandaloneHost:
+    """The host application of a standalone BunPulse, in this process: the helper with the
+    app's credentials, and a publish through the PyPI library."""
+
+    def __init__(self):
+        app = Flask("standalone_host")
+        app.register_blueprint(auth_blueprint(
+            App(id=APP_ID, key=KEY, secret=SECRET), current_user,
+            encryption_master_key=MASTER_KEY))
+
+        @app.post("/notify")
+        def notify():
+            message = request.get_json()
+            library = pusher.Pusher(app_id=APP_ID, key=KEY, secret=SECRET, host="127.0.0.1",
+                                    port=message["port"], ssl=False)
+            library.trigger(message["channel"], message["event"], message["data"])
+            return {"published": message["channel"]}
+
+        self.httpd = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def current_user(request):
+    name = request.headers.get("X-User")
+    return None if name is None else {"id": name, "user_info": {"name": name.title()}}
+
+
+@pytest.fixture(scope="module")
+def standalone_host():
+    host = StandaloneHost()
+    yield host
+    host.close()
+
+
+class Way:
+    """A running way: its server, a pusher-js driver for it, where pusher-js authorizes, and
+    how the host application publishes."""
+
+    def __init__(self, name, server, host):
+        self.name, self.server = name, server
+        self.prefix = server.prefix
+        self.node = NodeDriver(server, prefix=self.prefix)
+        self.auth_base = server.url if self.prefix else host.url
+
+    def connect(self, id, user=None):
+        headers = {"X-User": user} if user else {}
+        return self.node.connect(id, authBase=self.auth_base, headers=headers)
+
+    def publish_from_host(self, channel, event, data):
+        answer = requests.post(self.auth_base + "/notify", json={
+            "channel": channel, "event": event, "data": data, "port": self.server.port},
+            timeout=10)
+        assert answer.status_code == 200, answer.text
+
+    def close(self):
+        self.node.close()
+        self.server.stop()
+
+
+@pytest.fixture(scope="module", params=list(WAYS))
+def way(request, standalone_host):
+    running = Way(request.param, start_way(request.param), standalone_host)
+    yield running
+    running.close()
+
+
+def test_connects_and_an_unknown_key_is_closed_with_4001(way):
+    assert way.connect("plain")
+    way.node.call("connect", id="badkey", key="no-such-key")
+    error = way.node.wait(lambda r: r.get("type") == "error" and r["id"] == "badkey")
+    assert error["error"]["error"]["data"]["code"] == 4001
+    way.node.wait(lambda r: r.get("type") == "state" and r["id"] == "badkey"
+                  and r["current"] in ("disconnected", "failed"), what="badkey given up")
+    raw = RawClient(way.server.ws_url + way.prefix + "/app/no-such-key?protocol=7")
+    try:
+        assert raw.recv()["data"]["code"] == 4001
+        assert raw.recv_close()[0] == 4001
+    finally:
+        raw.close()
+
+
+def test_public_event_from_the_official_libraries(way):
+    way.connect("pub")
+    way.node.subscribe("pub", "public-news")
+    way.node.call("api", method="trigger", args=["public-news", "from-npm", {"n": 1}])
+    assert way.node.wait_event("pub", "from-npm")["data"] == {"n": 1}
+    if not way.prefix:  # the PyPI library has no path prefix (see test_http_api_under_the_prefix)
+        library = pusher.Pusher(app_id=APP_ID, key=KEY, secret=SECRET, host="127.0.0.1",
+                                port=way.server.port, ssl=False)
+        started = time.monotonic()
+        library.trigger("public-news", "from-pypi", {"n": 2})
+        assert time.monotonic() - started < 2  # answered at once, not when the client gives up
+        assert way.node.wait_event("pub", "from-pypi")["data"] == {"n": 2}
+
+
+def test_private_and_encrypted_channels_through_the_helper(way):
+    way.connect("alice-1", user="alice")
+    way.connect("bob-1", user="bob")
+    way.connect("nobody")
+    for client in ("alice-1", "bob-1"):
+        way.node.subscribe(client, "private-room")
+    way.node.call("trigger", id="bob-1", channel="private-room", event="client-hi", data={"a": 1})
+    assert way.node.wait_event("alice-1", "client-hi")["data"] == {"a": 1}
+    way.node.call("subscribe", id="nobody", channel="private-room")
+    refusal = way.node.wait_event("nobody", "pusher:subscription_error", "private-room")
+    assert refusal["data"]["status"] == 403
+    way.node.subscribe("alice-1", "private-encrypted-room")
+    way.node.call("api", method="trigger", args=["private-encrypted-room", "secret", {"s": 1}])
+    assert way.node.wait_event("alice-1", "secret", "private-encrypted-room")["data"] == {"s": 1}
+
+
+def test_presence_channel_with_the_host_user(way):
+    way.connect("alice-2", user="alice")
+    way.connect("bob-2", user="bob")
+    joined = way.node.subscribe("alice-2", "presence-room")["data"]
+    assert joined["me"] == {"id": "alice", "info": {"name": "Alice"}}
+    way.node.subscribe("bob-2", "presence-room")
+    added = way.node.wait_event("alice-2", "pusher:member_added", "presence-room")
+    assert added["data"] == {"id": "bob", "info": {"name": "Bob"}}
+
+
+def test_signin_with_the_host_user(way):
+    way.connect("alice-3", user="alice")
+    way.node.call("signin", id="alice-3")
+    success = way.node.wait(lambda r: r.get("type") == "message" and r["id"] == "alice-3"
+                            and r["event"] == "pusher:signin_success", what="signin_success")
+    assert json.loads(success["data"]["user_data"]) == {"id": "alice",
+                                                         "user_info": {"name": "Alice"}}
+
+
+def test_publish_from_the_host_application_code(way):
+    way.connect("reader")
+    way.node.subscribe("reader", "public-host")
+    way.publish_from_host("public-host", "from-host", {"hello": "world"})
+    assert way.node.wait_event("reader", "from-host")["data"] == {"hello": "world"}
+
+
+def test_http_api_under_the_prefix(way):
+    """Signed over the full path as sent, or over the path below the prefix: both accepted."""
+    if not way.prefix:
+        pytest.skip("not mounted")
+    below = f"/apps/{APP_ID}/channels"
+    for signed in (way.prefix + below, below):
+        params = {"auth_key": KEY, "auth_timestamp": str(int(time.time())),
+                  "auth_version": "1.0"}
+        params["auth_signature"] = sign_api_request(SECRET, "GET", signed, params)
+        answer = requests.get(way.server.url + way.prefix + below, params=params, timeout=5)
+        assert answer.status_code == 200, (signed, answer.text)
+    params["auth_signature"] = sign_api_request(SECRET, "GET", "/elsewhere" + below, params)
+    answer = requests.get(way.server.url + way.prefix + below, params=params, timeout=5)
+    assert answer.status_code == 401
