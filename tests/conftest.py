@@ -60,6 +60,18 @@ def unix_request(path, request_line, timeout=2):
             chunks.append(chunk)
 
 
+def read_json_answer(sock):
+    """A raw HTTP answer with a JSON body: pywsgi sends the headers and the body in two
+    writes, which may arrive as two segments."""
+    answer = b""
+    while not answer.endswith(b"}"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+    return answer.decode("latin-1")
+
+
 # ------------------------------------------------------------------------ servers
 
 class ServerProcess:

@@ -8,8 +8,10 @@ private channel authorized through bunpulse.authorizer, a presence channel with 
 a signin, and a publish from the host application's code. A standalone BunPulse has no host: a
 Flask app in this test process plays it (the helper signs with the app's credentials, and
 publishes with the PyPI library). One server and one pusher-js driver serve a way's checks."""
+import hashlib
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -25,7 +27,7 @@ from bunpulse.apps import App
 from bunpulse.authorizer import auth_blueprint
 from bunpulse.signatures import sign_api_request
 from conftest import (APP_ID, KEY, MASTER_KEY, ROOT, SECRET, NodeDriver, RawClient,
-                      ServerProcess, free_port, wait_until)
+                      ServerProcess, free_port, raw_signin, read_json_answer)
 
 STOCK = "geventwebsocket.gunicorn.workers.GeventWebSocketWorker"
 OWN = "bunpulse.worker.PusherWorker"
@@ -58,7 +60,10 @@ WAYS = {
 }
 
 HOST_ENV = {"PYTHONPATH": HOSTS_PATH, "FLASK_SKIP_DOTENV": "1", "BUNPULSE_WORKERS": "1",
-            "HOST_ENCRYPTION_MASTER_KEY": MASTER_KEY}
+            "HOST_ENCRYPTION_MASTER_KEY": MASTER_KEY,
+            # Limits the checks below reach quickly: 1009 past 4 KiB, 4201 after 2.5 s of silence.
+            "BUNPULSE_MAX_MESSAGE_SIZE": "4096", "BUNPULSE_HEARTBEAT_INTERVAL": "1000",
+            "BUNPULSE_HEARTBEAT_TIMEOUT": "2500"}
 
 
 def start_way(name, env=None):
@@ -226,3 +231,128 @@ def test_http_api_under_the_prefix(way):
     params["auth_signature"] = sign_api_request(SECRET, "GET", "/elsewhere" + below, params)
     answer = requests.get(way.server.url + way.prefix + below, params=params, timeout=5)
     assert answer.status_code == 401
+
+
+# ------------------------------------------------------------------------ the same transport
+
+def raw_client(way, key=KEY):
+    client = RawClient(way.server.ws_url + way.prefix + f"/app/{key}?protocol=7", timeout=10)
+    client.socket_id = json.loads(client.recv_event("pusher:connection_established")
+                                  ["data"])["socket_id"]
+    return client
+
+
+def test_an_oversized_message_is_closed_with_1009(way):
+    client = raw_client(way)
+    try:
+        client.send({"event": "client-big", "data": "x" * 5000})
+        assert client.recv_close()[0] == 1009
+    finally:
+        client.close()
+
+
+def test_a_silent_client_is_closed_with_4201(way):
+    client = raw_client(way)
+    try:
+        assert client.recv_event("pusher:ping")  # and no pong: the timeout closes it
+        assert client.recv_close()[0] == 4201
+    finally:
+        client.close()
+
+
+def test_terminated_user_is_closed_with_4009(way):
+    client = raw_client(way)
+    try:
+        raw_signin(client, client.socket_id, {"id": "doomed"})
+        client.recv_event("pusher:signin_success")
+        reply = way.node.call("api", method="terminateUserConnections", args=["doomed"])
+        assert reply["ok"] and reply["result"]["status"] == 200, reply
+        assert client.recv_close()[0] == 4009
+    finally:
+        client.close()
+
+
+# ------------------------------------------------------------------------ HTTP bodies
+
+def raw_request(way, head, body=b"", half_close=False):
+    with socket.create_connection(("127.0.0.1", way.server.port), timeout=5) as sock:
+        sock.sendall(head + body)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        return read_json_answer(sock)
+
+
+def test_a_body_is_read_to_its_content_length_and_answered_at_once(way):
+    """The connection stays open after the body: the server must not wait for more."""
+    path = f"{way.prefix}/apps/{APP_ID}/events"
+    body = json.dumps({"name": "e", "channel": "c", "data": "{}"}).encode()
+    params = {"auth_key": KEY, "auth_timestamp": str(int(time.time())), "auth_version": "1.0",
+              "body_md5": hashlib.md5(body).hexdigest()}
+    params["auth_signature"] = sign_api_request(SECRET, "POST", path, params)
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    started = time.monotonic()
+    answer = raw_request(way, f"POST {path}?{query} HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                              f"application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                              .encode(), body)
+    assert answer.startswith("HTTP/1.1 200"), answer
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("head, body, status, error", [
+    (b"Content-Length: 20000000", b"x" * 65536, 413, "Request body is larger than"),
+    (b"Content-Length: 1000", b"{}", 400, "Incomplete request body"),
+])
+def test_bad_bodies_get_a_clear_answer(way, head, body, status, error):
+    answer = raw_request(way, f"POST {way.prefix}/apps/{APP_ID}/events HTTP/1.1\r\nHost: x\r\n"
+                              .encode() + head + b"\r\n\r\n", body, half_close=True)
+    assert answer.startswith(f"HTTP/1.1 {status}"), answer
+    assert error in answer
+    assert requests.get(way.server.url + way.prefix + "/health", timeout=5).status_code == 200
+
+
+# ------------------------------------------------------------------------ stopping, scaling
+
+def test_stock_worker_tells_clients_to_reconnect_when_it_stops():
+    """The stock worker tells the application nothing: BunPulse sees its server close."""
+    server = start_way("stock worker")
+    try:
+        clients = [RawClient(server.ws_url + f"/app/{KEY}?protocol=7", timeout=10)
+                   for _ in range(3)]
+        for client in clients:
+            client.recv_event("pusher:connection_established")
+        server.signal(signal.SIGTERM)
+        for client in clients:
+            assert client.recv_event("pusher:error")["data"]["code"] == 4200
+            assert client.recv_close()[0] == 4200
+            client.close()
+        assert server.proc.wait(10) == 0
+    finally:
+        server.stop()
+    assert "BunPulse is served by gevent-websocket's stock handler" in server.log()
+
+
+@pytest.mark.parametrize("name", ["flask host, stock worker", "django, own worker"])
+def test_host_publish_reaches_clients_on_every_worker(name, redis_server):
+    server = start_way(name, env={"BUNPULSE_WORKERS": "2", "BUNPULSE_REDIS_URL": redis_server.url})
+    clients = []
+    try:
+        workers = set()
+        while len(workers) < 2 and len(clients) < 40:
+            client = RawClient(server.ws_url + PREFIX + f"/app/{KEY}?protocol=7", timeout=10)
+            clients.append(client)
+            socket_id = json.loads(client.recv_event("pusher:connection_established")["data"])[
+                "socket_id"]
+            workers.add(socket_id.split(".")[0])  # the worker's own part of the id
+            client.send({"event": "pusher:subscribe", "data": {"channel": "public-all"}})
+            client.recv_event("pusher_internal:subscription_succeeded")
+        assert len(workers) == 2
+        for n in range(2):
+            answer = requests.post(server.url + "/notify", json={
+                "channel": "public-all", "event": "everywhere", "data": {"n": n}}, timeout=10)
+            assert answer.status_code == 200, answer.text
+            for client in clients:
+                assert json.loads(client.recv_event("everywhere")["data"]) == {"n": n}
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()
