@@ -20,8 +20,8 @@ STOCK_LIMITS = (
     "socket, so close codes, heartbeats and limits are its own, but the stock handler still "
     "answers the handshake (WebSocket versions 7, 8 and 13, no check of Sec-WebSocket-Key), "
     "parses request headers with the slower email parser, keeps each connection's request "
-    "for its whole life (more memory per idle connection) and leaves Nagle on for the HTTP "
-    "API; use BunPulse's own worker (-k bunpulse.worker.PusherWorker) in production")
+    "for its whole life (more memory per idle connection); use BunPulse's own worker "
+    "(-k bunpulse.worker.PusherWorker) in production")
 
 _noted = False
 _watched = set()
@@ -44,11 +44,7 @@ def serve_stock_websocket(core, environ):
     stock.closed = True  # neither the stock handler nor its __del__ sends a close frame now
     _watch(core, handler.server)
     sock = handler.socket
-    if sock.family != socket.AF_UNIX:
-        try:  # as BunPulse's handler: small frames must not wait for the client's ACK
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+    _no_delay(sock)
     ws = PusherWebSocket(sock, _buffered_ahead(handler))
     environ["wsgi.websocket"] = ws
     admission = core.admit(api.request_path(environ), api.query_params(environ))
@@ -56,6 +52,23 @@ def serve_stock_websocket(core, environ):
         core.serve_websocket(ws, admission)
     finally:
         session_over(ws)
+
+
+def stock_request(environ):
+    """An HTTP request the stock handler serves: Nagle off on its socket, as BunPulse's own
+    handler does (pywsgi writes headers and body apart: on a keep-alive connection the body
+    would wait for the client's delayed ACK). pywsgi's request body knows the socket."""
+    sock = getattr(environ.get("wsgi.input"), "socket", None)
+    if sock is not None:
+        _no_delay(sock)
+
+
+def _no_delay(sock):
+    if sock.family != socket.AF_UNIX:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
 
 
 class _ClientTable(dict):

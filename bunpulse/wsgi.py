@@ -13,7 +13,7 @@ from werkzeug.exceptions import HTTPException, NotFound
 from . import api
 from .config import ConfigError, load_settings
 from .core import BunPulse
-from .stock import note_stock_handler, serve_stock_websocket
+from .stock import note_stock_handler, serve_stock_websocket, stock_request
 from .threaded import ThreadedDispatch
 from .transport import SESSION_KEY, PusherWebSocket
 
@@ -48,6 +48,8 @@ def create_app(settings=None, core=None):
             else:
                 serve_stock_websocket(core, environ)
             return []
+        if SESSION_KEY not in environ:  # not BunPulse's own handler
+            stock_request(environ)
         answer = shortcut(environ, start_response)
         if answer is not None:
             return answer

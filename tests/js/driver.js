@@ -31,15 +31,17 @@ function connect({id, presence, user, key, authBase, headers}) {
   const client = new Pusher(key || env.BP_KEY, {
     cluster: 'mt1', wsHost: env.BP_HOST, wsPort: Number(env.BP_PORT), forceTLS: false,
     enabledTransports: ['ws'], disableStats: true, ...(prefix ? {wsPath: prefix} : {}),
-    channelAuthorization: authBase ? viaHost('/pusher/auth') : {customHandler: ({socketId, channelName}, cb) => {
-      try {
-        cb(null, api.authorizeChannel(socketId, channelName,
-          channelName.startsWith('presence-') ? presence : undefined));
-      } catch (err) { cb(err, null); }
-    }},
-    userAuthentication: authBase ? viaHost('/pusher/user-auth') : {customHandler: ({socketId}, cb) => {
-      try { cb(null, api.authenticateUser(socketId, user)); } catch (err) { cb(err, null); }
-    }},
+    channelAuthorization: authBase ? viaHost('/pusher/auth') : {
+      customHandler: ({socketId, channelName}, cb) => {
+        try {
+          cb(null, api.authorizeChannel(socketId, channelName,
+            channelName.startsWith('presence-') ? presence : undefined));
+        } catch (err) { cb(err, null); }
+      }},
+    userAuthentication: authBase ? viaHost('/pusher/user-auth') : {
+      customHandler: ({socketId}, cb) => {
+        try { cb(null, api.authenticateUser(socketId, user)); } catch (err) { cb(err, null); }
+      }},
   });
   client.connection.bind('state_change', (s) => report({type: 'state', id, current: s.current, previous: s.previous}));
   client.connection.bind('connected', () => report({type: 'connected', id, socket_id: client.connection.socket_id}));
