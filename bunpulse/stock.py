@@ -19,7 +19,7 @@ STOCK_LIMITS = (
     "BunPulse is served by gevent-websocket's stock handler: it takes over each upgraded "
     "socket, so close codes, heartbeats and limits are its own, but the stock handler still "
     "answers the handshake (WebSocket versions 7, 8 and 13, no check of Sec-WebSocket-Key), "
-    "parses request headers with the slower email parser, keeps each connection's request "
+    "parses request headers with the slower email parser and keeps each connection's request "
     "for its whole life (more memory per idle connection); use BunPulse's own worker "
     "(-k bunpulse.worker.PusherWorker) in production")
 
