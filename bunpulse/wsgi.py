@@ -3,7 +3,12 @@
 Each route is declared once: the HTTP API's in api.py, the WebSocket endpoint here. Two kinds
 of request skip Flask's request context and routing, which cost as much as the work itself:
 every WebSocket upgrade (whatever its path: `BunPulse.admit` refuses a wrong one with 4005),
-and the routes api.py declares with `shortcut=True` (the publish calls)."""
+and the routes api.py declares with `shortcut=True` (the publish calls).
+
+Whoever serves it: under gevent (BunPulse's worker and embedded server, gunicorn's stock
+gevent-websocket worker) requests run in the hub's greenlets, and an upgrade arrives as
+BunPulse's WebSocket or as the stock handler's, whose socket is taken over (stock.py); in a
+process gevent does not patch (`flask run`), requests are handed to a hub thread (threaded.py)."""
 import sys
 
 from flask import Flask, jsonify, request
