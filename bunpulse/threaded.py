@@ -148,6 +148,8 @@ def read_body(environ, max_body):
 
 def _buffered_ahead(rfile, sock):
     """What the server's buffered reader already holds past the handshake, without waiting."""
+    if not hasattr(rfile, "read1"):  # not Werkzeug's reader: nothing was read ahead through it
+        return b""
     timeout = sock.gettimeout()
     sock.settimeout(0)
     try:

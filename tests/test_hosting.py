@@ -331,7 +331,8 @@ def test_host_publish_reaches_clients_on_every_worker(name, redis_server):
     clients = []
     try:
         workers = set()
-        while len(workers) < 2 and len(clients) < 40:
+        deadline = time.monotonic() + 30  # until the second worker has booted and accepted
+        while len(workers) < 2 and time.monotonic() < deadline:
             client = RawClient(server.ws_url + PREFIX + f"/app/{KEY}?protocol=7", timeout=10)
             clients.append(client)
             socket_id = json.loads(client.recv_event("pusher:connection_established")["data"])[
@@ -339,6 +340,7 @@ def test_host_publish_reaches_clients_on_every_worker(name, redis_server):
             workers.add(socket_id.split(".")[0])  # the worker's own part of the id
             client.send({"event": "pusher:subscribe", "data": {"channel": "public-all"}})
             client.recv_event("pusher_internal:subscription_succeeded")
+            time.sleep(0.05)
         assert len(workers) == 2
         for n in range(2):
             answer = requests.post(server.url + "/notify", json={
