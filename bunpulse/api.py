@@ -274,7 +274,7 @@ def channels(core, req, app_id):
     if "user_count" in attributes and not prefix.startswith("presence-"):
         raise ApiError(400, "info=user_count needs filter_by_prefix=presence-")
     result = {}
-    for name, (_, user_count) in core.adapter.channel_counts(app.id).items():
+    for name, (_, user_count) in core.channel_counts(app).items():
         if name.startswith(prefix):
             result[name] = {"user_count": user_count} if attributes else {}
     return {"channels": result}
@@ -290,12 +290,12 @@ def channel(core, req, app_id, name):
         raise ApiError(400, "info=user_count is only available for presence channels")
     if "cache" in attributes and not kind.cache:
         raise ApiError(400, "info=cache is only available for cache channels")
-    subscriptions = core.adapter.subscription_count(app.id, name)
+    subscriptions = core.subscription_count(app, name)
     result = {"occupied": subscriptions > 0}
     result.update(core.channel_info(app, name, attributes))
     if "cache" in attributes:
-        cached = core.adapter.cache_get(app.id, name)
-        result["cache"] = None if cached is None else {  # the reference's shape exactly
+        cached = core.cached(app, name)
+        result["cache"] = None if cached is None else {  # the shape Pusher's API answers with
             "data": cached[1], "ttl": max(0, int(cached[2]))}
     return result
 
@@ -306,7 +306,7 @@ def channel_users(core, req, app_id, name):
     _check_channel(app, name)
     if not channel_kind(name).presence:
         raise ApiError(400, "Users are only available for presence channels")
-    return {"users": [{"id": user_id} for user_id in core.adapter.members(app.id, name)]}
+    return {"users": [{"id": user_id} for user_id in core.members(app, name)]}
 
 
 @_route("/apps/<app_id>/users/<user_id>/terminate_connections", methods=["POST"])

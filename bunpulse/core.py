@@ -10,10 +10,9 @@ import gevent
 
 from . import protocol
 from .adapters import make_adapter
-from .adapters.local import PresenceFull
 from .apps import load_apps
 from .connection import Connection
-from .errors import ConnectionRefused, PusherError, SubscriptionError
+from .errors import ConnectionRefused, PresenceFull, ErrorCode, SubscriptionError
 from .hub import Hub
 from .protocol import channel_kind, data_string
 from .frames import build_frame
@@ -104,24 +103,28 @@ class BunPulse:
     def _admit(self, path, query):
         match = APP_PATH.match(path)
         if match is None:
-            raise ConnectionRefused(PusherError.PATH_NOT_FOUND,
+            raise ConnectionRefused(ErrorCode.PATH_NOT_FOUND,
                                     f"Path not found: connect to /app/{{key}}")
         key = match.group(1)
         app = self.apps.by_key(key)
         if app is None:
-            raise ConnectionRefused(PusherError.APP_NOT_FOUND, f"App key {key} does not exist.")
+            raise ConnectionRefused(ErrorCode.APP_NOT_FOUND, f"App key {key} does not exist.")
         version = query.get("protocol")
         if not version:
-            raise ConnectionRefused(PusherError.NO_PROTOCOL, "No protocol version supplied")
+            raise ConnectionRefused(ErrorCode.NO_PROTOCOL, "No protocol version supplied")
         if not version.isdigit() or int(version) not in protocol.PROTOCOL_VERSIONS:
-            raise ConnectionRefused(PusherError.UNSUPPORTED_PROTOCOL,
+            raise ConnectionRefused(ErrorCode.UNSUPPORTED_PROTOCOL,
                                     f"Unsupported protocol version {version[:16]}: use 5, 6 or 7")
         if not app.enabled:
-            raise ConnectionRefused(PusherError.APP_DISABLED, "Application is disabled")
+            raise ConnectionRefused(ErrorCode.APP_DISABLED, "Application is disabled")
         if app.max_connections and self.adapter.connection_count(app.id) >= app.max_connections:
-            raise ConnectionRefused(PusherError.OVER_CONNECTION_QUOTA,
+            raise ConnectionRefused(ErrorCode.OVER_CONNECTION_QUOTA,
                                     "Application is over its connection quota")
         return app
+
+    def connected(self, conn):
+        """A connection is established: count it and make it reachable."""
+        self.adapter.add_connection(conn)
 
     def _count_eviction(self):
         self.evictions += 1
@@ -137,7 +140,7 @@ class BunPulse:
     def shutdown(self):
         """Tell every client to reconnect at once (4200), e.g. when a worker stops."""
         for conn in self.hub.connections():
-            conn.refuse(PusherError.RECONNECT, "Server is restarting: reconnect")
+            conn.refuse(ErrorCode.RECONNECT, "Server is restarting: reconnect")
         # Let them leave (up to 1 s) and send the webhooks their leaving causes (up to 2 s):
         # channels this server vacated are reported, not left occupied at the receiver.
         for _ in range(50):
@@ -256,6 +259,21 @@ class BunPulse:
             self.webhooks.emit(app, hook)
         self.hooks.emit("client_event", conn, {"event": name, "channel": channel, "data": data})
 
+    def channel_counts(self, app):
+        """{channel: (subscription_count, user_count)} for every occupied channel."""
+        return self.adapter.channel_counts(app.id)
+
+    def subscription_count(self, app, channel):
+        return self.adapter.subscription_count(app.id, channel)
+
+    def members(self, app, channel):
+        """{user_id: user_info} of a presence channel."""
+        return self.adapter.members(app.id, channel)
+
+    def cached(self, app, channel):
+        """(event, data, seconds left) of a cache channel's last event, or None."""
+        return self.adapter.cache_get(app.id, channel)
+
     def channel_info(self, app, channel, attributes):
         info = {}
         if "subscription_count" in attributes:
@@ -273,7 +291,7 @@ class BunPulse:
         conn.send(protocol.signin_success(user_data))
         watchlist = user.get("watchlist") or []
         if len(watchlist) > protocol.MAX_WATCHLIST:
-            conn.send_error(PusherError.WATCHLIST_LIMIT,
+            conn.send_error(ErrorCode.WATCHLIST_LIMIT,
                             f"Watchlist limit exceeded: only the first {protocol.MAX_WATCHLIST} "
                             "user ids are watched")
             watchlist = watchlist[:protocol.MAX_WATCHLIST]

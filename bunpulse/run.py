@@ -6,6 +6,8 @@ import signal
 
 import gevent
 import gevent.event
+from gevent import monkey
+from gevent import socket as gsocket
 from gevent.pywsgi import WSGIServer
 
 from .config import ConfigError, listen_host, load_settings
@@ -21,7 +23,6 @@ log = logging.getLogger("bunpulse")
 def _listener(settings):
     host = listen_host(settings)
     if host.startswith("unix:"):
-        from gevent import socket as gsocket
         path = host[len("unix:"):]
         if os.path.exists(path):
             os.unlink(path)
@@ -71,7 +72,6 @@ class BunPulseServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self):
-        from gevent import monkey
         if monkey.is_module_patched("socket"):
             self._start_here()
         elif self.settings.redis_url:

@@ -1,4 +1,4 @@
-"""Compatibility: the names older deployments import from here (`bunpulse.server:create_app()`)."""
+"""Compatibility: names old deployments import from here (`bunpulse.server:create_app()`)."""
 from .run import BunPulseServer, serve_forever, start_bunpulse
 from .wsgi import create_app
 
