@@ -379,3 +379,16 @@ def test_flask_run_reads_chunked_bodies_and_refuses_a_bad_content_length(way):
     answer = raw_request(way, (signed_publish(way, body) + "Content-Length: ten\r\n\r\n")
                          .encode(), body, half_close=True)
     assert answer.startswith("HTTP/1.1 400") and "Invalid Content-Length" in answer, answer
+
+
+def test_a_percent_encoded_channel_signed_as_sent(way):
+    """Libraries percent-encode `@ , ; =` in a channel's path and sign what they send; pywsgi
+    (the stock worker) keeps no raw path, so its usual encoding is tried."""
+    sent = f"/apps/{APP_ID}/channels/public-a%40b%2Cc"
+    for signed in ((way.prefix + sent, sent) if way.prefix else (sent,)):
+        params = {"auth_key": KEY, "auth_timestamp": str(int(time.time())),
+                  "auth_version": "1.0"}
+        params["auth_signature"] = sign_api_request(SECRET, "GET", signed, params)
+        answer = requests.get(way.server.url + way.prefix + sent, params=params, timeout=5)
+        assert answer.status_code == 200, (signed, answer.text)
+        assert answer.json()["occupied"] is False
