@@ -144,6 +144,8 @@ def way(request, standalone_host):
     running = Way(request.param, start_way(request.param), standalone_host)
     yield running
     running.close()
+    log = running.server.log()
+    assert "Traceback" not in log and "Error on request" not in log, log[-3000:]
 
 
 def test_connects_and_an_unknown_key_is_closed_with_4001(way):
@@ -309,6 +311,8 @@ def test_bad_bodies_get_a_clear_answer(way, head, body, status, error):
 def test_stock_worker_tells_clients_to_reconnect_when_it_stops():
     """The stock worker tells the application nothing: BunPulse sees its server close."""
     server = start_way("stock worker")
+    # Said once, at start-up: before any WebSocket has connected.
+    assert server.log().count("BunPulse is served by gevent-websocket's stock handler") == 1
     try:
         clients = [RawClient(server.ws_url + f"/app/{KEY}?protocol=7", timeout=10)
                    for _ in range(3)]
@@ -322,7 +326,7 @@ def test_stock_worker_tells_clients_to_reconnect_when_it_stops():
         assert server.proc.wait(10) == 0
     finally:
         server.stop()
-    assert "BunPulse is served by gevent-websocket's stock handler" in server.log()
+    assert server.log().count("BunPulse is served by gevent-websocket's stock handler") == 1
 
 
 @pytest.mark.parametrize("name", ["flask host, stock worker", "django, own worker"])
