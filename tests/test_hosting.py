@@ -8,7 +8,6 @@ private channel authorized through bunpulse.authorizer, a presence channel with 
 a signin, and a publish from the host application's code. A standalone BunPulse has no host: a
 Flask app in this test process plays it (the helper signs with the app's credentials, and
 publishes with the PyPI library). One server and one pusher-js driver serve a way's checks."""
-import hashlib
 import json
 import os
 import signal
@@ -25,9 +24,8 @@ from werkzeug.serving import make_server
 
 from bunpulse.apps import App
 from bunpulse.authorizer import auth_blueprint
-from bunpulse.signatures import sign_api_request
 from conftest import (APP_ID, KEY, MASTER_KEY, ROOT, SECRET, NodeDriver, RawClient,
-                      ServerProcess, free_port, raw_signin, read_json_answer)
+                      ServerProcess, free_port, raw_signin, read_json_answer, signed_query)
 
 STOCK = "geventwebsocket.gunicorn.workers.GeventWebSocketWorker"
 OWN = "bunpulse.worker.PusherWorker"
@@ -225,13 +223,11 @@ def test_http_api_under_the_prefix(way):
         pytest.skip("not mounted")
     below = f"/apps/{APP_ID}/channels"
     for signed in (way.prefix + below, below):
-        params = {"auth_key": KEY, "auth_timestamp": str(int(time.time())),
-                  "auth_version": "1.0"}
-        params["auth_signature"] = sign_api_request(SECRET, "GET", signed, params)
-        answer = requests.get(way.server.url + way.prefix + below, params=params, timeout=5)
+        answer = requests.get(way.server.url + way.prefix + below,
+                              params=signed_query("GET", signed), timeout=5)
         assert answer.status_code == 200, (signed, answer.text)
-    params["auth_signature"] = sign_api_request(SECRET, "GET", "/elsewhere" + below, params)
-    answer = requests.get(way.server.url + way.prefix + below, params=params, timeout=5)
+    answer = requests.get(way.server.url + way.prefix + below,
+                          params=signed_query("GET", "/elsewhere" + below), timeout=5)
     assert answer.status_code == 401
 
 
@@ -361,10 +357,7 @@ def test_host_publish_reaches_clients_on_every_worker(name, redis_server):
 def signed_publish(way, body, method="POST"):
     """The request line and head of a signed publish of `body` to the way's HTTP API."""
     path = f"{way.prefix}/apps/{APP_ID}/events"
-    params = {"auth_key": KEY, "auth_timestamp": str(int(time.time())), "auth_version": "1.0",
-              "body_md5": hashlib.md5(body).hexdigest()}
-    params["auth_signature"] = sign_api_request(SECRET, method, path, params)
-    query = "&".join(f"{k}={v}" for k, v in params.items())
+    query = "&".join(f"{k}={v}" for k, v in signed_query(method, path, body).items())
     return f"{method} {path}?{query} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
 
 
@@ -390,9 +383,7 @@ def test_a_percent_encoded_channel_signed_as_sent(way):
     (the stock worker) keeps no raw path, so its usual encoding is tried."""
     sent = f"/apps/{APP_ID}/channels/public-a%40b%2Cc"
     for signed in ((way.prefix + sent, sent) if way.prefix else (sent,)):
-        params = {"auth_key": KEY, "auth_timestamp": str(int(time.time())),
-                  "auth_version": "1.0"}
-        params["auth_signature"] = sign_api_request(SECRET, "GET", signed, params)
-        answer = requests.get(way.server.url + way.prefix + sent, params=params, timeout=5)
+        answer = requests.get(way.server.url + way.prefix + sent,
+                              params=signed_query("GET", signed), timeout=5)
         assert answer.status_code == 200, (signed, answer.text)
         assert answer.json()["occupied"] is False
