@@ -48,7 +48,8 @@ class ThreadedDispatch:
         if self._hub is None:  # started by the first request: never in a reloader's watcher
             with self._lock:
                 if self._hub is None:
-                    self._hub = HubThread(name="bunpulse-hub")
+                    self._hub = HubThread(name="bunpulse-hub",
+                                          setup=self._core.metrics.start_flushing)
         return self._hub
 
     def call(self, func, *args):

@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException, NotFound
 from . import api
 from .config import ConfigError, load_settings
 from .core import BunPulse
+from .metrics import instrument
 from .stock import note_stock_handler, serve_stock_websocket, stock_request
 from .threaded import ThreadedDispatch
 from .transport import SESSION_KEY, PusherWebSocket
@@ -45,6 +46,16 @@ def create_app(settings=None, core=None):
     flask_wsgi_app = flask_app.wsgi_app
     shortcut = api.shortcut(core, max_body)
 
+    def http(environ, start_response):
+        if SESSION_KEY not in environ:  # not BunPulse's own handler
+            stock_request(environ)
+        answer = shortcut(environ, start_response)
+        if answer is not None:
+            return answer
+        return flask_wsgi_app(environ, start_response)
+
+    http = instrument(http, core.metrics, settings.access_log)
+
     def dispatch(environ, start_response):
         ws = environ.get("wsgi.websocket")
         if ws is not None:
@@ -53,14 +64,10 @@ def create_app(settings=None, core=None):
             else:
                 serve_stock_websocket(core, environ)
             return []
-        if SESSION_KEY not in environ:  # not BunPulse's own handler
-            stock_request(environ)
-        answer = shortcut(environ, start_response)
-        if answer is not None:
-            return answer
-        return flask_wsgi_app(environ, start_response)
+        return http(environ, start_response)
 
     if monkey.is_module_patched("socket"):
+        core.metrics.start_flushing()  # in the hub that serves: create_app runs there
         flask_app.wsgi_app = dispatch
         flask_app.extensions["bunpulse.call"] = _call_here
         if _under_the_stock_worker():
@@ -72,6 +79,7 @@ def create_app(settings=None, core=None):
                               "hub otherwise")
         flask_app.wsgi_app = ThreadedDispatch(dispatch, core, max_body)
         flask_app.extensions["bunpulse.call"] = flask_app.wsgi_app.call
+    flask_app.on_worker_draining = core.drain
     flask_app.on_worker_stop = core.shutdown
     return flask_app
 

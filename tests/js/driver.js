@@ -3,6 +3,7 @@
 // signs subscriptions and calls the HTTP API, exactly as an application would.
 //
 // Environment: BP_HOST, BP_PORT, BP_APP_ID, BP_KEY, BP_SECRET, BP_MASTER_KEY (base64, optional),
+// BP_TLS=1 for wss:// and https:// (Node trusts the test's CA through NODE_EXTRA_CA_CERTS),
 // BP_PREFIX (optional: where a host application mounts BunPulse, e.g. /realtime).
 'use strict';
 const Pusher = require('pusher-js');
@@ -10,11 +11,12 @@ const PusherServer = require('pusher');
 const readline = require('readline');
 
 const env = process.env;
+const tls = env.BP_TLS === '1';
 const prefix = env.BP_PREFIX || '';
 // The npm library has no path option: a mounted server's prefix rides on the host, and the
 // library signs the path below it.
 const api = new PusherServer({
-  appId: env.BP_APP_ID, key: env.BP_KEY, secret: env.BP_SECRET, useTLS: false,
+  appId: env.BP_APP_ID, key: env.BP_KEY, secret: env.BP_SECRET, useTLS: tls,
   ...(prefix ? {host: `${env.BP_HOST}:${env.BP_PORT}${prefix}`}
     : {host: env.BP_HOST, port: String(env.BP_PORT)}),
   encryptionMasterKeyBase64: env.BP_MASTER_KEY || undefined,
@@ -29,8 +31,9 @@ function report(msg) { process.stdout.write(JSON.stringify(msg) + '\n'); }
 function connect({id, presence, user, key, authBase, headers}) {
   const viaHost = (path) => ({endpoint: authBase + path, headers: headers || {}});
   const client = new Pusher(key || env.BP_KEY, {
-    cluster: 'mt1', wsHost: env.BP_HOST, wsPort: Number(env.BP_PORT), forceTLS: false,
-    enabledTransports: ['ws'], disableStats: true, ...(prefix ? {wsPath: prefix} : {}),
+    cluster: 'mt1', wsHost: env.BP_HOST, wsPort: Number(env.BP_PORT),
+    wssPort: Number(env.BP_PORT), forceTLS: tls, enabledTransports: ['ws'],
+    disableStats: true, ...(prefix ? {wsPath: prefix} : {}),
     channelAuthorization: authBase ? viaHost('/pusher/auth') : {
       customHandler: ({socketId, channelName}, cb) => {
         try {
