@@ -73,6 +73,15 @@ def test_the_installed_package_is_imported_with_its_version(installed):
     assert out.returncode == 0, out.stderr
     where, versions = out.stdout.splitlines()
     assert where.startswith(str(installed))
+    # Every file of the package is installed, data (the dashboard's) as well as code.
+    package = os.path.join(ROOT, "bunpulse")
+    shipped = {os.path.relpath(os.path.join(folder, name), package)
+               for folder, _, names in os.walk(package) if "__pycache__" not in folder
+               for name in names}
+    installed_package = os.path.dirname(where)
+    missing = [name for name in shipped
+               if not os.path.isfile(os.path.join(installed_package, name))]
+    assert not missing
     version, metadata_version = versions.split()
     assert version == metadata_version
     assert version == re.search(r'__version__ = "([^"]+)"',
