@@ -115,6 +115,8 @@ OPTIONS = (
            "webhook events held per target before new ones are dropped (and counted)"),
     Option("redis_url", "BUNPULSE_REDIS_URL", None, _url(("redis", "rediss", "unix")),
            "Redis for several workers or nodes (pub/sub and shared state)"),
+    Option("redis_cluster", "BUNPULSE_REDIS_CLUSTER", False, _bool,
+           "the Redis URL is a seed node of a Redis Cluster (sharded pub/sub, Redis 7+)"),
     Option("workers", "BUNPULSE_WORKERS", 1, _int(1), "gunicorn worker processes"),
     Option("log_level", "BUNPULSE_LOG_LEVEL", "info", _text, "debug, info, warning or error"),
     Option("env_file", "BUNPULSE_ENV_FILE", ".env", _text, "dotenv file read at start-up"),
@@ -190,6 +192,8 @@ def _check(settings):
     if settings.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"invalid --log-level={settings.log_level!r}: "
                           "must be debug, info, warning or error")
+    if settings.redis_cluster and not settings.redis_url:
+        raise ConfigError("--redis-cluster needs BUNPULSE_REDIS_URL: a seed node of the cluster")
     if settings.workers > 1 and not settings.redis_url:
         raise ConfigError("BUNPULSE_WORKERS above 1 needs BUNPULSE_REDIS_URL: each worker has "
                           "its own hub and Redis joins them")

@@ -5,11 +5,15 @@ state change returns what changed (occupied, vacated, member added or removed, u
 offline) as values, for the adapter to turn into deployment-wide events and webhooks.
 """
 import time
-from collections import deque
+from collections import deque, namedtuple
 
 import gevent
 
 YIELD_EVERY = 256  # sockets served between two yields while fanning out to a big channel
+
+# What a subscription's end changed: the channel, whether it became empty, and the presence
+# user who left it (None if the user is still there through another connection, or none).
+Left = namedtuple("Left", "channel vacated removed")
 
 
 class Channel:
@@ -98,7 +102,7 @@ class Hub:
 
     def unsubscribe(self, conn, name):
         """Remove conn from a channel; None if it was not subscribed, else
-        (name, vacated, removed user_id or None)."""
+        Left(name, vacated, removed user_id or None)."""
         if name not in conn.subscriptions:
             return None
         user_id = conn.subscriptions.pop(name)
@@ -118,7 +122,7 @@ class Hub:
         vacated = not channel.subscribers
         if vacated:
             del channels[name]
-        return name, vacated, removed
+        return Left(name, vacated, removed)
 
     def channel(self, app_id, name):
         state = self._apps.get(app_id)

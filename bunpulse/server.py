@@ -197,27 +197,23 @@ class BunPulse:
             self._left(conn.app, change)
 
     def _left(self, app, change):
-        name, vacated, removed = change
-        if removed is not None:
-            self.adapter.publish(app.id, name, build_frame(protocol.member_removed(name, removed)))
-            self.webhooks.emit(app, {"name": "member_removed", "channel": name,
-                                     "user_id": removed})
-        if vacated:
-            self.webhooks.emit(app, {"name": "channel_vacated", "channel": name})
+        if change.removed is not None:
+            self.adapter.publish(app.id, change.channel, build_frame(
+                protocol.member_removed(change.channel, change.removed)))
+            self.webhooks.emit(app, {"name": "member_removed", "channel": change.channel,
+                                     "user_id": change.removed})
+        if change.vacated:
+            self.webhooks.emit(app, {"name": "channel_vacated", "channel": change.channel})
         elif app.webhooks:
-            self._emit_subscription_count(app, name)
+            self._emit_subscription_count(app, change.channel)
 
-    def cluster_removals(self, vacated, removed, offline):
-        """Announce what a dead node's departure (or another node's report) removed:
-        [(app_id, channel)], [(app_id, channel, user_id)], [(app_id, user_id)]."""
-        for app_id, channel, user_id in removed:
+    def cluster_removals(self, left, offline):
+        """Announce what a dead node's departure removed: [(app_id, Left)] and
+        [(app_id, user_id gone offline)]."""
+        for app_id, change in left:
             app = self.apps.by_id(app_id)
             if app is not None:
-                self._left(app, (channel, False, user_id))
-        for app_id, channel in vacated:
-            app = self.apps.by_id(app_id)
-            if app is not None:
-                self.webhooks.emit(app, {"name": "channel_vacated", "channel": channel})
+                self._left(app, change)
         for app_id, user_id in offline:
             app = self.apps.by_id(app_id)
             if app is not None:

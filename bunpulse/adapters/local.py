@@ -27,7 +27,7 @@ class LocalAdapter:
         return self.hub.connection_count(app_id)
 
     def remove_connection(self, conn):
-        """Returns ([(channel, vacated, removed user_id)], user_id gone offline or None)."""
+        """Returns ([Left], user_id gone offline or None)."""
         return self.hub.remove_connection(conn)
 
     # ---------------------------------------------------------------- delivery
@@ -60,7 +60,7 @@ class LocalAdapter:
         return occupied, added, roster
 
     def unsubscribe(self, conn, channel):
-        """Returns None or (channel, vacated, removed user_id or None)."""
+        """Returns None or a Left (channel, vacated, removed user_id or None)."""
         return self.hub.unsubscribe(conn, channel)
 
     def sign_in(self, conn, user_id):
