@@ -1,7 +1,8 @@
-"""Several processes on one Redis behave as one server (the scale-out issue).
+"""Several processes on one Redis, or on a Redis Cluster, behave as one server.
 
 Two `python -m bunpulse` nodes on two ports, and gunicorn with two workers, share a real
-redis-server; pusher-js and the official libraries see one deployment."""
+redis-server (or a cluster of three masters and a replica, started once for the module);
+pusher-js and the official libraries see one deployment. Every test runs on both."""
 import json
 import signal
 import sys
@@ -9,11 +10,33 @@ import time
 
 import pytest
 
-from conftest import KEY, connected, pusher_api, wait_until
+from conftest import (KEY, RedisClusterServer, RedisServer, connected, pusher_api,
+                      wait_until)
+
+
+@pytest.fixture(scope="module")
+def redis_cluster():
+    cluster = RedisClusterServer()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def redis_server(request):
+    """One redis-server per test, or the module's cluster, emptied for the test."""
+    if request.param == "redis":
+        server = RedisServer()
+        yield server
+        server.stop()
+        return
+    cluster = request.getfixturevalue("redis_cluster")
+    cluster.start()  # whatever an earlier test stopped
+    cluster.flush()
+    yield cluster
 
 
 def cluster_env(redis_server, receiver=None, **extra):
-    env = {"BUNPULSE_REDIS_URL": redis_server.url, "BUNPULSE_WEBHOOK_BATCH_MS": "0",
+    env = {**redis_server.env, "BUNPULSE_WEBHOOK_BATCH_MS": "0",
            "BUNPULSE_WEBHOOK_DELAY_MS": "0"}
     if receiver is not None:
         env["BUNPULSE_WEBHOOK_URL"] = receiver.url

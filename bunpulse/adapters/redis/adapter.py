@@ -22,7 +22,7 @@ import redis
 from ...config import redacted
 from ...hub import Left
 from ..local import LocalAdapter, PresenceFull
-from .bus import SUBSCRIBED_WITHIN, Bus, RedisClusterTopology, SingleRedis
+from .bus import FAILURES, SUBSCRIBED_WITHIN, Bus, RedisClusterTopology, SingleRedis
 from .nodes import Nodes
 from .scripts import SCRIPTS, Keys
 
@@ -52,19 +52,18 @@ def or_local(method):
 def connect(settings):
     """(client for the requests, client for heartbeats and reaping, pub/sub topology)."""
     options = dict(socket_connect_timeout=1, socket_timeout=3)
-    if settings.redis_cluster:
-        client = redis.RedisCluster.from_url(settings.redis_url, **options)
-        control = redis.RedisCluster.from_url(settings.redis_url, **options)
-        return client, control, RedisClusterTopology(
-            redis.RedisCluster.from_url(settings.redis_url, **options))
     # A blocking pool: hundreds of greenlets may call at once, and redis-py's default pool
     # refuses the 101st ("Too many connections") instead of making it wait. A busy worker can
     # keep a greenlet waiting for a connection for seconds: that is congestion, not an
     # outage, so the wait is long; a Redis that stops answering still fails fast through the
     # socket timeouts of the connections in use.
-    pool = redis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=POOL_SIZE, timeout=POOL_WAIT,
-        health_check_interval=10, **options)
+    pooled = dict(options, max_connections=POOL_SIZE, timeout=POOL_WAIT)
+    if settings.redis_cluster:
+        cluster = functools.partial(redis.RedisCluster.from_url, settings.redis_url)
+        return (cluster(connection_pool_class=redis.BlockingConnectionPool, **pooled),
+                cluster(**options), RedisClusterTopology(cluster(**options)))
+    pool = redis.BlockingConnectionPool.from_url(settings.redis_url, health_check_interval=10,
+                                                 **pooled)
     # Heartbeats and reaping on a connection of their own: a worker whose pool is busy must
     # never look dead to the others.
     return (redis.Redis(connection_pool=pool), redis.Redis.from_url(settings.redis_url, **options),
@@ -119,12 +118,14 @@ class RedisAdapter(LocalAdapter):
             yield
         except RedisDown:
             pass
-        except redis.RedisError as exc:
+        except FAILURES as exc:
             self.down(exc)
 
     def eval(self, name, keys, args, pipe=None):
-        return (pipe if pipe is not None else self.redis).evalsha(
-            SCRIPTS[name][1], len(keys), *keys, *args)
+        # execute_command: redis-py's cluster pipeline refuses its own evalsha method, though
+        # it routes the command by its keys like any other
+        return (pipe if pipe is not None else self.redis).execute_command(
+            "EVALSHA", SCRIPTS[name][1], len(keys), *keys, *args)
 
     # ---------------------------------------------------------------- interest
 

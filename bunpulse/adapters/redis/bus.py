@@ -21,6 +21,9 @@ log = logging.getLogger("bunpulse.redis")
 PING_EVERY = 1.0   # seconds between pings on an idle subscriber connection
 PONG_WITHIN = 3.0  # seconds without any answer before the subscriber connection is dropped
 SUBSCRIBED_WITHIN = 2.0  # seconds a new subscriber waits for its node's Redis subscription
+# What an unreachable Redis or cluster raises (RedisClusterException is no RedisError).
+FAILURES = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
+MAX_BACKOFF = 1.0  # seconds between two attempts to reach a master again
 YIELD_EVERY = 200  # messages read between two yields: a burst must not starve the sockets
 
 
@@ -101,32 +104,49 @@ class Bus:
         self._rebuild.set()
 
     def _supervise(self):
-        """(Re)build the links: at start, and after any of them failed."""
+        """Keep a link to every master: at start, and after a link failed, links to the
+        masters now in charge are opened (those still up are kept) and every wanted channel
+        is subscribed on the link of the master that owns it."""
         backoff = 0.1
         while self._running:
             try:
-                self._connect()
+                self.topology.refresh()
+                complete = self._connect()
+            except FAILURES as exc:
+                self.on_down(exc)
+                complete = False
+            if complete:
                 backoff = 0.1
                 self._rebuild.wait()
                 self._rebuild.clear()
-            except (redis.RedisError, OSError) as exc:
-                self.on_down(exc)
-            for link in self.links.values():
-                link.close()
-            self.links = {}
-            gevent.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+            else:
+                gevent.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
 
     def _connect(self):
-        self.topology.refresh()
-        links = {address: Link(self, address) for address in self.topology.addresses()}
-        for link in links.values():
-            link.open()
-        self.links = links
-        for key in self.wanted:
-            self.links[self.topology.address(key)].mark(key)
-        for link in links.values():
+        """Returns whether every master has its link."""
+        addresses = set(self.topology.addresses())
+        for address, link in list(self.links.items()):
+            if address not in addresses or not link.up:
+                link.close()
+                del self.links[address]
+        complete = True
+        for address in addresses - set(self.links):
+            link = Link(self, address)
+            try:
+                link.open()
+            except FAILURES as exc:
+                link.close()
+                self.on_down(exc)
+                complete = False
+                continue
+            self.links[address] = link
             link.start()
+        for key in self.wanted:
+            link = self.links.get(self.topology.address(key))
+            if link is not None and key not in link.subscribed:
+                link.mark(key)
+        return complete
 
     def received(self, redis_channel, data):
         if data[:16] == self.node:
@@ -234,7 +254,7 @@ class Link:
                             if self.topology.moved(exc):
                                 raise
                             log.warning("Redis refused a command: %s", exc)
-        except (redis.RedisError, OSError) as exc:
+        except FAILURES as exc:
             self.bus.link_failed(self, exc)
 
     def _read(self):
@@ -264,7 +284,7 @@ class Link:
                     elif not pending and key in self.subscribed:
                         # Not asked for: the slot moved to another master (cluster).
                         raise redis.ConnectionError(f"{key!r} moved away from {self.address}")
-        except (redis.RedisError, OSError) as exc:
+        except FAILURES as exc:
             self.bus.link_failed(self, exc)
         except Exception:  # noqa: BLE001 - one bad message must not stop the node's relay
             log.exception("Redis reader failed; reconnecting")

@@ -15,6 +15,7 @@ import redis
 
 from ...hub import Left
 from ..local import LocalAdapter
+from .bus import FAILURES
 from .scripts import SCRIPTS, SEP, Keys
 
 log = logging.getLogger("bunpulse.redis")
@@ -37,7 +38,7 @@ class Nodes:
             self.load_scripts()
             self.heartbeat()
             self.adapter.up = True
-        except redis.RedisError as exc:
+        except FAILURES as exc:
             log.error("Redis at %s is unreachable (%s): serving this node's sockets alone "
                       "until it answers", self.adapter.url, exc)
         self._greenlet = gevent.spawn(self._keep_alive)
@@ -56,7 +57,7 @@ class Nodes:
                     self.load_scripts()
                     log.info("Redis is back: reconciling this node's state")
                     self.reconcile()  # sets adapter.up at the right moment
-                except redis.RedisError as exc:
+                except FAILURES as exc:
                     adapter.down(exc)
                     gevent.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
@@ -72,7 +73,7 @@ class Nodes:
                 if time.monotonic() - last_reap >= REAP_EVERY:
                     last_reap = time.monotonic()
                     self.reap_dead_nodes()
-            except redis.RedisError as exc:
+            except FAILURES as exc:
                 adapter.down(exc)
             except Exception:  # noqa: BLE001
                 log.exception("Redis keep-alive failed")
