@@ -304,3 +304,66 @@ def test_presence_member_limit_holds_across_nodes(start_server, redis_server, ra
     assert refused["event"] == "pusher:subscription_error"
     assert refused["data"]["status"] == 403
     assert join(a, "1")["event"] == "pusher_internal:subscription_succeeded"  # a known user
+
+
+# Last in the module: it leaves the cluster with a master and its replica swapped.
+FAILOVER_WINDOW = 6.0  # seconds: the test cluster's node timeout (1 s), the replica's
+#                        election, and a node's reconnection (at most 1 s apart)
+
+
+def test_master_failover_loses_no_event_beyond_the_window(redis_cluster, start_server, raw):
+    """A master dies while events flow through its slot: its replica takes over, and the
+    events lost are those published within one window of the failure, none after."""
+    import threading
+    from bunpulse.adapters.redis.scripts import Keys
+    cluster = redis_cluster
+    cluster.start()
+    cluster.flush()
+    master = int(cluster.cli(cluster.ports[3], "info", "replication")
+                 .split("master_port:")[1].split()[0])  # the master with a replica
+    channel = next(f"failover-{n}" for n in range(1000)
+                   if cluster.master_of(Keys.events("1", f"failover-{n}")) == master)
+    env = cluster_env(cluster)
+    a, b = start_server(env=env), start_server(env=env)
+    subscriber = raw(target=b)
+    connected(subscriber)
+    subscriber.send({"event": "pusher:subscribe", "data": {"channel": channel}})
+    subscriber.recv_event("pusher_internal:subscription_succeeded")
+
+    received, sent, stop = [], [], threading.Event()
+
+    def receive():
+        while not stop.is_set() or len(received) < len(sent):
+            try:
+                message = subscriber.recv()
+            except Exception:  # noqa: BLE001 - the socket's timeout: nothing more came
+                return
+            if isinstance(message, dict) and message.get("event") == "tick":
+                received.append(json.loads(message["data"])["n"])
+
+    reader = threading.Thread(target=receive, daemon=True)
+    reader.start()
+    api = pusher_api(a)
+
+    def publish(seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            sent.append(time.monotonic())
+            api.trigger(channel, "tick", {"n": len(sent) - 1})
+            time.sleep(0.02)
+
+    publish(1.0)
+    killed_at = time.monotonic()
+    cluster.kill(master)
+    publish(FAILOVER_WINDOW + 2)
+    stop.set()
+    reader.join(10)
+
+    assert received == sorted(set(received)), "events duplicated or out of order"
+    before = [n for n in range(len(sent)) if sent[n] < killed_at]
+    assert set(before) <= set(received), "an event published before the failure was lost"
+    lost = sorted(set(range(len(sent))) - set(received))
+    assert lost, "the failure cost nothing: was the master the channel's?"
+    assert lost == list(range(lost[0], lost[-1] + 1)), f"lost events are not one run: {lost}"
+    assert sent[lost[-1]] - killed_at < FAILOVER_WINDOW
+    assert lost[-1] < len(sent) - 1 and received[-1] == len(sent) - 1
