@@ -447,6 +447,11 @@ def start_redis(port, *options):
     return proc
 
 
+def redis_cli(port, *args):
+    return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True,
+                          text=True, timeout=10).stdout
+
+
 def stop_redis(proc, sig=signal.SIGTERM):
     if proc.poll() is None:
         proc.send_signal(sig)
@@ -468,6 +473,13 @@ class RedisServer:
 
     def stop(self):
         stop_redis(self.proc)
+
+    def cli(self, *args):
+        return redis_cli(self.port, *args)
+
+    def listeners(self, channel):
+        """How many connections are subscribed to a pub/sub channel."""
+        return int(self.cli("pubsub", "numsub", channel).split()[1])
 
 
 class RedisClusterServer:
@@ -517,8 +529,12 @@ class RedisClusterServer:
             "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS))
 
     def cli(self, port, *args):
-        return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True,
-                              text=True, timeout=10).stdout
+        return redis_cli(port, *args)
+
+    def listeners(self, channel):
+        """How many connections are subscribed to a sharded pub/sub channel."""
+        return int(self.cli(self.master_of(channel), "pubsub", "shardnumsub",
+                            channel).split()[1])
 
     def wait_ok(self, ports=None, timeout=20):
         for port in ports or [p for p, proc in self.procs.items() if proc.poll() is None]:

@@ -66,6 +66,26 @@ def test_publish_on_one_node_reaches_subscribers_of_both_once(nodes, node_for):
     assert [e["data"]["n"] for e in client_b.events("b", "headline")] == [1, 2]
 
 
+def test_a_node_listens_only_to_channels_it_has_subscribers_for(nodes, node_for,
+                                                               redis_server):
+    from bunpulse.adapters.redis.scripts import Keys
+    a, b = nodes
+    client_a, client_b = node_for(a), node_for(b)
+    client_a.connect("a")
+    client_b.connect("b")
+    events = Keys.events("1", "interest")
+    client_a.subscribe("a", "interest")
+    assert redis_server.listeners(events) == 1  # node a only: b has nobody there
+    client_b.subscribe("b", "interest")
+    assert redis_server.listeners(events) == 2
+    pusher_api(a).trigger("interest", "hi", {})
+    client_b.wait_event("b", "hi")
+    client_b.call("unsubscribe", id="b", channel="interest")
+    wait_until(lambda: redis_server.listeners(events) == 1, message="node b unsubscribed")
+    client_a.call("disconnect", id="a")
+    wait_until(lambda: redis_server.listeners(events) == 0, message="node a unsubscribed")
+
+
 def test_socket_id_exclusion_and_client_events_cross_nodes(nodes, node_for):
     a, b = nodes
     client_a, client_b = node_for(a), node_for(b)
