@@ -56,10 +56,6 @@ class Hub:
     def add_connection(self, conn):
         self.app(conn.app.id).connections[conn.socket_id] = conn
 
-    def connection(self, app_id, socket_id):
-        state = self._apps.get(app_id)
-        return state.connections.get(socket_id) if state else None
-
     def connection_count(self, app_id):
         state = self._apps.get(app_id)
         return len(state.connections) if state else 0

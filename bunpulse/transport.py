@@ -1,65 +1,41 @@
-"""The WebSocket transport: the only module that imports geventwebsocket.
+"""The WebSocket transport: socket I/O only, and the only module that imports geventwebsocket.
 
-It fixes what gevent-websocket 0.10.1 gets wrong for a Pusher server (see stack-notes.md):
+It fixes what gevent-websocket 0.10.1 gets wrong for a Pusher server:
 close frames carry a real code, an oversized message is refused from its header (1009) before
 its payload is read, unmasking runs in C (wsaccel), invalid UTF-8 closes with 1007 and protocol
 errors with 1002, no stray close frame from `__del__`, and no per-address client table (which
-breaks on unix sockets). Every write goes through one Outbox per socket: a non-blocking send,
-and a bounded buffer drained by a writer greenlet that exists only while there is a backlog.
+breaks on unix sockets). Frames are parsed by frames.FrameParser, which does no I/O. Every write
+goes through one Outbox per socket: a non-blocking send, and a bounded buffer drained by a
+writer greenlet that exists only while there is a backlog.
+
+The seam: `PusherWebSocket(sock, ahead)` runs on any upgraded raw socket plus the bytes already
+read past the handshake; `BunPulse.serve_websocket(ws, admission)` then runs the connection.
 """
 import base64
 import hashlib
 import logging
 import socket
-import struct
 
 import gevent
 from gevent.pywsgi import WSGIHandler, _NoopLog
-from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import WebSocket
-from wsaccel.xormask import XorMaskerSimple
 
-from .errors import PusherError, WsClose
+from .errors import ErrorCode, WsClose
+from .frames import (OP_BINARY, OP_TEXT, Close, FrameParser, PongDue, Violation, build_frame,
+                     close_frame)
 from .request_headers import RequestHeaders
 
 log = logging.getLogger("bunpulse.transport")
 
-OP_CONTINUATION, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
-OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
 # An application may leave a callable here in the upgrade request's environ: the handler runs
 # it once the application has returned, outside its request context (see run_websocket).
 SESSION_KEY = "websocket.session"
 CLOSE_LINGER = 3.0  # seconds to wait for the client's close frame before dropping the socket
-_pack_short = struct.Struct("!H").pack
-_pack_long = struct.Struct("!Q").pack
-
-
-def build_frame(payload, opcode=OP_TEXT):
-    """One unmasked, final frame around `payload` (bytes); built once, sent to many sockets."""
-    length = len(payload)
-    first = bytes((0x80 | opcode,))
-    if length < 126:
-        return first + bytes((length,)) + payload
-    if length < 0x10000:
-        return first + b"\x7e" + _pack_short(length) + payload
-    return first + b"\x7f" + _pack_long(length) + payload
-
-
-def close_frame(code, reason=""):
-    # At most 123 bytes of reason fit in a control frame after the 2-byte code.
-    return build_frame(_pack_short(code) + reason.encode()[:123], OP_CLOSE)
 
 
 class ConnectionLost(Exception):
     """The peer went away (EOF or socket error)."""
-
-
-class _Violation(Exception):
-    def __init__(self, code, reason):
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
 
 
 class Outbox:
@@ -128,7 +104,7 @@ class Outbox:
         self._pending_size = 0
         self.closed = True
         try:  # best effort: the socket buffer is probably full
-            self._raw_send(close_frame(PusherError.OVER_CAPACITY, "Client too slow"))
+            self._raw_send(close_frame(ErrorCode.OVER_CAPACITY, "Client too slow"))
         except OSError:
             pass
         self.shutdown()
@@ -168,7 +144,7 @@ class Outbox:
             pass
 
 
-READ_SIZE = 4096  # bytes asked of the socket at once; what is not parsed yet waits in `_data`
+READ_SIZE = 4096  # bytes asked of the socket at once, unless a frame in progress needs more
 
 
 def _buffered_ahead(handler):
@@ -191,76 +167,73 @@ def _buffered_ahead(handler):
 
 
 class PusherWebSocket(WebSocket):
-    """A server-side WebSocket with correct reads and a single writer (`outbox`)."""
+    """A server-side WebSocket on an upgraded socket: reads drive a FrameParser, and every
+    write goes through a single writer (`outbox`).
 
-    __slots__ = ("outbox", "max_message_size", "close_code", "_recv", "_data", "refused_midway")
+    `sock`: the raw socket once the handshake is answered; `ahead`: the bytes already read past
+    the handshake. Frames are read from the socket itself, not through a buffered reader: an
+    idle connection then holds no read buffer, only what a client sent ahead of what has been
+    parsed."""
 
-    def __init__(self, environ, handler, max_buffer=1 << 20):
-        self.environ = environ
-        self.handler = handler
+    __slots__ = ("outbox", "close_code", "_recv", "_ahead", "_parser", "_events",
+                 "refused_midway")
+
+    def __init__(self, sock, ahead=b""):
+        self.environ = None
+        self.handler = None
         self.stream = None
         self.closed = False
-        # Frames are read from the socket itself, not through pywsgi's buffered reader: an
-        # idle connection then holds no read buffer (the reader's is 8 KiB), only what a
-        # client sent ahead of what has been parsed.
-        self._recv = handler.socket.recv
-        self._data = _buffered_ahead(handler)
-        self.outbox = Outbox(handler.socket, max_buffer)
-        self.max_message_size = 1 << 16
+        self._recv = sock.recv
+        self._ahead = ahead
+        self._parser = FrameParser()
+        self._events = ()  # events parsed and not handled yet (none: no list held)
+        self.outbox = Outbox(sock, 1 << 20)  # the core sets its limit (max_buffer)
         self.close_code = None
         self.refused_midway = False  # a frame was refused before its payload was read
 
     def __del__(self):
         pass  # never send a close frame from the garbage collector
 
+    @property
+    def max_message_size(self):
+        return self._parser.max_message_size
+
+    @max_message_size.setter
+    def max_message_size(self, size):
+        self._parser.max_message_size = size
+
     # ---------------------------------------------------------------- reading
 
-    def _read(self, n):
-        data = self._data
-        if len(data) < n:
-            parts, have = [data], len(data)
-            while have < n:
-                chunk = self._recv(max(n - have, READ_SIZE))
-                if not chunk:
-                    raise ConnectionLost()
-                parts.append(chunk)
-                have += len(chunk)
-            data = b"".join(parts)
-        self._data = data[n:]
-        return data[:n] if len(data) > n else data
-
-    def _read_frame(self, budget):
-        b1, b2 = self._read(2)
-        fin, opcode, length = b1 & 0x80, b1 & 0x0F, b2 & 0x7F
-        if b1 & 0x70:
-            raise _Violation(WsClose.PROTOCOL_ERROR, "Reserved bits must be 0")
-        if not b2 & 0x80:
-            raise _Violation(WsClose.PROTOCOL_ERROR, "Client frames must be masked")
-        if opcode >= OP_CLOSE:
-            if not fin or length > 125:
-                raise _Violation(WsClose.PROTOCOL_ERROR, "Invalid control frame")
-        elif opcode not in (OP_CONTINUATION, OP_TEXT, OP_BINARY):
-            raise _Violation(WsClose.PROTOCOL_ERROR, "Unknown opcode")
-        if length == 126:
-            length = struct.unpack("!H", self._read(2))[0]
-        elif length == 127:
-            length = struct.unpack("!Q", self._read(8))[0]
-        if opcode < OP_CLOSE and length > budget:
-            # Refuse from the header alone: the payload is never read.
-            raise _Violation(WsClose.MESSAGE_TOO_BIG, "Message too big")
-        mask = self._read(4)
-        payload = XorMaskerSimple(mask).process(self._read(length)) if length else b""
-        return fin, opcode, payload
+    def _next_event(self):
+        events = self._events
+        while not events:
+            data = self._ahead or self._recv(max(self._parser.missing, READ_SIZE))
+            self._ahead = b""
+            if not data:
+                raise ConnectionLost()
+            self._parser.receive_data(data)
+            events = self._events = self._parser.events_received()
+        event = events.pop(0)
+        if not events:
+            self._events = ()
+        return event
 
     def receive(self):
         """The next message: str (text) or bytes (binary); None once the connection is over."""
         try:
-            return self._read_message()
-        except _Violation as violation:
-            self.refused_midway = True
-            self.close(violation.code, violation.reason)
-        except UnicodeDecodeError:
-            self.close(WsClose.INVALID_PAYLOAD, "Invalid UTF-8")
+            while True:
+                event = self._next_event()
+                if type(event) is str or type(event) is bytes:
+                    return event
+                if type(event) is PongDue:
+                    self.outbox.send(event.frame)
+                elif type(event) is Close:
+                    self._answer_close(event)
+                    return None
+                elif type(event) is Violation:
+                    self.refused_midway = event.payload_unread
+                    self.close(event.code, event.reason)
+                    return None
         except (ConnectionLost, OSError):
             self.closed = True
             self.outbox.closed = True
@@ -273,47 +246,19 @@ class PusherWebSocket(WebSocket):
         with gevent.Timeout(CLOSE_LINGER, False):
             try:
                 while limit > 0:
-                    data = self._data or self._recv(min(limit, 65536))
-                    self._data = b""
+                    data = self._ahead or self._recv(min(limit, 65536))
+                    self._ahead = b""
                     if not data:
                         return
                     limit -= len(data)
             except OSError:
                 pass
 
-    def _read_message(self):
-        opcode, parts, size = None, [], 0
-        while True:
-            fin, frame_opcode, payload = self._read_frame(self.max_message_size - size)
-            if frame_opcode == OP_CLOSE:
-                self._answer_close(payload)
-                return None
-            if frame_opcode == OP_PING:
-                self.outbox.send(build_frame(payload, OP_PONG))
-                continue
-            if frame_opcode == OP_PONG:
-                continue
-            if frame_opcode == OP_CONTINUATION:
-                if opcode is None:
-                    raise _Violation(WsClose.PROTOCOL_ERROR, "Continuation without a message")
-            elif opcode is not None:
-                raise _Violation(WsClose.PROTOCOL_ERROR, "New message inside a fragmented one")
-            else:
-                opcode = frame_opcode
-            parts.append(payload)
-            size += len(payload)
-            if fin:
-                break
-        message = parts[0] if len(parts) == 1 else b"".join(parts)
-        return message.decode("utf-8") if opcode == OP_TEXT else bytes(message)
-
-    def _answer_close(self, payload):
-        code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else WsClose.NORMAL
-        self.close_code = code
+    def _answer_close(self, close):
+        self.close_code = close.code
         if not self.closed:
             self.closed = True
-            self.outbox.send(close_frame(code if 1000 <= code < 5000 and code not in
-                                         (1004, 1005, 1006, 1015) else WsClose.NORMAL))
+            self.outbox.send(close_frame(close.reply_code))
             self.outbox.closed = True
 
     # ---------------------------------------------------------------- writing
@@ -336,11 +281,9 @@ class PusherWebSocket(WebSocket):
 class PusherWebSocketHandler(WebSocketHandler):
     """gevent-websocket's handler with our WebSocket and no per-address client table."""
 
-    max_buffer = 1 << 20
-
     def handle(self):
         # pywsgi sends a response's headers and body in two writes: with Nagle on, the body
-        # waits for the client's delayed ACK, 40 ms on every keep-alive HTTP API request.
+        # waits for the client's delayed ACK on every keep-alive HTTP API request.
         if self.socket.family != socket.AF_UNIX:
             try:
                 self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -371,7 +314,7 @@ class PusherWebSocketHandler(WebSocketHandler):
         if not valid_key:
             self.start_response("400 Bad Request", [])
             return [b"Invalid Sec-WebSocket-Key"]
-        self.websocket = PusherWebSocket(self.environ, self, self.max_buffer)
+        self.websocket = PusherWebSocket(self.socket, _buffered_ahead(self))
         self.environ.update({"wsgi.websocket_version": version, "wsgi.websocket": self.websocket})
         accept = base64.b64encode(hashlib.sha1((key + self.GUID).encode("latin-1")).digest())
         self.start_response("101 Switching Protocols", [
@@ -401,27 +344,6 @@ class PusherWebSocketHandler(WebSocketHandler):
 
     def log_request(self):
         # Not for upgrades, and not formatted at all when the log is gevent's no-op (the
-        # embedded server's): the line costs 3% of an API publish.
+        # embedded server's): formatting a line nobody reads is a measurable share of a publish.
         if "101" not in str(self.status) and not isinstance(self.server.log, _NoopLog):
             WSGIHandler.log_request(self)
-
-
-class PusherWorker(GeventWebSocketWorker):
-    """gunicorn's gevent WebSocket worker with our handler; when the worker is told to stop,
-    the application's `on_worker_stop` runs first so clients get 4200 and reconnect at once."""
-
-    wsgi_handler = PusherWebSocketHandler
-
-    def run(self):
-        gevent.spawn(self._stop_when_told)
-        super().run()
-
-    def _stop_when_told(self):
-        while self.alive:
-            gevent.sleep(0.2)
-        stop = getattr(self.wsgi, "on_worker_stop", None)
-        if stop is not None:
-            try:
-                stop()
-            except Exception:  # noqa: BLE001 - shutting down regardless
-                log.exception("on_worker_stop failed")

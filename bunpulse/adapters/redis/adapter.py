@@ -21,7 +21,8 @@ import redis
 
 from ...config import redacted
 from ...hub import Left
-from ..local import LocalAdapter, PresenceFull
+from ...errors import PresenceFull
+from ..local import LocalAdapter
 from .bus import FAILURES, SUBSCRIBED_WITHIN, Bus, RedisClusterTopology, SingleRedis
 from .nodes import Nodes
 from .scripts import SCRIPTS, Keys
