@@ -4,16 +4,27 @@ import logging
 
 import gevent
 from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
+from gunicorn.workers.ggevent import PyWSGIServer
 
 from .transport import PusherWebSocketHandler
 
 log = logging.getLogger("bunpulse.worker")
 
 
+class QuietServer(PyWSGIServer):
+    """gunicorn's pywsgi server without pywsgi's line per request: given gunicorn's logger, it
+    wrote one into the error log at INFO for every request, whatever `accesslog` says, a
+    formatted record and a write(2) on every publish."""
+
+    def __init__(self, *args, log=None, **kwargs):
+        super().__init__(*args, log=None, **kwargs)
+
+
 class PusherWorker(GeventWebSocketWorker):
     """gunicorn's gevent WebSocket worker with our handler; when the worker is told to stop,
     the application's `on_worker_stop` runs first so clients get 4200 and reconnect at once."""
 
+    server_class = QuietServer
     wsgi_handler = PusherWebSocketHandler
 
     def run(self):

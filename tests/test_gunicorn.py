@@ -31,6 +31,7 @@ def test_serves_pusher_js_and_the_http_api(gunicorn, node_for):
     assert node.wait_event("a", "client-x")["data"] == {"c": 1}
     assert api.channel_info("presence-gunicorn", ["user_count"])["user_count"] == 1
     assert "worker" in gunicorn.log().lower()
+    assert "POST /apps" not in gunicorn.log()  # no access log line: accesslog is off
     # An idle keep-alive HTTP connection would hold the worker's shutdown for its
     # graceful_timeout: close the library's session.
     api._pusher_client.http.session.close()
