@@ -8,6 +8,7 @@ batches: a publish never waits for Redis, and a burst of them costs one write. O
 subscriptions and publishes are sharded (SSUBSCRIBE/SPUBLISH) and go to the master that owns
 the channel's slot; when that changes (failover, resharding), the links are rebuilt.
 """
+import functools
 import logging
 import time
 
@@ -24,7 +25,7 @@ SUBSCRIBED_WITHIN = 2.0  # seconds a new subscriber waits for its node's Redis s
 # What an unreachable Redis or cluster raises (RedisClusterException is no RedisError).
 FAILURES = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
 MAX_BACKOFF = 1.0  # seconds between two attempts to reach a master again
-YIELD_EVERY = 200  # messages read between two yields: a burst must not starve the sockets
+BATCH = 200        # messages delivered at most between two reads from Redis
 
 
 class Bus:
@@ -148,15 +149,33 @@ class Bus:
                 link.mark(key)
         return complete
 
-    def received(self, redis_channel, data):
-        if data[:16] == self.node:
-            return  # this node's own message: it delivered its share before publishing
-        target = self.wanted.get(redis_channel, False)
-        header, _, frame = data[16:].partition(b"\n")
-        if target is None:
-            self.on_control(header, frame)
-        elif target is not False:
-            self.on_event(target[0], target[1], header.decode() or None, frame)
+    def received(self, messages):
+        """Deliver what the other nodes published: [(Redis channel, data)] in order. A run of
+        events for one channel (with the same exclusion) goes out joined, one write per socket
+        for all of them, as the hub joins the frames that queue behind a big fan-out."""
+        run, frames = None, []
+        for redis_channel, data in messages:
+            if data[:16] == self.node:
+                continue  # this node's own message: it delivered its share before publishing
+            target = self.wanted.get(redis_channel, False)
+            header, _, frame = data[16:].partition(b"\n")
+            if target is False:
+                continue
+            if target is None:
+                self.on_control(header, frame)
+                continue
+            if (target, header) != run:
+                if frames:
+                    self._deliver(run, frames)
+                run, frames = (target, header), []
+            frames.append(frame)
+        if frames:
+            self._deliver(run, frames)
+
+    def _deliver(self, run, frames):
+        (app_id, channel), header = run
+        self.on_event(app_id, channel, header.decode() or None,
+                      frames[0] if len(frames) == 1 else b"".join(frames))
 
 
 class _Done:
@@ -258,37 +277,48 @@ class Link:
             self.bus.link_failed(self, exc)
 
     def _read(self):
-        received = self.bus.received
+        read = functools.partial(self.reader.read_response, disconnect_on_error=False)
+        # hiredis says whether more replies wait in its buffer: those are read without a
+        # syscall, and delivered together
+        buffered = getattr(getattr(self.reader._parser, "_reader", None), "has_data",
+                           lambda: False)
         message, subscribed = self.topology.message_kind, self.topology.subscribed_kind
         unsubscribed = self.topology.unsubscribed_kind
-        handled = 0
         try:
             while True:
-                reply = self.reader.read_response(disconnect_on_error=False)
+                reply = read()
                 self.last_heard = time.monotonic()
-                kind = reply[0]
-                if kind == message:
-                    received(reply[1], reply[2])
-                    handled += 1
-                    if handled % YIELD_EVERY == 0:
-                        gevent.sleep(0)
-                elif kind == subscribed:
-                    waiter = self.waiters.pop(reply[1], None)
-                    if waiter is not None:
-                        waiter.set()
-                elif kind == unsubscribed:
-                    key = reply[1]
-                    pending = self.unsubscribing.pop(key, 0)
-                    if pending > 1:
-                        self.unsubscribing[key] = pending - 1
-                    elif not pending and key in self.subscribed:
-                        # Not asked for: the slot moved to another master (cluster).
-                        raise redis.ConnectionError(f"{key!r} moved away from {self.address}")
+                messages = []
+                while True:
+                    kind = reply[0]
+                    if kind == message:
+                        messages.append((reply[1], reply[2]))
+                    elif kind == subscribed:
+                        waiter = self.waiters.pop(reply[1], None)
+                        if waiter is not None:
+                            waiter.set()
+                    elif kind == unsubscribed:
+                        self._unsubscribed(reply[1])
+                    if len(messages) >= BATCH or not buffered():
+                        break
+                    reply = read()
+                if messages:
+                    self.bus.received(messages)
+                if len(messages) >= BATCH:
+                    gevent.sleep(0)  # a burst from Redis must not starve the sockets
         except FAILURES as exc:
             self.bus.link_failed(self, exc)
         except Exception:  # noqa: BLE001 - one bad message must not stop the node's relay
             log.exception("Redis reader failed; reconnecting")
             self.bus.link_failed(self, redis.ConnectionError("reader failed"))
+
+    def _unsubscribed(self, key):
+        pending = self.unsubscribing.pop(key, 0)
+        if pending > 1:
+            self.unsubscribing[key] = pending - 1
+        elif not pending and key in self.subscribed:
+            # Not asked for: the slot moved to another master (cluster).
+            raise redis.ConnectionError(f"{key!r} moved away from {self.address}")
 
 
 class SingleRedis:
