@@ -102,6 +102,35 @@ def test_socket_id_exclusion_and_client_events_cross_nodes(nodes, node_for):
     assert client_a.events("a", "client-hi") == []
 
 
+def test_a_burst_crosses_nodes_in_order_with_its_exclusions(nodes, raw):
+    """Events that reach a node together go out joined per channel: none lost, reordered or
+    sent to the socket it excludes."""
+    a, b = nodes
+    clients = [raw(target=b), raw(target=b)]
+    socket_ids = [connected(client) for client in clients]
+    for client in clients:
+        client.send({"event": "pusher:subscribe", "data": {"channel": "burst"}})
+        client.recv_event("pusher_internal:subscription_succeeded")
+    api = pusher_api(a)
+    for start in range(0, 60, 10):
+        api.trigger_batch([{"channel": "burst", "name": "n", "data": json.dumps({"n": n}),
+                            **({"socket_id": socket_ids[0]} if n % 3 == 0 else {})}
+                           for n in range(start, start + 10)])
+    api.trigger("burst", "end", {})
+
+    def received(client):
+        seen = []
+        while True:
+            message = client.recv()
+            if message.get("event") == "end":
+                return seen
+            if message.get("event") == "n":
+                seen.append(json.loads(message["data"])["n"])
+
+    assert received(clients[0]) == [n for n in range(60) if n % 3]
+    assert received(clients[1]) == list(range(60))
+
+
 def test_presence_is_deployment_wide(nodes, node_for, webhook_receiver):
     a, b = nodes
     client_a, client_b = node_for(a), node_for(b)
