@@ -15,9 +15,9 @@ import base64
 import hashlib
 import logging
 import socket
+import ssl
 
 import gevent
-from gevent.pywsgi import WSGIHandler, _NoopLog
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import WebSocket
 
@@ -47,17 +47,21 @@ class Outbox:
     """
 
     __slots__ = ("_sock", "_raw_send", "_pending", "_pending_size", "_writer", "limit",
-                 "closed", "on_evict", "__weakref__")
+                 "closed", "close_code", "on_evict", "__weakref__")
 
     def __init__(self, sock, limit, on_evict=None):
         self._sock = sock
-        raw = getattr(sock, "_sock", sock)  # the non-blocking socket under gevent's wrapper
-        self._raw_send = raw.send
+        tls = getattr(sock, "_sslobj", None)
+        if tls is not None:
+            self._raw_send = _tls_send(tls.write)
+        else:  # the non-blocking socket under gevent's wrapper
+            self._raw_send = getattr(sock, "_sock", sock).send
         self._pending = []
         self._pending_size = 0
         self._writer = None
         self.limit = limit
         self.closed = False
+        self.close_code = None  # the code of the close frame this side sent first
         self.on_evict = on_evict
 
     @property
@@ -103,6 +107,7 @@ class Outbox:
         self._pending.clear()
         self._pending_size = 0
         self.closed = True
+        self.close_code = ErrorCode.OVER_CAPACITY
         try:  # best effort: the socket buffer is probably full
             self._raw_send(close_frame(ErrorCode.OVER_CAPACITY, "Client too slow"))
         except OSError:
@@ -123,6 +128,7 @@ class Outbox:
             return
         self.send(close_frame(code, reason))
         self.closed = True
+        self.close_code = code
         if self._writer is None:
             self._half_close()
         else:
@@ -130,6 +136,8 @@ class Outbox:
         gevent.get_hub().loop.timer(CLOSE_LINGER).start(self.shutdown)
 
     def _half_close(self):
+        if getattr(self._sock, "_sslobj", None) is not None:
+            return  # shutdown() would drop TLS for the reads still to come (the client's close)
         try:
             self._sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -142,6 +150,18 @@ class Outbox:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def _tls_send(write):
+    """A TLS socket's send that never waits: its SSL object's write on the non-blocking socket
+    below. A record that does not fit now is written again from its start later, as OpenSSL
+    requires (the writer's next write begins with the same bytes)."""
+    def send(data):
+        try:
+            return write(data)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            raise BlockingIOError() from None
+    return send
 
 
 READ_SIZE = 4096  # bytes asked of the socket at once, unless a frame in progress needs more
@@ -343,7 +363,4 @@ class PusherWebSocketHandler(WebSocketHandler):
             self.websocket = None
 
     def log_request(self):
-        # Not for upgrades, and not formatted at all when the log is gevent's no-op (the
-        # embedded server's): formatting a line nobody reads is a measurable share of a publish.
-        if "101" not in str(self.status) and not isinstance(self.server.log, _NoopLog):
-            WSGIHandler.log_request(self)
+        pass  # the access log is BunPulse's own (--access-log): no query string, no signature

@@ -10,6 +10,7 @@ from werkzeug.exceptions import HTTPException, NotFound
 from . import api
 from .config import load_settings
 from .core import BunPulse
+from .metrics import instrument
 from .transport import SESSION_KEY
 
 WEBSOCKET_ROUTE = "/app/<path:key>"
@@ -35,16 +36,23 @@ def create_app(settings=None, core=None):
     flask_wsgi_app = flask_app.wsgi_app
     shortcut = api.shortcut(core, max_body)
 
-    def dispatch(environ, start_response):
-        if environ.get("wsgi.websocket") is not None:
-            _serve_socket(core, environ)
-            return []
+    def http(environ, start_response):
         answer = shortcut(environ, start_response)
         if answer is not None:
             return answer
         return flask_wsgi_app(environ, start_response)
 
+    http = instrument(http, core.metrics, settings.access_log)
+    core.metrics.start_flushing()  # in the hub that serves: create_app runs there
+
+    def dispatch(environ, start_response):
+        if environ.get("wsgi.websocket") is not None:
+            _serve_socket(core, environ)
+            return []
+        return http(environ, start_response)
+
     flask_app.wsgi_app = dispatch
+    flask_app.on_worker_draining = core.drain
     flask_app.on_worker_stop = core.shutdown
     return flask_app
 

@@ -78,9 +78,10 @@ class RedisAdapter(LocalAdapter):
         self.node = secrets.token_hex(8)
         self.core = None
         self._redis, self.control, topology = connect(settings)
-        self.bus = Bus(topology, self.node, self._on_event, self._on_control, self.down)
+        self.bus = Bus(topology, self.node, self._on_event, self._on_control, self._link_down)
         self.nodes = Nodes(self)
         self._header = self.node.encode()
+        self._metrics = hub.metrics
         self.up = False
 
     # ---------------------------------------------------------------- life cycle
@@ -101,10 +102,26 @@ class RedisAdapter(LocalAdapter):
         self.bus.stop()
 
     @property
+    def up(self):
+        return self._up
+
+    @up.setter
+    def up(self, up):
+        self._up = up
+        self._metrics.redis_up.set(1 if up else 0)
+
+    def ready(self):
+        return self.up
+
+    @property
     def redis(self):
         if not self.up:
             raise RedisDown()
         return self._redis
+
+    def _link_down(self, exc):
+        self._metrics.redis_relay_errors.inc()
+        self.down(exc)
 
     def down(self, exc):
         if self.up:
@@ -145,8 +162,9 @@ class RedisAdapter(LocalAdapter):
 
     def publish(self, app_id, channel, frame, except_socket_id=None):
         count = self.hub.broadcast(app_id, channel, frame, except_socket_id)  # this node
-        self.bus.publish(Keys.events(app_id, channel),
-                         b"%s%s\n%s" % (self._header, (except_socket_id or "").encode(), frame))
+        if not self.bus.publish(Keys.events(app_id, channel), b"%s%s\n%s" % (
+                self._header, (except_socket_id or "").encode(), frame)):
+            self._metrics.redis_relay_errors.inc()  # the others miss it; this node delivered
         return count
 
     def tell_watchers(self, app_id, user_id, frame):
@@ -158,11 +176,12 @@ class RedisAdapter(LocalAdapter):
         self._control("terminate", app_id, user_id)
 
     def _control(self, kind, app_id, user_id, frame=b""):
-        self.bus.publish(Keys.CONTROL, self._header + orjson.dumps([kind, app_id, user_id]) +
-                         b"\n" + frame)
+        if not self.bus.publish(Keys.CONTROL, self._header +
+                                orjson.dumps([kind, app_id, user_id]) + b"\n" + frame):
+            self._metrics.redis_relay_errors.inc()
 
-    def _on_event(self, app_id, channel, except_socket_id, frame):
-        self.hub.broadcast(app_id, channel, frame, except_socket_id)
+    def _on_event(self, app_id, channel, except_socket_id, frame, events):
+        self.hub.broadcast(app_id, channel, frame, except_socket_id, events)
 
     def _on_control(self, header, frame):
         kind, app_id, user_id = orjson.loads(header)

@@ -32,7 +32,7 @@ class Bus:
     def __init__(self, topology, node, on_event, on_control, on_down):
         self.topology = topology
         self.node = node.encode()
-        self.on_event = on_event      # (app_id, channel, except_socket_id, frame)
+        self.on_event = on_event      # (app_id, channel, except_socket_id, frame, events)
         self.on_control = on_control  # (header bytes, frame)
         self.on_down = on_down        # (exception): a link failed
         self.wanted = {}              # Redis channel -> (app_id, channel), or None: control
@@ -79,11 +79,14 @@ class Bus:
     # ---------------------------------------------------------------- sending
 
     def publish(self, redis_channel, payload):
-        """Publish without waiting; a message to an unreachable Redis is dropped."""
+        """Publish without waiting. Returns False when Redis is unreachable: the message is
+        dropped."""
         key = redis_channel.encode()
         link = self._link(key)
-        if link is not None:
-            link.send((self.topology.publish_command, key, payload))
+        if link is None:
+            return False
+        link.send((self.topology.publish_command, key, payload))
+        return True
 
     def command(self, key, *args):
         """Send a command whose answer nobody waits for, in order with the others to the same
@@ -175,7 +178,7 @@ class Bus:
     def _deliver(self, run, frames):
         (app_id, channel), header = run
         self.on_event(app_id, channel, header.decode() or None,
-                      frames[0] if len(frames) == 1 else b"".join(frames))
+                      frames[0] if len(frames) == 1 else b"".join(frames), len(frames))
 
 
 class _Done:
