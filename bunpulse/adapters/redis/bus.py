@@ -47,12 +47,13 @@ class Bus:
         self._supervisor = gevent.spawn(self._supervise)
 
     def stop(self):
+        """Stop receiving. Publishing goes on: a stopping worker may still answer requests on
+        its open HTTP connections, and their events must reach the other nodes."""
         self._running = False
         if self._supervisor is not None:
             self._supervisor.kill(block=False)
         for link in self.links.values():
-            link.close()
-        self.links = {}
+            link.stop_receiving()
 
     # ---------------------------------------------------------------- interest
 
@@ -206,6 +207,7 @@ class Link:
         self.waiters = {}    # Redis channel -> Event set on its subscription's confirmation
         self.wake = gevent.event.Event()
         self.last_heard = time.monotonic()
+        self.receiving = True
         self.greenlets = []
         self.writer = self.topology.connect(address, timeout=3)
         self.reader = self.topology.connect(address, timeout=None)
@@ -228,6 +230,11 @@ class Link:
             waiter.set()
         self.waiters = {}
 
+    def stop_receiving(self):
+        self.receiving = False
+        gevent.killall(self.greenlets[1:], block=False)
+        self.reader.disconnect()
+
     def mark(self, key):
         self.dirty[key] = None
         self.wake.set()
@@ -247,12 +254,14 @@ class Link:
         try:
             while True:
                 if not self.wake.wait(PING_EVERY):
+                    if not self.receiving:
+                        continue
                     if time.monotonic() - self.last_heard > PONG_WITHIN:
                         raise redis.ConnectionError(f"no answer from {self.address}")
                     self.reader.send_packed_command(self.reader.pack_command("PING"), False)
                     continue
                 self.wake.clear()
-                if self.dirty:
+                if self.dirty and self.receiving:
                     changes = []
                     for key in self.dirty:
                         if key in self.bus.wanted and key not in self.subscribed:
@@ -310,7 +319,8 @@ class Link:
                 if len(messages) >= BATCH:
                     gevent.sleep(0)  # a burst from Redis must not starve the sockets
         except FAILURES as exc:
-            self.bus.link_failed(self, exc)
+            if self.receiving:  # else stop_receiving closed the connection under it
+                self.bus.link_failed(self, exc)
         except Exception:  # noqa: BLE001 - one bad message must not stop the node's relay
             log.exception("Redis reader failed; reconnecting")
             self.bus.link_failed(self, redis.ConnectionError("reader failed"))
