@@ -127,6 +127,8 @@ OPTIONS = (
            "Redis for several workers or nodes (pub/sub and shared state)"),
     Option("redis_cluster", "BUNPULSE_REDIS_CLUSTER", False, _bool,
            "the Redis URL is a seed node of a Redis Cluster (sharded pub/sub, Redis 7+)"),
+    Option("dashboard", "BUNPULSE_DASHBOARD", False, _bool,
+           "serve the debug dashboard at /dashboard (sign in with an app's id and secret)"),
     Option("workers", "BUNPULSE_WORKERS", 1, _int(1), "gunicorn worker processes"),
     Option("log_level", "BUNPULSE_LOG_LEVEL", "info", _text, "debug, info, warning or error"),
     Option("log_format", "BUNPULSE_LOG_FORMAT", "text", _choice("text", "json"),

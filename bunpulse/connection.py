@@ -62,6 +62,7 @@ class Connection:
     def _read_loop(self):
         ws = self.ws
         metrics = self.metrics
+        counts = self.core.hub.app(self.app.id)  # the dashboard's charts
         while True:
             message = ws.receive()
             if message is None:
@@ -71,6 +72,7 @@ class Connection:
                                        or message.isascii() else len(message.encode()))
             if ws.closed:
                 continue  # closing: wait for the client's close frame, ignore the rest
+            counts.messages_in += 1
             self.last_seen = time.monotonic()
             self._pinged = False
             if isinstance(message, bytes):

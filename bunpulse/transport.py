@@ -47,7 +47,7 @@ class Outbox:
     """
 
     __slots__ = ("_sock", "_raw_send", "_pending", "_pending_size", "_writer", "limit",
-                 "closed", "close_code", "on_evict", "__weakref__")
+                 "closed", "close_code", "close_info", "on_evict", "__weakref__")
 
     def __init__(self, sock, limit, on_evict=None):
         self._sock = sock
@@ -63,6 +63,7 @@ class Outbox:
         self.closed = False
         self.close_code = None  # the code of the close frame this side sent first
         self.on_evict = on_evict
+        self.close_info = None  # (code, reason, who closed: "server", "client" or "evicted")
 
     @property
     def backlog(self):
@@ -108,6 +109,7 @@ class Outbox:
         self._pending_size = 0
         self.closed = True
         self.close_code = ErrorCode.OVER_CAPACITY
+        self.close_info = (ErrorCode.OVER_CAPACITY, "Client too slow", "evicted")
         try:  # best effort: the socket buffer is probably full
             self._raw_send(close_frame(ErrorCode.OVER_CAPACITY, "Client too slow"))
         except OSError:
@@ -129,6 +131,7 @@ class Outbox:
         self.send(close_frame(code, reason))
         self.closed = True
         self.close_code = code
+        self.close_info = (code, reason, "server")
         if self._writer is None:
             self._half_close()
         else:
@@ -276,6 +279,8 @@ class PusherWebSocket(WebSocket):
 
     def _answer_close(self, close):
         self.close_code = close.code
+        if self.outbox.close_info is None:
+            self.outbox.close_info = (close.code, close.reason, "client")
         if not self.closed:
             self.closed = True
             self.outbox.send(close_frame(close.reply_code))
