@@ -303,6 +303,41 @@ class PusherWebSocket(WebSocket):
         self.outbox.close(int(code), message or "")
 
 
+def session_over(ws):
+    """After a connection's session, whoever upgraded its socket: no more writes, and a client
+    refused in the middle of a frame is drained (after the connection's cleanup, not before)."""
+    ws.outbox.closed = True
+    if ws.refused_midway:
+        ws.drain()
+
+
+WEBSOCKET_VERSIONS = WebSocketHandler.SUPPORTED_VERSIONS
+WEBSOCKET_GUID = WebSocketHandler.GUID
+
+
+def handshake_refusal(environ):
+    """Why a WebSocket upgrade request cannot be answered with 101, as (status, headers, body),
+    or None when it can."""
+    if environ.get("HTTP_SEC_WEBSOCKET_VERSION") not in WEBSOCKET_VERSIONS:
+        return ("400 Bad Request", [("Sec-WebSocket-Version", ", ".join(WEBSOCKET_VERSIONS))],
+                b"Unsupported WebSocket version")
+    try:
+        key = base64.b64decode(environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip(), validate=True)
+    except ValueError:
+        key = b""
+    if len(key) != 16:
+        return "400 Bad Request", [], b"Invalid Sec-WebSocket-Key"
+    return None
+
+
+def handshake_headers(environ):
+    """The headers of the 101 answering a valid upgrade request."""
+    key = environ["HTTP_SEC_WEBSOCKET_KEY"].strip()
+    accept = base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode("latin-1")).digest())
+    return [("Upgrade", "websocket"), ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Accept", accept.decode("latin-1"))]
+
+
 class PusherWebSocketHandler(WebSocketHandler):
     """gevent-websocket's handler with our WebSocket and no per-address client table."""
 
@@ -326,25 +361,15 @@ class PusherWebSocketHandler(WebSocketHandler):
         return environ
 
     def upgrade_connection(self):
-        version = self.environ.get("HTTP_SEC_WEBSOCKET_VERSION")
-        if version not in self.SUPPORTED_VERSIONS:
-            self.start_response("400 Bad Request",
-                                [("Sec-WebSocket-Version", ", ".join(self.SUPPORTED_VERSIONS))])
-            return [b"Unsupported WebSocket version"]
-        key = self.environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
-        try:
-            valid_key = len(base64.b64decode(key, validate=True)) == 16
-        except ValueError:
-            valid_key = False
-        if not valid_key:
-            self.start_response("400 Bad Request", [])
-            return [b"Invalid Sec-WebSocket-Key"]
+        refusal = handshake_refusal(self.environ)
+        if refusal is not None:
+            status, headers, body = refusal
+            self.start_response(status, headers)
+            return [body]
         self.websocket = PusherWebSocket(self.socket, _buffered_ahead(self))
-        self.environ.update({"wsgi.websocket_version": version, "wsgi.websocket": self.websocket})
-        accept = base64.b64encode(hashlib.sha1((key + self.GUID).encode("latin-1")).digest())
-        self.start_response("101 Switching Protocols", [
-            ("Upgrade", "websocket"), ("Connection", "Upgrade"),
-            ("Sec-WebSocket-Accept", accept.decode("latin-1"))])
+        self.environ["wsgi.websocket_version"] = self.environ["HTTP_SEC_WEBSOCKET_VERSION"]
+        self.environ["wsgi.websocket"] = self.websocket
+        self.start_response("101 Switching Protocols", handshake_headers(self.environ))
         return None
 
     def run_websocket(self):
@@ -361,9 +386,7 @@ class PusherWebSocketHandler(WebSocketHandler):
                 self.requestline = self.path = ""
                 session()
         finally:
-            self.websocket.outbox.closed = True
-            if self.websocket.refused_midway:
-                self.websocket.drain()  # after the connection's cleanup, not before it
+            session_over(self.websocket)
             self.environ["wsgi.websocket"] = None
             self.websocket = None
 
