@@ -1,4 +1,7 @@
-"""One Pusher connection: the read loop, dispatch of client frames, and the heartbeat."""
+"""One Pusher connection: its messages, their dispatch, and the heartbeat.
+
+The transport calls `take` for each message from the event loop, where nothing may block:
+pings are answered there, everything else is handed back to run in a short-lived greenlet."""
 import logging
 import time
 
@@ -8,9 +11,13 @@ from . import protocol
 from .errors import ClientError, PusherError, SubscriptionError
 from .protocol import channel_kind
 from .signatures import channel_auth_ok, user_auth_ok
-from .transport import build_frame
+from .frames import build_frame
 
 log = logging.getLogger("bunpulse.connection")
+
+# Events whose answer cannot wait on anything: handled in the event loop, unless a hook wants
+# them (a user's callback may block).
+_ANSWERED_AT_ONCE = frozenset(("pusher:ping", "pusher:pong"))
 
 
 class Connection:
@@ -38,8 +45,8 @@ class Connection:
 
     # ---------------------------------------------------------------- life cycle
 
-    def run(self):
-        """Serve the socket until it closes; blocks for the connection's whole life."""
+    def start(self):
+        """Serve the socket; returns at once (the event loop reads it from then on)."""
         server = self.server
         self.send(protocol.connection_established(self.socket_id, server.activity_timeout))
         server.adapter.add_connection(self)
@@ -49,31 +56,40 @@ class Connection:
                 self.app.user_authentication_timeout / 1000)
             self._auth_timer.start(self._require_authorization)
         server.hooks.emit("connection", self, None)
-        try:
-            self._read_loop()
-        finally:
-            self._cleanup()
+        self.ws.start(self)
 
-    def _read_loop(self):
-        ws = self.ws
-        while True:
-            message = ws.receive()
-            if message is None:
-                return
-            if ws.closed:
-                continue  # closing: wait for the client's close frame, ignore the rest
-            self.last_seen = time.monotonic()
-            self._pinged = False
+    def take(self, message):
+        """One message, in the event loop: None once handled, else the parsed frame for
+        `run`, in a greenlet (a subscription may wait on Redis, a hook, a big fan-out)."""
+        self.last_seen = time.monotonic()
+        self._pinged = False
+        try:
             if isinstance(message, bytes):
                 self.send_error(None, "Binary frames are not supported: send JSON text")
-                continue
-            try:
-                self.dispatch(protocol.parse_client_frame(message))
-            except ClientError as exc:
-                self.send_error(exc.code, exc.message)
-            except Exception:  # noqa: BLE001 - one bad frame must not end the worker
-                log.exception("error handling a frame from %s", self.socket_id)
-                self.send_error(None, "Internal server error")
+                return None
+            frame = protocol.parse_client_frame(message)
+            if frame.event in _ANSWERED_AT_ONCE and not self.server.hooks.wanted(frame.event):
+                self.dispatch(frame)
+                return None
+        except ClientError as exc:
+            self.send_error(exc.code, exc.message)
+            return None
+        return frame
+
+    def run(self, frame):
+        try:
+            self.dispatch(frame)
+        except ClientError as exc:
+            self.send_error(exc.code, exc.message)
+        except Exception:  # noqa: BLE001 - one bad frame must not end the worker
+            log.exception("error handling a frame from %s", self.socket_id)
+            self.send_error(None, "Internal server error")
+
+    def ended(self):
+        """The socket is over (called in the event loop): the leaving may wait on Redis,
+        webhooks and hooks, so it runs in a greenlet."""
+        self.closed = True
+        gevent.spawn_raw(self._cleanup)
 
     def _cleanup(self):
         self.closed = True

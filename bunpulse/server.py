@@ -23,7 +23,8 @@ from .connection import Connection
 from .errors import ConnectionRefused, PusherError, SubscriptionError
 from .hub import Hub
 from .protocol import channel_kind, data_string
-from .transport import SESSION_KEY, PusherWebSocketHandler, build_frame
+from .frames import build_frame
+from .transport import PusherWebSocketHandler
 from .webhooks import WebhookSender
 
 log = logging.getLogger("bunpulse")
@@ -55,6 +56,9 @@ class Hooks:
     def on(self, event, callback):
         self._callbacks.setdefault(event, []).append(callback)
         return callback
+
+    def wanted(self, event):
+        return event in self._callbacks
 
     def emit(self, event, conn, data):
         for callback in self._callbacks.get(event, ()):
@@ -95,18 +99,17 @@ class BunPulse:
             return refusal
 
     def serve_websocket(self, ws, admission):
-        """Run one Pusher connection on an upgraded socket, given what `admit` said; blocks for
-        its whole life."""
+        """Run one Pusher connection on an upgraded socket, given what `admit` said; returns
+        at once: the event loop serves the socket from then on."""
         ws.max_message_size = self.settings.max_message_size
         ws.outbox.limit = self.settings.max_buffer
         ws.outbox.on_evict = self._count_eviction
         if isinstance(admission, ConnectionRefused):
             ws.send_bytes(protocol.error(admission.code, admission.message))
             ws.close(admission.code, admission.message)
-            while ws.receive() is not None:  # wait for the client's close frame
-                pass
+            ws.start(None)  # waits for the client's close frame
             return
-        Connection(self, admission, ws, self.new_socket_id()).run()
+        Connection(self, admission, ws, self.new_socket_id()).start()
 
     def _admit(self, path, query):
         match = APP_PATH.match(path)
@@ -320,17 +323,8 @@ def create_app(settings=None, core=None):
     app.register_blueprint(api.blueprint)
 
     def serve_socket(environ):
-        # Admitted here, so that the socket's long life keeps neither its path nor its query.
-        admission = core.admit(api.request_path(environ), api.query_params(environ))
-        ws = environ["wsgi.websocket"]
-
-        def session():  # not functools.partial: a call through C deepens the greenlet's C
-            core.serve_websocket(ws, admission)  # stack, saved on every switch (+0.6 KiB)
-
-        if SESSION_KEY in environ:
-            environ[SESSION_KEY] = session  # our handler runs it after the application returns
-        else:
-            session()  # another handler: the application blocks for the socket's whole life
+        core.serve_websocket(environ["wsgi.websocket"], core.admit(
+            api.request_path(environ), api.query_params(environ)))
 
     # Every upgrade goes straight to serve_socket (upgrade_shortcut below): Flask's request
     # context and routing were a third of a connect's CPU. The routes stay so that Flask

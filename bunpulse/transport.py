@@ -1,87 +1,62 @@
-"""The WebSocket transport: the only module that imports geventwebsocket.
+"""The WebSocket transport: sockets only, and the only module that imports geventwebsocket.
 
 It fixes what gevent-websocket 0.10.1 gets wrong for a Pusher server (see stack-notes.md):
 close frames carry a real code, an oversized message is refused from its header (1009) before
-its payload is read, unmasking runs in C (wsaccel), invalid UTF-8 closes with 1007 and protocol
-errors with 1002, no stray close frame from `__del__`, and no per-address client table (which
-breaks on unix sockets). Every write goes through one Outbox per socket: a non-blocking send,
-and a bounded buffer drained by a writer greenlet that exists only while there is a backlog.
+its payload is read, invalid UTF-8 closes with 1007 and protocol errors with 1002 (frames.py
+parses, without I/O), and no per-address client table (which breaks on unix sockets).
+
+After the handshake no greenlet waits on a socket: the event loop reads it when it is readable
+(PusherWebSocket) and writes what did not fit when it is writable (Outbox), so an idle
+connection costs a few small objects. The seam: `PusherWebSocket(raw, ahead)` runs on any
+upgraded raw socket plus the bytes already read past the handshake.
 """
 import base64
 import hashlib
 import logging
+import _socket
 import socket
-import struct
 
 import gevent
+from gevent import get_hub
 from gevent.pywsgi import WSGIHandler, _NoopLog
 from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
 from geventwebsocket.handler import WebSocketHandler
-from geventwebsocket.websocket import WebSocket
-from wsaccel.xormask import XorMaskerSimple
 
 from .errors import PusherError, WsClose
+from .frames import (OP_BINARY, OP_TEXT, Close, FrameParser, PongDue, build_frame,
+                     close_frame)
 from .request_headers import RequestHeaders
 
 log = logging.getLogger("bunpulse.transport")
 
-OP_CONTINUATION, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
-OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
-# An application may leave a callable here in the upgrade request's environ: the handler runs
-# it once the application has returned, outside its request context (see run_websocket).
-SESSION_KEY = "websocket.session"
 CLOSE_LINGER = 3.0  # seconds to wait for the client's close frame before dropping the socket
-_pack_short = struct.Struct("!H").pack
-_pack_long = struct.Struct("!Q").pack
-
-
-def build_frame(payload, opcode=OP_TEXT):
-    """One unmasked, final frame around `payload` (bytes); built once, sent to many sockets."""
-    length = len(payload)
-    first = bytes((0x80 | opcode,))
-    if length < 126:
-        return first + bytes((length,)) + payload
-    if length < 0x10000:
-        return first + b"\x7e" + _pack_short(length) + payload
-    return first + b"\x7f" + _pack_long(length) + payload
-
-
-def close_frame(code, reason=""):
-    # At most 123 bytes of reason fit in a control frame after the 2-byte code.
-    return build_frame(_pack_short(code) + reason.encode()[:123], OP_CLOSE)
-
-
-class ConnectionLost(Exception):
-    """The peer went away (EOF or socket error)."""
-
-
-class _Violation(Exception):
-    def __init__(self, code, reason):
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
+READ_SIZE = 16384   # bytes read per readiness: bounds the work one client causes at a time
+DISCARD_LIMIT = 1 << 20  # bytes of a refused frame dropped so that the close frame arrives
+_EV_READ, _EV_WRITE = 1, 2
 
 
 class Outbox:
     """The single writer of one socket.
 
-    `send` tries a non-blocking write; what does not fit is queued and a writer greenlet is
-    spawned to drain it, coalescing everything queued into one write. Past `limit` queued bytes
-    the peer is evicted (close 4100, so pusher-js backs off and reconnects).
-    """
+    `send` tries a non-blocking write; what does not fit is queued and written by a write
+    watcher of the event loop when the socket drains (no greenlet), coalesced into one write.
+    Past `limit` queued bytes the peer is evicted (close 4100, so pusher-js backs off and
+    reconnects). While corked, sends only queue: the frames answered to one read leave in one
+    write."""
 
-    __slots__ = ("_sock", "_raw_send", "_pending", "_pending_size", "_writer", "limit",
-                 "closed", "on_evict", "__weakref__")
+    __slots__ = ("_raw", "_pending", "_pending_size", "_watcher", "_corked", "limit",
+                 "closed", "_closing", "_release", "on_evict", "__weakref__")
 
-    def __init__(self, sock, limit, on_evict=None):
-        self._sock = sock
-        raw = getattr(sock, "_sock", sock)  # the non-blocking socket under gevent's wrapper
-        self._raw_send = raw.send
-        self._pending = []
-        self._pending_size = 0
-        self._writer = None
+    def __init__(self, sock, limit, on_evict=None, head=None):
+        self._raw = getattr(sock, "_sock", sock)  # the non-blocking socket under gevent's
+        self._pending = [head] if head else []
+        self._pending_size = len(head) if head else 0
+        self._watcher = None
+        self._corked = bool(head)
         self.limit = limit
         self.closed = False
+        self._closing = False
+        self._release = False
         self.on_evict = on_evict
 
     @property
@@ -91,14 +66,14 @@ class Outbox:
     def send(self, frame):
         if self.closed:
             return
-        if self._writer is not None:
+        if self._pending or self._corked:
             self._pending.append(frame)
             self._pending_size += len(frame)
             if self._pending_size > self.limit:
                 self._evict()
             return
         try:
-            sent = self._raw_send(frame)
+            sent = self._raw.send(frame)
         except BlockingIOError:
             sent = 0
         except OSError:
@@ -107,28 +82,55 @@ class Outbox:
         if sent < len(frame):
             self._pending.append(frame[sent:])
             self._pending_size = len(frame) - sent
-            self._writer = gevent.spawn(self._drain)
+            self._watch()
 
-    def _drain(self):
+    def cork(self):
+        self._corked = True
+
+    def uncork(self):
+        self._corked = False
+        if self._pending and self._watcher is None:
+            self._flush()
+
+    def _watch(self):
+        if self._watcher is None:
+            self._watcher = get_hub().loop.io(self._raw.fileno(), _EV_WRITE)
+            self._watcher.start(self._flush)
+
+    def _flush(self):
         pending = self._pending
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
         try:
-            while pending and not self.closed:
-                data = pending[0] if len(pending) == 1 else b"".join(pending)
-                pending.clear()
-                self._pending_size = 0
-                self._sock.sendall(data)
+            sent = self._raw.send(data)
+        except BlockingIOError:
+            sent = 0
         except OSError:
             self._drop()
-        finally:
-            self._writer = None
+            return
+        pending.clear()
+        if sent < len(data):
+            pending.append(data[sent:])
+            self._pending_size = len(data) - sent
+            self._watch()
+            return
+        self._pending_size = 0
+        self._unwatch()
+        if self._release:
+            self._raw.close()
+        elif self._closing:
+            self._half_close()
+
+    def _unwatch(self):
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher.close()
+            self._watcher = None
 
     def _evict(self):
         log.info("evicting a client that stopped reading (%d bytes queued)", self._pending_size)
-        self._pending.clear()
-        self._pending_size = 0
-        self.closed = True
+        self._drop()
         try:  # best effort: the socket buffer is probably full
-            self._raw_send(close_frame(PusherError.OVER_CAPACITY, "Client too slow"))
+            self._raw.send(close_frame(PusherError.OVER_CAPACITY, "Client too slow"))
         except OSError:
             pass
         self.shutdown()
@@ -139,36 +141,236 @@ class Outbox:
         self.closed = True
         self._pending.clear()
         self._pending_size = 0
+        self._unwatch()
+        if self._release:
+            self._raw.close()
+
+    def release(self):
+        """The reader is done with the socket: close it once what is queued is written."""
+        self.closed = self._release = True
+        if not self._pending or self._raw.fileno() < 0:
+            self._drop()
+        elif not self._closing:  # a close frame's timer already bounds the wait
+            get_hub().loop.timer(CLOSE_LINGER).start(self.shutdown)
 
     def close(self, code, reason=""):
-        """Queue a close frame after what is pending, then half-close; the reader's linger
-        timer drops the socket if the client never answers."""
+        """Queue a close frame after what is pending, then half-close; the linger timer drops
+        the socket if the client never answers."""
         if self.closed:
             return
         self.send(close_frame(code, reason))
         self.closed = True
-        if self._writer is None:
+        self._closing = True
+        if not self._pending:
             self._half_close()
-        else:
-            self._writer.link(lambda _: self._half_close())
-        gevent.get_hub().loop.timer(CLOSE_LINGER).start(self.shutdown)
+        get_hub().loop.timer(CLOSE_LINGER).start(self.shutdown)
 
     def _half_close(self):
         try:
-            self._sock.shutdown(socket.SHUT_WR)
+            self._raw.shutdown(socket.SHUT_WR)
         except OSError:
             pass
 
     def shutdown(self):
         """Drop the connection now: the reader sees EOF and cleans up."""
-        self.closed = True
+        release, self._release = self._release, False
+        self._drop()
+        if release:
+            self._raw.close()
+            return
         try:
-            self._sock.shutdown(socket.SHUT_RDWR)
+            self._raw.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
 
-READ_SIZE = 4096  # bytes asked of the socket at once; what is not parsed yet waits in `_data`
+class _Ignore:
+    """The consumer of a socket nobody serves: it waits for the client's close frame."""
+
+    @staticmethod
+    def take(message):
+        return None
+
+    @staticmethod
+    def ended():
+        pass
+
+
+class PusherWebSocket:
+    """An upgraded socket read by the event loop: no greenlet waits on an idle one.
+
+    A readiness callback makes one bounded read (so a flooding client gets its turn like the
+    others and never holds the worker), feeds the frame parser, answers control frames, and
+    hands each message to the consumer's `take`, which handles it at once or returns work
+    that may block (Redis, hooks, a fan-out that yields). That work runs in a short-lived
+    greenlet, with the socket's reading paused so that its messages keep their order."""
+
+    __slots__ = ("_raw", "_watcher", "_parser", "outbox", "closed", "close_code", "_consumer",
+                 "started", "_discard", "__weakref__")
+
+    def __init__(self, raw, ahead=b"", max_buffer=1 << 20, head=None):
+        self._raw = raw
+        self._watcher = None
+        self._parser = FrameParser()
+        self._parser.receive_data(ahead)
+        self.outbox = Outbox(raw, max_buffer, head=head)
+        self.closed = False      # a close frame was sent or received: messages are ignored
+        self.close_code = None   # the code of the client's close frame
+        self._consumer = None
+        self.started = False
+        self._discard = -1       # >= 0: refused midway, bytes still dropped before closing
+
+    @property
+    def max_message_size(self):
+        return self._parser.max_message_size
+
+    @max_message_size.setter
+    def max_message_size(self, size):
+        self._parser.max_message_size = size
+
+    # ---------------------------------------------------------------- reading
+
+    def start(self, consumer):
+        """Serve the socket from the event loop and return at once.
+
+        `consumer.take(message)` gets every message (str or bytes), in the event loop: it
+        returns None when done, or work for `consumer.run(work)` in a greenlet;
+        `consumer.ended()` is called once, when the connection is over. The handshake's
+        answer and what was sent before this call leave now, in one write."""
+        self.started = True
+        self._consumer = consumer if consumer is not None else _Ignore
+        self._watcher = get_hub().loop.io(self._raw.fileno(), _EV_READ)
+        self._watcher.start(self._readable)
+        events = self._parser.events_received()  # frames that came with the handshake
+        if events:
+            self._events(events)
+        else:
+            self.outbox.uncork()
+
+    def _readable(self):
+        try:
+            data = self._raw.recv(max(self._parser.missing, READ_SIZE))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        try:
+            if not data:
+                self._end()
+            elif self._discard >= 0:
+                self._discard -= len(data)
+                if self._discard < 0:
+                    self._end()
+            else:
+                self._parser.receive_data(data)
+                events = self._parser.events_received()
+                if events:
+                    self._events(events)
+        except Exception:  # noqa: BLE001 - one socket's error must never reach the event loop
+            log.exception("error serving a WebSocket")
+            self.outbox.shutdown()
+            self._end()
+
+    def _events(self, events):
+        """Handle events in the event loop until one needs a greenlet."""
+        outbox = self.outbox
+        outbox.cork()  # what this read makes us answer leaves in one write
+        try:
+            for index, event in enumerate(events):
+                kind = type(event)
+                if kind is str or kind is bytes:
+                    if self.closed:
+                        continue  # closing: wait for the client's close frame
+                    work = self._consumer.take(event)
+                    if work is not None:
+                        self._watcher.stop()
+                        gevent.spawn_raw(self._work, work, events[index + 1:])
+                        return
+                elif not self._control(event):
+                    return
+        finally:
+            outbox.uncork()
+
+    def _work(self, work, rest):
+        consumer = self._consumer
+        try:
+            consumer.run(work)
+            for event in rest:
+                kind = type(event)
+                if kind is str or kind is bytes:
+                    if not self.closed:
+                        work = consumer.take(event)
+                        if work is not None:
+                            consumer.run(work)
+                elif not self._control(event):
+                    return
+        except Exception:  # noqa: BLE001 - logged; the connection goes on
+            log.exception("error handling a WebSocket message")
+        if self._watcher is not None:
+            self._watcher.start(self._readable)
+
+    def _control(self, event):
+        """Answer a ping, a close or a violation; False once reading is over."""
+        kind = type(event)
+        if kind is PongDue:
+            self.outbox.send(event.frame)
+            return True
+        if kind is Close:
+            self.close_code = event.code
+            if not self.closed:
+                self.closed = True
+                self.outbox.send(close_frame(event.reply_code))
+            self._end()
+            return False
+        # A violation: close with its code. A frame refused before its payload arrived is
+        # still coming: up to DISCARD_LIMIT bytes of it are dropped (or until the linger
+        # timer ends the socket), since closing with unread input resets the connection, and
+        # the reset can destroy the close frame (1009) before the client reads it.
+        self.close(event.code, event.reason)
+        if event.payload_unread:
+            self._discard = DISCARD_LIMIT
+            self._ended()  # the connection's cleanup first, then the draining
+            if self._watcher is not None and not self._watcher.active:
+                self._watcher.start(self._readable)  # paused by a message's work
+        else:
+            self._end()
+        return False
+
+    def _ended(self):
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            self.closed = True
+            try:
+                consumer.ended()
+            except Exception:  # noqa: BLE001
+                log.exception("error ending a WebSocket connection")
+
+    def _end(self):
+        """The connection is over: stop reading, tell the consumer, and close the socket once
+        what is queued for it is written (or the linger timer gives up)."""
+        self.closed = True
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher.close()
+            self._watcher = None
+        self._ended()
+        self.outbox.release()
+
+    # ---------------------------------------------------------------- writing
+
+    def send_bytes(self, payload):
+        """Send one text message whose UTF-8 payload is already encoded."""
+        self.outbox.send(build_frame(payload))
+
+    def send(self, message, binary=None):
+        payload = message.encode() if isinstance(message, str) else bytes(message)
+        self.outbox.send(build_frame(payload, OP_BINARY if binary else OP_TEXT))
+
+    def close(self, code=WsClose.NORMAL, message=""):
+        if isinstance(message, bytes):
+            message = message.decode("utf-8", "replace")
+        self.closed = True
+        self.outbox.close(int(code), message or "")
 
 
 def _buffered_ahead(handler):
@@ -188,149 +390,6 @@ def _buffered_ahead(handler):
     if body is None or not (body.content_length or body.chunked_input):
         handler.rfile.close()  # pywsgi reads it again only to discard a request body
     return data or b""
-
-
-class PusherWebSocket(WebSocket):
-    """A server-side WebSocket with correct reads and a single writer (`outbox`)."""
-
-    __slots__ = ("outbox", "max_message_size", "close_code", "_recv", "_data", "refused_midway")
-
-    def __init__(self, environ, handler, max_buffer=1 << 20):
-        self.environ = environ
-        self.handler = handler
-        self.stream = None
-        self.closed = False
-        # Frames are read from the socket itself, not through pywsgi's buffered reader: an
-        # idle connection then holds no read buffer (the reader's is 8 KiB), only what a
-        # client sent ahead of what has been parsed.
-        self._recv = handler.socket.recv
-        self._data = _buffered_ahead(handler)
-        self.outbox = Outbox(handler.socket, max_buffer)
-        self.max_message_size = 1 << 16
-        self.close_code = None
-        self.refused_midway = False  # a frame was refused before its payload was read
-
-    def __del__(self):
-        pass  # never send a close frame from the garbage collector
-
-    # ---------------------------------------------------------------- reading
-
-    def _read(self, n):
-        data = self._data
-        if len(data) < n:
-            parts, have = [data], len(data)
-            while have < n:
-                chunk = self._recv(max(n - have, READ_SIZE))
-                if not chunk:
-                    raise ConnectionLost()
-                parts.append(chunk)
-                have += len(chunk)
-            data = b"".join(parts)
-        self._data = data[n:]
-        return data[:n] if len(data) > n else data
-
-    def _read_frame(self, budget):
-        b1, b2 = self._read(2)
-        fin, opcode, length = b1 & 0x80, b1 & 0x0F, b2 & 0x7F
-        if b1 & 0x70:
-            raise _Violation(WsClose.PROTOCOL_ERROR, "Reserved bits must be 0")
-        if not b2 & 0x80:
-            raise _Violation(WsClose.PROTOCOL_ERROR, "Client frames must be masked")
-        if opcode >= OP_CLOSE:
-            if not fin or length > 125:
-                raise _Violation(WsClose.PROTOCOL_ERROR, "Invalid control frame")
-        elif opcode not in (OP_CONTINUATION, OP_TEXT, OP_BINARY):
-            raise _Violation(WsClose.PROTOCOL_ERROR, "Unknown opcode")
-        if length == 126:
-            length = struct.unpack("!H", self._read(2))[0]
-        elif length == 127:
-            length = struct.unpack("!Q", self._read(8))[0]
-        if opcode < OP_CLOSE and length > budget:
-            # Refuse from the header alone: the payload is never read.
-            raise _Violation(WsClose.MESSAGE_TOO_BIG, "Message too big")
-        mask = self._read(4)
-        payload = XorMaskerSimple(mask).process(self._read(length)) if length else b""
-        return fin, opcode, payload
-
-    def receive(self):
-        """The next message: str (text) or bytes (binary); None once the connection is over."""
-        try:
-            return self._read_message()
-        except _Violation as violation:
-            self.refused_midway = True
-            self.close(violation.code, violation.reason)
-        except UnicodeDecodeError:
-            self.close(WsClose.INVALID_PAYLOAD, "Invalid UTF-8")
-        except (ConnectionLost, OSError):
-            self.closed = True
-            self.outbox.closed = True
-        return None
-
-    def drain(self, limit=1 << 20):
-        """Drop what the client still sends after a refusal, for at most CLOSE_LINGER seconds
-        and `limit` bytes: closing with unread input resets the connection, and the reset can
-        destroy our close frame (1009) before the client reads it."""
-        with gevent.Timeout(CLOSE_LINGER, False):
-            try:
-                while limit > 0:
-                    data = self._data or self._recv(min(limit, 65536))
-                    self._data = b""
-                    if not data:
-                        return
-                    limit -= len(data)
-            except OSError:
-                pass
-
-    def _read_message(self):
-        opcode, parts, size = None, [], 0
-        while True:
-            fin, frame_opcode, payload = self._read_frame(self.max_message_size - size)
-            if frame_opcode == OP_CLOSE:
-                self._answer_close(payload)
-                return None
-            if frame_opcode == OP_PING:
-                self.outbox.send(build_frame(payload, OP_PONG))
-                continue
-            if frame_opcode == OP_PONG:
-                continue
-            if frame_opcode == OP_CONTINUATION:
-                if opcode is None:
-                    raise _Violation(WsClose.PROTOCOL_ERROR, "Continuation without a message")
-            elif opcode is not None:
-                raise _Violation(WsClose.PROTOCOL_ERROR, "New message inside a fragmented one")
-            else:
-                opcode = frame_opcode
-            parts.append(payload)
-            size += len(payload)
-            if fin:
-                break
-        message = parts[0] if len(parts) == 1 else b"".join(parts)
-        return message.decode("utf-8") if opcode == OP_TEXT else bytes(message)
-
-    def _answer_close(self, payload):
-        code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else WsClose.NORMAL
-        self.close_code = code
-        if not self.closed:
-            self.closed = True
-            self.outbox.send(close_frame(code if 1000 <= code < 5000 and code not in
-                                         (1004, 1005, 1006, 1015) else WsClose.NORMAL))
-            self.outbox.closed = True
-
-    # ---------------------------------------------------------------- writing
-
-    def send_bytes(self, payload):
-        """Send one text message whose UTF-8 payload is already encoded."""
-        self.outbox.send(build_frame(payload))
-
-    def send(self, message, binary=None):
-        payload = message.encode() if isinstance(message, str) else bytes(message)
-        self.outbox.send(build_frame(payload, OP_BINARY if binary else OP_TEXT))
-
-    def close(self, code=WsClose.NORMAL, message=""):
-        if isinstance(message, bytes):
-            message = message.decode("utf-8", "replace")
-        self.closed = True
-        self.outbox.close(int(code), message or "")
 
 
 class PusherWebSocketHandler(WebSocketHandler):
@@ -354,7 +413,6 @@ class PusherWebSocketHandler(WebSocketHandler):
     def get_environ(self):
         environ = super().get_environ()
         environ["RAW_URI"] = self.path  # as gunicorn does: the path before percent-decoding
-        environ[SESSION_KEY] = None     # says this handler runs a session the app leaves
         return environ
 
     def upgrade_connection(self):
@@ -371,31 +429,33 @@ class PusherWebSocketHandler(WebSocketHandler):
         if not valid_key:
             self.start_response("400 Bad Request", [])
             return [b"Invalid Sec-WebSocket-Key"]
-        self.websocket = PusherWebSocket(self.environ, self, self.max_buffer)
-        self.environ.update({"wsgi.websocket_version": version, "wsgi.websocket": self.websocket})
         accept = base64.b64encode(hashlib.sha1((key + self.GUID).encode("latin-1")).digest())
-        self.start_response("101 Switching Protocols", [
-            ("Upgrade", "websocket"), ("Connection", "Upgrade"),
-            ("Sec-WebSocket-Accept", accept.decode("latin-1"))])
+        # The answer waits in the outbox, corked: it leaves with the first frames the
+        # application sends (connection_established), in one write.
+        head = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        ahead = _buffered_ahead(self)
+        # The socket leaves gevent's wrapper (and its two watchers) and pywsgi's handler,
+        # which would close it when this request ends.
+        raw = _socket.socket(fileno=self.socket.detach())
+        raw.setblocking(False)
+        self.websocket = PusherWebSocket(raw, ahead, self.max_buffer, head)
+        self.environ.update({"wsgi.websocket_version": version, "wsgi.websocket": self.websocket})
+        self.status = "101 Switching Protocols"
+        self.headers_sent = True
+        self.close_connection = True
         return None
 
     def run_websocket(self):
+        ws = self.websocket
         try:
+            # The application starts the socket (ws.start) and returns: the event loop reads
+            # it from then on, and this greenlet ends.
             list(self.application(self.environ, lambda status, headers, exc_info=None: []))
-            session = self.environ.get(SESSION_KEY)
-            if session is not None:
-                # The socket's long life, after the application returned. pywsgi would keep
-                # the request's environ, headers and request line and the handshake's
-                # response headers for all of it: freed first (the access log skips
-                # upgrades, so nothing reads them again).
-                self.environ = {"wsgi.websocket": self.websocket}
-                self.headers = self.websocket.environ = self.response_headers = None
-                self.requestline = self.path = ""
-                session()
         finally:
-            self.websocket.outbox.closed = True
-            if self.websocket.refused_midway:
-                self.websocket.drain()  # after the connection's cleanup, not before it
+            if not ws.started:
+                ws.close(WsClose.GOING_AWAY, "Not served")
+                ws.start(None)
             self.environ["wsgi.websocket"] = None
             self.websocket = None
 
