@@ -370,6 +370,8 @@ def create_app(settings=None, core=None):
         return True
 
     app.on_worker_stop = core.shutdown
+    app.handshake_timeout = settings.handshake_timeout / 1000  # read by the handler
+    app.keepalive_timeout = settings.keepalive_timeout / 1000
     return app
 
 

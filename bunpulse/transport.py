@@ -25,13 +25,15 @@ from geventwebsocket.handler import WebSocketHandler
 from .errors import PusherError, WsClose
 from .frames import (OP_BINARY, OP_TEXT, Close, FrameParser, PongDue, build_frame,
                      close_frame)
-from .request_headers import RequestHeaders
+from .request_headers import MAX_HEAD, TOO_LARGE, RequestHeaders
 
 log = logging.getLogger("bunpulse.transport")
 
 CLOSE_LINGER = 3.0  # seconds to wait for the client's close frame before dropping the socket
 READ_SIZE = 16384   # bytes read per readiness: bounds the work one client causes at a time
 DISCARD_LIMIT = 1 << 20  # bytes of a refused frame dropped so that the close frame arrives
+HANDSHAKE_TIMEOUT = 10.0  # seconds a request head may take to arrive (--handshake-timeout)
+KEEPALIVE_TIMEOUT = 5.0   # seconds an idle keep-alive connection is kept (--keepalive-timeout)
 _EV_READ, _EV_WRITE = 1, 2
 
 
@@ -392,10 +394,26 @@ def _buffered_ahead(handler):
     return data or b""
 
 
+class _HeadTooLarge(ValueError):
+    pass
+
+
+def _answer(status, message):
+    body = b'{"error":"%s"}' % message.encode()
+    return (b"HTTP/1.1 %s\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (status.encode(), len(body), body))
+
+
+_HEAD_TOO_LARGE = _answer("431 Request Header Fields Too Large", TOO_LARGE)
+_BAD_REQUEST = _answer("400 Bad Request", "Malformed request")
+
+
 class PusherWebSocketHandler(WebSocketHandler):
-    """gevent-websocket's handler with our WebSocket and no per-address client table."""
+    """gevent-websocket's handler with our WebSocket, no per-address client table, and time
+    and size limits on request heads."""
 
     max_buffer = 1 << 20
+    _served = False  # a request was served on this connection: the next one is keep-alive
 
     def handle(self):
         # pywsgi sends a response's headers and body in two writes: with Nagle on, the body
@@ -407,8 +425,43 @@ class PusherWebSocketHandler(WebSocketHandler):
                 pass
         super().handle()
 
+    def handle_one_request(self):
+        # A request head must arrive in time, or the connection is closed: the first within
+        # the handshake timeout of the accept, a later one (keep-alive) within the keep-alive
+        # timeout of the last answer. Slow or silent clients then cannot hold sockets.
+        app = self.server.application
+        timer = self._head_timer = gevent.Timeout.start_new(
+            getattr(app, "keepalive_timeout", KEEPALIVE_TIMEOUT) if self._served else
+            getattr(app, "handshake_timeout", HANDSHAKE_TIMEOUT))
+        try:
+            return super().handle_one_request()
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            return None
+        finally:
+            timer.cancel()
+            self._served = True
+
+    def read_request(self, raw_requestline):
+        try:
+            return super().read_request(raw_requestline)
+        finally:
+            self._head_timer.cancel()  # the head is in: the application has its own limits
+
     def MessageClass(self, fp, *args):
-        return RequestHeaders.read(fp)
+        headers = RequestHeaders.read(fp, MAX_HEAD - len(self.requestline) - 2)
+        if headers.status == TOO_LARGE:
+            raise _HeadTooLarge(TOO_LARGE)
+        return headers
+
+    def _handle_client_error(self, ex):
+        # A client's mistake: said at info level, without pywsgi's socket repr.
+        log.info("bad request from %s: %s", self.client_address or "a unix socket",
+                 str(ex)[:200])
+        if isinstance(ex, _HeadTooLarge):
+            return "431", _HEAD_TOO_LARGE
+        return "400", _BAD_REQUEST
 
     def get_environ(self):
         environ = super().get_environ()
