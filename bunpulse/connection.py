@@ -68,11 +68,18 @@ class Connection:
                 self.send_error(None, "Binary frames are not supported: send JSON text")
                 return None
             frame = protocol.parse_client_frame(message)
-            if frame.event in _ANSWERED_AT_ONCE and not self.server.hooks.wanted(frame.event):
+            event = frame.event
+            if (event in _ANSWERED_AT_ONCE and not self.server.hooks.wanted(event)) or (
+                    event == "pusher:subscribe" and self.server.subscribes_at_once(self.app,
+                                                                                    frame.data)):
                 self.dispatch(frame)
                 return None
         except ClientError as exc:
             self.send_error(exc.code, exc.message)
+            return None
+        except Exception:  # noqa: BLE001 - one bad frame must not end the worker
+            log.exception("error handling a frame from %s", self.socket_id)
+            self.send_error(None, "Internal server error")
             return None
         return frame
 

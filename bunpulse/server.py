@@ -16,7 +16,7 @@ from werkzeug.routing import WebsocketMismatch
 
 from . import protocol
 from .adapters import make_adapter
-from .adapters.local import PresenceFull
+from .adapters.local import LocalAdapter, PresenceFull
 from .apps import load_apps
 from .config import ConfigError, listen_host, load_settings, redacted, uses_dev_app
 from .connection import Connection
@@ -85,6 +85,7 @@ class BunPulse:
         seconds = min(120, settings.heartbeat_interval / 1000)
         self.activity_timeout = int(seconds) if seconds >= 1 else seconds
         self.evictions = 0
+        self._local = type(self.adapter) is LocalAdapter
         self.adapter.bind(self)
         self.adapter.start()
 
@@ -110,6 +111,13 @@ class BunPulse:
             ws.start(None)  # waits for the client's close frame
             return
         Connection(self, admission, ws, self.new_socket_id()).start()
+
+    def subscribes_at_once(self, app, data):
+        """Whether a subscription can be served in the event loop, where nothing may wait: no
+        Redis, no hook, no webhook, and no presence channel (its member_added fans out)."""
+        return (self._local and not app.webhooks and not self.hooks.wanted("pusher:subscribe")
+                and isinstance(data, dict) and isinstance(data.get("channel"), str)
+                and not data["channel"].startswith("presence-"))
 
     def _admit(self, path, query):
         match = APP_PATH.match(path)
