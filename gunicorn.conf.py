@@ -6,7 +6,8 @@ import logging
 import sys
 
 from bunpulse.apps import load_apps
-from bunpulse.config import ConfigError, listen_host, load_settings, redacted, uses_dev_app
+from bunpulse.config import ConfigError, listen_host, load_settings
+from bunpulse.startup import log_startup
 
 try:
     _settings = load_settings([])
@@ -16,9 +17,9 @@ except ConfigError as exc:
 _host = listen_host(_settings)
 bind = [_host if _host.startswith("unix:") else f"{_host}:{_settings.port}"]
 workers = _settings.workers
-worker_class = "bunpulse.transport.PusherWorker"
+worker_class = "bunpulse.worker.PusherWorker"
 worker_connections = 20000      # gunicorn's default of 1000 would cap sockets per worker
-wsgi_app = "bunpulse.server:create_app()"
+wsgi_app = "bunpulse.wsgi:create_app()"
 timeout = 30                    # the hub never blocks; a stuck worker is restarted
 graceful_timeout = 5            # clients are told 4200 first, then reconnect elsewhere
 keepalive = 5
@@ -27,18 +28,11 @@ accesslog = None
 
 
 def on_starting(server):
-    adapter = f"redis {redacted(_settings.redis_url)}" if _settings.redis_url else "local"
-    server.log.info("BunPulse under gunicorn: %d worker(s) on %s, adapter %s", workers,
-                    ", ".join(bind), adapter)
     try:
         apps = load_apps(_settings)
     except ConfigError as exc:
         sys.exit(f"bunpulse: configuration error: {exc}")
-    for app in apps:
-        server.log.info("app id=%s key=%s", app.id, app.key)
-    if uses_dev_app(_settings):
-        server.log.warning("NO CREDENTIALS CONFIGURED: serving the development app (key "
-                           "app-key, secret app-secret) on 127.0.0.1 only")
+    log_startup(_settings, apps, ", ".join(bind), server.log, workers=workers)
 
 
 def post_fork(server, worker):

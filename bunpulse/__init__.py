@@ -4,9 +4,16 @@ __version__ = "0.1.0"
 
 
 def start_bunpulse(port=6001, **options):
-    """Start a server and return it; see bunpulse.server.start_bunpulse."""
-    from .server import start_bunpulse as start
+    """Start a server and return it; see bunpulse.run.start_bunpulse."""
+    from .run import start_bunpulse as start
     return start(port=port, **options)
 
 
-__all__ = ["start_bunpulse", "__version__"]
+def create_app(settings=None, core=None):
+    """The WSGI application (`gunicorn "bunpulse:create_app()"`); see bunpulse.wsgi.create_app.
+    Imported on call, so that importing bunpulse stays cheap."""
+    from .wsgi import create_app as create
+    return create(settings, core)
+
+
+__all__ = ["create_app", "start_bunpulse", "__version__"]

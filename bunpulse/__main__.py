@@ -14,7 +14,7 @@ def main(argv=None):
     build_parser().parse_args(argv)  # --help exits here, before anything starts
     try:
         settings = load_settings(argv)
-        from .server import serve_forever
+        from .run import serve_forever
         logging.basicConfig(level=settings.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         serve_forever(settings)

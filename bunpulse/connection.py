@@ -8,7 +8,7 @@ import time
 import gevent
 
 from . import protocol
-from .errors import ClientError, PusherError, SubscriptionError
+from .errors import ClientError, ErrorCode, SubscriptionError
 from .protocol import channel_kind
 from .signatures import channel_auth_ok, user_auth_ok
 from .frames import build_frame
@@ -21,12 +21,12 @@ _ANSWERED_AT_ONCE = frozenset(("pusher:ping", "pusher:pong"))
 
 
 class Connection:
-    __slots__ = ("server", "app", "ws", "outbox", "socket_id", "subscriptions", "user_id",
+    __slots__ = ("core", "app", "ws", "outbox", "socket_id", "subscriptions", "user_id",
                  "user_data", "watchlist", "last_seen", "closed", "_pinged", "_timer",
                  "_auth_timer", "_window", "_window_count", "__weakref__")
 
-    def __init__(self, server, app, ws, socket_id):
-        self.server = server
+    def __init__(self, core, app, ws, socket_id):
+        self.core = core
         self.app = app
         self.ws = ws
         self.outbox = ws.outbox
@@ -47,15 +47,15 @@ class Connection:
 
     def start(self):
         """Serve the socket; returns at once (the event loop reads it from then on)."""
-        server = self.server
-        self.send(protocol.connection_established(self.socket_id, server.activity_timeout))
-        server.adapter.add_connection(self)
-        self._arm_heartbeat(server.settings.heartbeat_interval / 1000)
+        core = self.core
+        self.send(protocol.connection_established(self.socket_id, core.activity_timeout))
+        core.connected(self)
+        self._arm_heartbeat(core.settings.heartbeat_interval / 1000)
         if self.app.user_authentication_timeout:
             self._auth_timer = gevent.get_hub().loop.timer(
                 self.app.user_authentication_timeout / 1000)
             self._auth_timer.start(self._require_authorization)
-        server.hooks.emit("connection", self, None)
+        core.hooks.emit("connection", self, None)
         self.ws.start(self)
 
     def take(self, message):
@@ -69,9 +69,12 @@ class Connection:
                 return None
             frame = protocol.parse_client_frame(message)
             event = frame.event
-            if (event in _ANSWERED_AT_ONCE and not self.server.hooks.wanted(event)) or (
-                    event == "pusher:subscribe" and self.server.subscribes_at_once(self.app,
-                                                                                    frame.data)):
+            if event in _ANSWERED_AT_ONCE:
+                at_once = not self.core.hooks.wanted(event)
+            else:
+                at_once = event == "pusher:subscribe" and self.core.subscribes_at_once(
+                    self.app, frame.data)
+            if at_once:
                 self.dispatch(frame)
                 return None
         except ClientError as exc:
@@ -104,7 +107,7 @@ class Connection:
             if timer is not None:
                 timer.stop()
                 timer.close()
-        self.server.disconnected(self)
+        self.core.disconnected(self)
 
     def send(self, payload):
         """Send one JSON message (bytes) to this client."""
@@ -123,7 +126,7 @@ class Connection:
         self.close(code, message)
 
     def terminate(self):
-        self.refuse(PusherError.UNAUTHORIZED, "You got disconnected by the app.")
+        self.refuse(ErrorCode.UNAUTHORIZED, "You got disconnected by the app.")
 
     # ---------------------------------------------------------------- heartbeat
 
@@ -134,11 +137,11 @@ class Connection:
     def _beat(self):
         if self.closed or self.ws.closed:
             return
-        settings = self.server.settings
+        settings = self.core.settings
         idle = time.monotonic() - self.last_seen
         interval, timeout = settings.heartbeat_interval / 1000, settings.heartbeat_timeout / 1000
         if idle >= timeout:
-            self.close(PusherError.PONG_NOT_RECEIVED, "Pong reply not received")
+            self.close(ErrorCode.PONG_NOT_RECEIVED, "Pong reply not received")
             return
         if idle >= interval and not self._pinged:
             self._pinged = True
@@ -150,7 +153,7 @@ class Connection:
             return
         if any(channel_kind(name).private for name in self.subscriptions):
             return
-        self.refuse(PusherError.UNAUTHORIZED,
+        self.refuse(ErrorCode.UNAUTHORIZED,
                     "Connection not authorized within timeout: sign in or subscribe to a "
                     "private channel")
 
@@ -173,14 +176,14 @@ class Connection:
             return
         else:
             raise ClientError(f"Unsupported event: {event[:64]}")
-        self.server.hooks.emit(event, self, frame.data)
+        self.core.hooks.emit(event, self, frame.data)
 
     def _subscribe(self, data):
         if not isinstance(data, dict) or not isinstance(data.get("channel"), str):
             raise ClientError("pusher:subscribe needs data.channel, a string")
         name = data["channel"]
         try:
-            self.server.subscribe(self, name, data)
+            self.core.subscribe(self, name, data)
         except SubscriptionError as exc:
             self.send(protocol.subscription_error(name, exc.message, exc.status, exc.error_type))
             self.send_error(exc.code, exc.message)
@@ -191,7 +194,7 @@ class Connection:
     def _unsubscribe(self, data):
         if not isinstance(data, dict) or not isinstance(data.get("channel"), str):
             raise ClientError("pusher:unsubscribe needs data.channel, a string")
-        self.server.unsubscribe(self, data["channel"])
+        self.core.unsubscribe(self, data["channel"])
 
     def authorize(self, name, data):
         """Check a subscription's auth; return the presence member (user_id, user_info) or
@@ -201,7 +204,7 @@ class Connection:
             if self.user_id is None or name != protocol.user_channel(self.user_id):
                 raise SubscriptionError(f"Only the user signed in on this connection may "
                                         f"subscribe to {name}", 403, "AuthError",
-                                        PusherError.UNAUTHORIZED)
+                                        ErrorCode.UNAUTHORIZED)
             return None
         if not kind.private:
             return None
@@ -249,12 +252,12 @@ class Connection:
         self._window_count += 1
         if self._window_count > app.max_client_events_per_second:
             raise ClientError("Client event rejected due to rate limit",
-                              PusherError.CLIENT_EVENT_REJECTED)
+                              ErrorCode.CLIENT_EVENT_REJECTED)
         data = frame.data
         if len(protocol.dumps(data)) > app.max_event_data_size:
             raise ClientError(f"Client event data is larger than {app.max_event_data_size} "
                               "bytes")
-        self.server.client_event(self, channel, name, data,
+        self.core.client_event(self, channel, name, data,
                                  self.subscriptions[channel] if kind.presence else None)
 
     def _signin(self, data):
@@ -268,11 +271,11 @@ class Connection:
         user_data, auth = data.get("user_data"), data.get("auth")
         if not isinstance(user_data, str) or not user_auth_ok(self.app, self.socket_id,
                                                               user_data, auth):
-            self.refuse(PusherError.UNAUTHORIZED, "Invalid signature for pusher:signin")
+            self.refuse(ErrorCode.UNAUTHORIZED, "Invalid signature for pusher:signin")
             return
         try:
             user = protocol.parse_user_data(user_data)
         except ValueError as exc:
-            self.refuse(PusherError.UNAUTHORIZED, f"Invalid user_data: {exc}")
+            self.refuse(ErrorCode.UNAUTHORIZED, f"Invalid user_data: {exc}")
             return
-        self.server.sign_in(self, user, user_data)
+        self.core.sign_in(self, user, user_data)

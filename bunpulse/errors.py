@@ -2,8 +2,8 @@
 from enum import IntEnum
 
 
-class PusherError(IntEnum):
-    """Close codes and `pusher:error` codes of the Pusher protocol."""
+class ErrorCode(IntEnum):
+    """The Pusher protocol's codes: close codes and `pusher:error` codes (not an exception)."""
 
     SSL_ONLY = 4000
     APP_NOT_FOUND = 4001
@@ -69,3 +69,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class PresenceFull(Exception):
+    """An adapter's refusal: a new user would pass the presence channel's member limit."""

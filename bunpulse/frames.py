@@ -109,7 +109,10 @@ class FrameParser:
             self._parse()
 
     def events_received(self):
-        events, self._events = self._events, []
+        """The events of the bytes received so far, oldest first (each is reported once)."""
+        events = self._events
+        if events:
+            self._events = []
         return events
 
     def _parse(self):

@@ -19,8 +19,8 @@ class Channel:
         self.name = name
         self.subscribers = {}   # connection -> its outbox's send, to skip two lookups a delivery
         self.members = {}       # presence: user_id -> [user_info, local connection count]
-        self.queue = None       # frames waiting while a big fan-out yields (a deque,
-                                # made when needed: an empty one is 760 bytes)
+        self.queue = None       # frames waiting while a big fan-out yields: a deque made
+                                # when needed (an empty one is large)
         self.sending = False
 
 
@@ -52,10 +52,6 @@ class Hub:
 
     def add_connection(self, conn):
         self.app(conn.app.id).connections[conn.socket_id] = conn
-
-    def connection(self, app_id, socket_id):
-        state = self._apps.get(app_id)
-        return state.connections.get(socket_id) if state else None
 
     def connection_count(self, app_id):
         state = self._apps.get(app_id)

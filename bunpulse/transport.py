@@ -1,6 +1,6 @@
-"""The WebSocket transport: sockets only, and the only module that imports geventwebsocket.
+"""The WebSocket transport: socket I/O only, and the only module that imports geventwebsocket.
 
-It fixes what gevent-websocket 0.10.1 gets wrong for a Pusher server (see stack-notes.md):
+It fixes what gevent-websocket 0.10.1 gets wrong for a Pusher server:
 close frames carry a real code, an oversized message is refused from its header (1009) before
 its payload is read, invalid UTF-8 closes with 1007 and protocol errors with 1002 (frames.py
 parses, without I/O), and no per-address client table (which breaks on unix sockets).
@@ -19,10 +19,9 @@ import socket
 import gevent
 from gevent import get_hub
 from gevent.pywsgi import WSGIHandler, _NoopLog
-from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
 from geventwebsocket.handler import WebSocketHandler
 
-from .errors import PusherError, WsClose
+from .errors import ErrorCode, WsClose
 from .frames import (OP_BINARY, OP_TEXT, Close, FrameParser, PongDue, build_frame,
                      close_frame)
 from .request_headers import MAX_HEAD, TOO_LARGE, RequestHeaders
@@ -132,7 +131,7 @@ class Outbox:
         log.info("evicting a client that stopped reading (%d bytes queued)", self._pending_size)
         self._drop()
         try:  # best effort: the socket buffer is probably full
-            self._raw.send(close_frame(PusherError.OVER_CAPACITY, "Client too slow"))
+            self._raw.send(close_frame(ErrorCode.OVER_CAPACITY, "Client too slow"))
         except OSError:
             pass
         self.shutdown()
@@ -210,12 +209,12 @@ class PusherWebSocket:
     __slots__ = ("_raw", "_watcher", "_parser", "outbox", "closed", "close_code", "_consumer",
                  "started", "_discard", "__weakref__")
 
-    def __init__(self, raw, ahead=b"", max_buffer=1 << 20, head=None):
+    def __init__(self, raw, ahead=b"", head=None):
         self._raw = raw
         self._watcher = None
         self._parser = FrameParser()
         self._parser.receive_data(ahead)
-        self.outbox = Outbox(raw, max_buffer, head=head)
+        self.outbox = Outbox(raw, 1 << 20, head=head)  # the core sets its limit (max_buffer)
         self.closed = False      # a close frame was sent or received: messages are ignored
         self.close_code = None   # the code of the client's close frame
         self._consumer = None
@@ -412,7 +411,6 @@ class PusherWebSocketHandler(WebSocketHandler):
     """gevent-websocket's handler with our WebSocket, no per-address client table, and time
     and size limits on request heads."""
 
-    max_buffer = 1 << 20
     _served = False  # a request was served on this connection: the next one is keep-alive
 
     def handle(self):
@@ -492,7 +490,7 @@ class PusherWebSocketHandler(WebSocketHandler):
         # which would close it when this request ends.
         raw = _socket.socket(fileno=self.socket.detach())
         raw.setblocking(False)
-        self.websocket = PusherWebSocket(raw, ahead, self.max_buffer, head)
+        self.websocket = PusherWebSocket(raw, ahead, head)
         self.environ.update({"wsgi.websocket_version": version, "wsgi.websocket": self.websocket})
         self.status = "101 Switching Protocols"
         self.headers_sent = True
@@ -517,24 +515,3 @@ class PusherWebSocketHandler(WebSocketHandler):
         # embedded server's): the line costs 3% of an API publish.
         if "101" not in str(self.status) and not isinstance(self.server.log, _NoopLog):
             WSGIHandler.log_request(self)
-
-
-class PusherWorker(GeventWebSocketWorker):
-    """gunicorn's gevent WebSocket worker with our handler; when the worker is told to stop,
-    the application's `on_worker_stop` runs first so clients get 4200 and reconnect at once."""
-
-    wsgi_handler = PusherWebSocketHandler
-
-    def run(self):
-        gevent.spawn(self._stop_when_told)
-        super().run()
-
-    def _stop_when_told(self):
-        while self.alive:
-            gevent.sleep(0.2)
-        stop = getattr(self.wsgi, "on_worker_stop", None)
-        if stop is not None:
-            try:
-                stop()
-            except Exception:  # noqa: BLE001 - shutting down regardless
-                log.exception("on_worker_stop failed")

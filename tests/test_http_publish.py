@@ -289,7 +289,7 @@ def test_publish_shortcut_answers_as_flask_does(tmp_path):
     from flask import Flask
     from werkzeug.test import Client
     from bunpulse.config import load_settings
-    from bunpulse.server import create_app
+    from bunpulse.wsgi import create_app
 
     settings = load_settings([], environ={"PUSHER_APP_ID": APP_ID, "PUSHER_APP_KEY": KEY,
                                           "PUSHER_APP_SECRET": SECRET})
@@ -334,6 +334,15 @@ def test_plain_http_on_the_websocket_endpoint(server):
     response = requests.get(server.url + f"/app/{KEY}?protocol=7", timeout=5)
     assert "WebSocket" in assert_error(response, 426)
     assert_error(requests.get(server.url + "/nothing/here", timeout=5), 404)
+    response = requests.post(server.url + f"/app/{KEY}", timeout=5)
+    assert_error(response, 405)
+    assert "GET" in response.headers["Allow"] and "POST" not in response.headers["Allow"]
+
+
+def test_wrong_method_allows_only_the_route_methods(server):
+    response = requests.delete(server.url + f"/apps/{APP_ID}/events", timeout=5)
+    assert_error(response, 405)
+    assert sorted(response.headers["Allow"].split(", ")) == ["OPTIONS", "POST"]
 
 
 def test_a_truncated_body_is_a_400_not_a_server_error(server):

@@ -4,6 +4,8 @@ import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 import threading
 from types import SimpleNamespace
 
@@ -212,3 +214,13 @@ def test_connections_live_outside_the_flask_request_context(library_server):
         assert seen == [False]
     finally:
         client.close()
+
+
+def test_importing_the_package_is_cheap_and_the_library_never_imports_gunicorn():
+    code = ("import sys, bunpulse\n"
+            "assert 'flask' not in sys.modules and 'gevent' not in sys.modules\n"
+            "import bunpulse.run, bunpulse.server\n"
+            "assert not [m for m in sys.modules if m.startswith('gunicorn')]\n"
+            "import bunpulse.worker\n"
+            "assert 'gunicorn' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -8,9 +8,10 @@ import gevent
 import gevent.socket
 import requests
 
-from bunpulse.errors import PusherError
+from bunpulse.errors import ErrorCode
 from bunpulse.signatures import sign_api_request
-from bunpulse.transport import Outbox, build_frame, close_frame
+from bunpulse.frames import build_frame, close_frame
+from bunpulse.transport import Outbox
 from conftest import APP_ID, KEY, SECRET, connected, wait_until
 
 
@@ -57,7 +58,7 @@ def test_outbox_evicts_a_reader_that_stopped_past_the_bound():
 
 
 def test_close_frame_carries_the_code_and_a_bounded_reason():
-    frame = close_frame(PusherError.OVER_CAPACITY, "r" * 300)
+    frame = close_frame(ErrorCode.OVER_CAPACITY, "r" * 300)
     assert frame[0] == 0x88 and frame[1] == 125  # a control frame holds 125 bytes at most
     assert int.from_bytes(frame[2:4], "big") == 4100
 

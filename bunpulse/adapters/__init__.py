@@ -1,9 +1,6 @@
-"""Adapters: where a worker's hub meets the rest of the deployment.
-
-Every adapter offers the interface of LocalAdapter. The local one serves one process; a
-cluster adapter (Redis) overrides the same methods so that delivery, counts, presence and
-occupied/vacated are decided for the whole deployment.
-"""
+"""Adapters: where a worker's hub meets the rest of the deployment (the interface:
+base.Adapter)."""
+from .base import Adapter
 from .local import LocalAdapter
 
 
@@ -14,4 +11,4 @@ def make_adapter(settings, hub):
     return LocalAdapter(hub)
 
 
-__all__ = ["LocalAdapter", "make_adapter"]
+__all__ = ["Adapter", "LocalAdapter", "make_adapter"]

@@ -24,7 +24,8 @@ import orjson
 import redis
 
 from ..config import redacted
-from .local import LocalAdapter, PresenceFull
+from ..errors import PresenceFull
+from .local import LocalAdapter
 
 log = logging.getLogger("bunpulse.redis")
 

@@ -1,0 +1,324 @@
+"""The server core of one worker (`BunPulse`): what every connection, the HTTP API and the
+library call; plus its callbacks (`Hooks`) and socket ids (`SocketIds`)."""
+import logging
+import os
+import re
+import secrets
+from itertools import count
+
+import gevent
+
+from . import protocol
+from .adapters import make_adapter
+from .adapters.local import LocalAdapter
+from .apps import load_apps
+from .connection import Connection
+from .errors import ConnectionRefused, PresenceFull, ErrorCode, SubscriptionError
+from .hub import Hub
+from .protocol import channel_kind, data_string
+from .frames import build_frame
+from .webhooks import WebhookSender
+
+log = logging.getLogger("bunpulse")
+
+APP_PATH = re.compile(r"^/app/([^/]+)/?$")
+
+
+class SocketIds:
+    """`<process>.<counter>` ids: the random process part keeps them unique across workers and
+    machines, and is drawn anew after a fork."""
+
+    def __init__(self):
+        self._pid = None
+
+    def __call__(self):
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._prefix = str(secrets.randbelow(9 * 10 ** 9) + 10 ** 9)
+            self._counter = count(1)
+        return f"{self._prefix}.{next(self._counter)}"
+
+
+class Hooks:
+    """`server.on(event, callback)`: callbacks get (connection, data); errors are logged."""
+
+    def __init__(self):
+        self._callbacks = {}
+
+    def on(self, event, callback):
+        self._callbacks.setdefault(event, []).append(callback)
+        return callback
+
+    def wanted(self, event):
+        return event in self._callbacks
+
+    def emit(self, event, conn, data):
+        for callback in self._callbacks.get(event, ()):
+            try:
+                callback(conn, data)
+            except Exception:  # noqa: BLE001 - a user callback never takes the server down
+                log.exception("callback for %r failed", event)
+
+
+class BunPulse:
+    """One worker's Pusher server: what every connection, the HTTP API and the library call."""
+
+    def __init__(self, settings, apps=None):
+        self.settings = settings
+        self.apps = apps if apps is not None else load_apps(settings)
+        self.hub = Hub()
+        self.adapter = make_adapter(settings, self.hub)
+        self.webhooks = WebhookSender(settings)
+        self.hooks = Hooks()
+        self.new_socket_id = SocketIds()
+        # Clients ping after this many seconds of silence, well before the server's timeout.
+        # Whole seconds, except under one second (test settings): a floor of 1 s would let the
+        # client stay silent past a sub-second heartbeat timeout. pusher-js multiplies by 1000.
+        seconds = min(120, settings.heartbeat_interval / 1000)
+        self.activity_timeout = int(seconds) if seconds >= 1 else seconds
+        self.evictions = 0
+        self._local = type(self.adapter) is LocalAdapter  # nothing it does can wait
+        self.adapter.bind(self)
+        self.adapter.start()
+
+    # ---------------------------------------------------------------- connections
+
+    def admit(self, path, query):
+        """The app a new connection is for, or the ConnectionRefused to report on the socket
+        once it is upgraded."""
+        try:
+            return self._admit(path, query)
+        except ConnectionRefused as refusal:
+            return refusal
+
+    def serve_websocket(self, ws, admission):
+        """Run one Pusher connection on an upgraded socket, given what `admit` said; returns
+        at once: the event loop serves the socket from then on."""
+        ws.max_message_size = self.settings.max_message_size
+        ws.outbox.limit = self.settings.max_buffer
+        ws.outbox.on_evict = self._count_eviction
+        if isinstance(admission, ConnectionRefused):
+            ws.send_bytes(protocol.error(admission.code, admission.message))
+            ws.close(admission.code, admission.message)
+            ws.start(None)  # waits for the client's close frame
+            return
+        Connection(self, admission, ws, self.new_socket_id()).start()
+
+    def subscribes_at_once(self, app, data):
+        """Whether a subscription can be served in the event loop, where nothing may wait: no
+        Redis, no hook, no webhook, and no presence channel (its member_added fans out)."""
+        return (self._local and not app.webhooks and not self.hooks.wanted("pusher:subscribe")
+                and isinstance(data, dict) and isinstance(data.get("channel"), str)
+                and not data["channel"].startswith("presence-"))
+
+    def _admit(self, path, query):
+        match = APP_PATH.match(path)
+        if match is None:
+            raise ConnectionRefused(ErrorCode.PATH_NOT_FOUND,
+                                    f"Path not found: connect to /app/{{key}}")
+        key = match.group(1)
+        app = self.apps.by_key(key)
+        if app is None:
+            raise ConnectionRefused(ErrorCode.APP_NOT_FOUND, f"App key {key} does not exist.")
+        version = query.get("protocol")
+        if not version:
+            raise ConnectionRefused(ErrorCode.NO_PROTOCOL, "No protocol version supplied")
+        if not version.isdigit() or int(version) not in protocol.PROTOCOL_VERSIONS:
+            raise ConnectionRefused(ErrorCode.UNSUPPORTED_PROTOCOL,
+                                    f"Unsupported protocol version {version[:16]}: use 5, 6 or 7")
+        if not app.enabled:
+            raise ConnectionRefused(ErrorCode.APP_DISABLED, "Application is disabled")
+        if app.max_connections and self.adapter.connection_count(app.id) >= app.max_connections:
+            raise ConnectionRefused(ErrorCode.OVER_CONNECTION_QUOTA,
+                                    "Application is over its connection quota")
+        return app
+
+    def connected(self, conn):
+        """A connection is established: count it and make it reachable."""
+        self.adapter.add_connection(conn)
+
+    def _count_eviction(self):
+        self.evictions += 1
+
+    def disconnected(self, conn):
+        changes, offline = self.adapter.remove_connection(conn)
+        for change in changes:
+            self._left(conn.app, change)
+        if offline is not None:
+            self._tell_watchers(conn.app, offline, "offline")
+        self.hooks.emit("disconnect", conn, None)
+
+    def shutdown(self):
+        """Tell every client to reconnect at once (4200), e.g. when a worker stops."""
+        for conn in self.hub.connections():
+            conn.refuse(ErrorCode.RECONNECT, "Server is restarting: reconnect")
+        # Let them leave (up to 1 s) and send the webhooks their leaving causes (up to 2 s):
+        # channels this server vacated are reported, not left occupied at the receiver.
+        for _ in range(50):
+            if not self.hub.connections():
+                break
+            gevent.sleep(0.02)
+        self.webhooks.close(grace=2.0)
+        self.adapter.stop()
+
+    # ---------------------------------------------------------------- channels
+
+    def subscribe(self, conn, name, data):
+        app = conn.app
+        if not protocol.valid_channel_name(name, app.max_channel_name_length):
+            raise SubscriptionError(
+                f"Invalid channel name: 1 to {app.max_channel_name_length} characters of "
+                "A-Z a-z 0-9 _ - = @ , . ;", 400, "InvalidChannelName")
+        member = conn.authorize(name, data)
+        kind = channel_kind(name)
+        new = name not in conn.subscriptions
+        if new:
+            try:
+                occupied, added, roster = self.adapter.subscribe(
+                    conn, name, member, app.max_presence_members)
+            except PresenceFull:
+                raise SubscriptionError(f"Presence channel {name} is full "
+                                        f"({app.max_presence_members} members)", 403,
+                                        "LimitReached") from None
+        else:
+            added = occupied = False
+            roster = self.adapter.members(app.id, name) if kind.presence else None
+        conn.send(protocol.subscription_succeeded(
+            name, None if roster is None else protocol.presence_roster(roster)))
+        if added:
+            self.adapter.publish(app.id, name, build_frame(
+                protocol.member_added(name, member[0], member[1])), conn.socket_id)
+        emit = self.webhooks.emit
+        if occupied:
+            emit(app, {"name": "channel_occupied", "channel": name})
+        if added:
+            emit(app, {"name": "member_added", "channel": name, "user_id": member[0]})
+        if new and app.webhooks:  # every new subscription changes the count, as every leave
+            self._emit_subscription_count(app, name)
+        if kind.cache:
+            self._replay_cache(conn, name)
+
+    def unsubscribe(self, conn, name):
+        change = self.adapter.unsubscribe(conn, name)
+        if change is not None:
+            self._left(conn.app, change)
+
+    def _left(self, app, change):
+        name, vacated, removed = change
+        if removed is not None:
+            self.adapter.publish(app.id, name, build_frame(protocol.member_removed(name, removed)))
+            self.webhooks.emit(app, {"name": "member_removed", "channel": name,
+                                     "user_id": removed})
+        if vacated:
+            self.webhooks.emit(app, {"name": "channel_vacated", "channel": name})
+        elif app.webhooks:
+            self._emit_subscription_count(app, name)
+
+    def cluster_removals(self, vacated, removed, offline):
+        """Announce what a dead node's departure (or another node's report) removed:
+        [(app_id, channel)], [(app_id, channel, user_id)], [(app_id, user_id)]."""
+        for app_id, channel, user_id in removed:
+            app = self.apps.by_id(app_id)
+            if app is not None:
+                self._left(app, (channel, False, user_id))
+        for app_id, channel in vacated:
+            app = self.apps.by_id(app_id)
+            if app is not None:
+                self.webhooks.emit(app, {"name": "channel_vacated", "channel": channel})
+        for app_id, user_id in offline:
+            app = self.apps.by_id(app_id)
+            if app is not None:
+                self._tell_watchers(app, user_id, "offline")
+
+    def _emit_subscription_count(self, app, name):
+        if self.webhooks.wanted(app, "subscription_count"):
+            self.webhooks.emit(app, {"name": "subscription_count", "channel": name,
+                                     "subscription_count":
+                                         self.adapter.subscription_count(app.id, name)})
+
+    def _replay_cache(self, conn, name):
+        cached = self.adapter.cache_get(conn.app.id, name)
+        if cached is not None:
+            conn.send(protocol.event(cached[0], name, cached[1]))
+            return
+        conn.send(protocol.cache_miss(name))
+        if self.adapter.first_cache_miss(conn.app.id, name):  # one webhook until refilled
+            self.webhooks.emit(conn.app, {"name": "cache_miss", "channel": name})
+
+    # ---------------------------------------------------------------- events
+
+    def trigger(self, app, channels, name, data, socket_id=None):
+        """Publish one event (data: a string, forwarded as is) to channels; the frame is built
+        once per channel and shared by every subscriber."""
+        data = data_string(data)
+        for channel in channels:
+            if channel_kind(channel).cache:
+                self.adapter.cache_set(app.id, channel, name, data, self.settings.cache_ttl)
+            self.adapter.publish(app.id, channel,
+                                 build_frame(protocol.event(name, channel, data)), socket_id)
+
+    def client_event(self, conn, channel, name, data, user_id):
+        app = conn.app
+        self.adapter.publish(app.id, channel,
+                             build_frame(protocol.event(name, channel, data, user_id)),
+                             conn.socket_id)
+        if app.webhooks:
+            hook = {"name": "client_event", "channel": channel, "event": name,
+                    "data": data_string(data), "socket_id": conn.socket_id}
+            if user_id is not None:
+                hook["user_id"] = user_id
+            self.webhooks.emit(app, hook)
+        self.hooks.emit("client_event", conn, {"event": name, "channel": channel, "data": data})
+
+    def channel_counts(self, app):
+        """{channel: (subscription_count, user_count)} for every occupied channel."""
+        return self.adapter.channel_counts(app.id)
+
+    def subscription_count(self, app, channel):
+        return self.adapter.subscription_count(app.id, channel)
+
+    def members(self, app, channel):
+        """{user_id: user_info} of a presence channel."""
+        return self.adapter.members(app.id, channel)
+
+    def cached(self, app, channel):
+        """(event, data, seconds left) of a cache channel's last event, or None."""
+        return self.adapter.cache_get(app.id, channel)
+
+    def channel_info(self, app, channel, attributes):
+        info = {}
+        if "subscription_count" in attributes:
+            info["subscription_count"] = self.adapter.subscription_count(app.id, channel)
+        if "user_count" in attributes and channel_kind(channel).presence:
+            info["user_count"] = self.adapter.member_count(app.id, channel)
+        return info
+
+    # ---------------------------------------------------------------- users
+
+    def sign_in(self, conn, user, user_data):
+        app = conn.app  # a connection signs in once (Connection._signin refuses a second)
+        conn.user_id, conn.user_data = user["id"], user_data
+        came_online = self.adapter.sign_in(conn, conn.user_id)
+        conn.send(protocol.signin_success(user_data))
+        watchlist = user.get("watchlist") or []
+        if len(watchlist) > protocol.MAX_WATCHLIST:
+            conn.send_error(ErrorCode.WATCHLIST_LIMIT,
+                            f"Watchlist limit exceeded: only the first {protocol.MAX_WATCHLIST} "
+                            "user ids are watched")
+            watchlist = watchlist[:protocol.MAX_WATCHLIST]
+        conn.watchlist = tuple(dict.fromkeys(watchlist))
+        if conn.watchlist:
+            self.adapter.watch(conn, conn.watchlist)
+            online = [u for u in conn.watchlist if self.adapter.user_online(app.id, u)]
+            offline = [u for u in conn.watchlist if u not in online]
+            conn.send(protocol.watchlist_events(
+                [(n, ids) for n, ids in (("online", online), ("offline", offline)) if ids]))
+        if came_online:
+            self._tell_watchers(app, conn.user_id, "online")
+
+    def _tell_watchers(self, app, user_id, status):
+        self.adapter.tell_watchers(app.id, user_id,
+                                   build_frame(protocol.watchlist_events([(status, [user_id])])))
+
+    def terminate_user(self, app, user_id):
+        self.adapter.terminate_user(app.id, user_id)

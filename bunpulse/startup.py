@@ -1,0 +1,24 @@
+"""The start-up log, the same for the embedded server and gunicorn's master; it imports no
+server machinery, so gunicorn's master stays light before it forks its workers."""
+import logging
+
+from .config import redacted, uses_dev_app
+
+log = logging.getLogger("bunpulse")
+
+
+def log_startup(settings, apps, where, logger=log, workers=None):
+    """Say where BunPulse listens, its apps, its adapter, and warn about development
+    credentials. `where`: the listening address(es) as text."""
+    under = f" ({workers} gunicorn worker(s))" if workers is not None else ""
+    logger.info("BunPulse listening on %s%s: WebSocket ws://%s/app/{key}, HTTP API http://%s/"
+                "apps/{id}/..., health http://%s/health", where, under, where, where, where)
+    for app in apps:
+        logger.info("app id=%s key=%s client_events=%s webhooks=%d", app.id, app.key,
+                    app.client_events, len(app.webhooks))
+    if uses_dev_app(settings):
+        logger.warning("NO CREDENTIALS CONFIGURED: serving the development app (id app-id, key "
+                       "app-key, secret app-secret) on 127.0.0.1 only. Set PUSHER_APP_ID, "
+                       "PUSHER_APP_KEY and PUSHER_APP_SECRET (or --apps-file) for real use.")
+    logger.info("adapter: %s", f"redis {redacted(settings.redis_url)}" if settings.redis_url
+                else "local (one process)")

@@ -1,0 +1,69 @@
+"""The WSGI application (`create_app`): the Pusher WebSocket endpoint and the HTTP API.
+
+Each route is declared once: the HTTP API's in api.py, the WebSocket endpoint here. Two kinds
+of request skip Flask's request context and routing, which cost as much as the work itself:
+every WebSocket upgrade (whatever its path: `BunPulse.admit` refuses a wrong one with 4005),
+and the routes api.py declares with `shortcut=True` (the publish calls)."""
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException, NotFound
+
+from . import api
+from .config import load_settings
+from .core import BunPulse
+
+WEBSOCKET_ROUTE = "/app/<path:key>"
+
+
+def create_app(settings=None, core=None):
+    """The WSGI application: the Pusher WebSocket endpoint and the HTTP API."""
+    if settings is None:
+        settings = core.settings if core is not None else load_settings([])
+    core = core if core is not None else BunPulse(settings)
+    flask_app = Flask("bunpulse")
+    flask_app.extensions["bunpulse"] = core
+    # No API body needs more than a full batch of the largest events allowed: refuse bigger
+    # ones (413) before reading them, rather than hold them in memory.
+    max_body = 256 * 1024 + 2 * max(
+        app.max_event_data_size * max(app.max_batch_size, 1) for app in core.apps)
+    flask_app.config["MAX_CONTENT_LENGTH"] = max_body
+    flask_app.register_blueprint(api.blueprint)
+    # Upgrades never reach Flask (see dispatch): this view answers plain HTTP only.
+    flask_app.add_url_rule(WEBSOCKET_ROUTE, "websocket_endpoint", _websocket_endpoint)
+    flask_app.register_error_handler(HTTPException, _http_error)
+
+    flask_wsgi_app = flask_app.wsgi_app
+    shortcut = api.shortcut(core, max_body)
+
+    def dispatch(environ, start_response):
+        if environ.get("wsgi.websocket") is not None:
+            _serve_socket(core, environ)
+            return []
+        answer = shortcut(environ, start_response)
+        if answer is not None:
+            return answer
+        return flask_wsgi_app(environ, start_response)
+
+    flask_app.wsgi_app = dispatch
+    flask_app.on_worker_stop = core.shutdown
+    flask_app.handshake_timeout = settings.handshake_timeout / 1000  # read by the handler
+    flask_app.keepalive_timeout = settings.keepalive_timeout / 1000
+    return flask_app
+
+
+def _serve_socket(core, environ):
+    # Returns at once: the event loop serves the socket from then on.
+    core.serve_websocket(environ["wsgi.websocket"], core.admit(
+        api.request_path(environ), api.query_params(environ)))
+
+
+def _websocket_endpoint(key):
+    return jsonify(error="This is the Pusher WebSocket endpoint: connect with a WebSocket "
+                         "client"), 426
+
+
+def _http_error(exc):
+    if isinstance(exc, NotFound):
+        return jsonify(error=f"Not found: {request.path}"), 404
+    # Keep the exception's headers (Allow on a 405), not its HTML Content-Type.
+    return jsonify(error=exc.description), exc.code, [
+        h for h in exc.get_headers() if h[0].lower() != "content-type"]
