@@ -12,13 +12,17 @@ upgraded raw socket plus the bytes already read past the handshake.
 """
 import base64
 import hashlib
+import io
 import logging
+import re
 import _socket
 import socket
+from urllib.parse import unquote
 
 import gevent
 from gevent import get_hub
 from gevent.pywsgi import WSGIHandler, _NoopLog
+import httptools
 from geventwebsocket.handler import WebSocketHandler
 
 from .errors import ErrorCode, WsClose
@@ -397,6 +401,78 @@ class _HeadTooLarge(ValueError):
     pass
 
 
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+              b"Connection: Upgrade\r\nSec-WebSocket-Accept: ")
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+
+
+def _first_head(sock):
+    """The bytes of the first request head (and whatever came behind it), read until its end
+    or MAX_HEAD bytes; b"" if the client closed first."""
+    data = sock.recv(MAX_HEAD)
+    while data and not _HEAD_END.search(data) and len(data) <= MAX_HEAD:
+        more = sock.recv(MAX_HEAD)
+        if not more:
+            return b""
+        data += more
+    return data
+
+
+def _ignore_response(status, headers, exc_info=None):
+    return None
+
+
+def _valid_key(key):
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except ValueError:
+        return False
+
+
+def _detach(sock):
+    """The raw non-blocking socket under gevent's wrapper, which lets go of it (and of its
+    two watchers): pywsgi would close it when the request ends."""
+    raw = _socket.socket(fileno=sock.detach())
+    raw.setblocking(False)
+    return raw
+
+
+class _UpgradeHead:
+    """httptools' callbacks: the request target, version and headers of an upgrade."""
+
+    __slots__ = ("url", "headers")
+
+    def __init__(self):
+        self.url = b""
+        self.headers = {}
+
+    def on_url(self, url):
+        self.url += url
+
+    def on_header(self, name, value):
+        self.headers.setdefault(name.lower(), value)
+
+
+class _Prefixed(io.RawIOBase):
+    """A socket read as a file, starting with bytes already read from it."""
+
+    def __init__(self, data, sock):
+        self._data = data
+        self._sock = sock
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self._data:
+            n = min(len(buffer), len(self._data))
+            buffer[:n] = self._data[:n]
+            self._data = self._data[n:]
+            return n
+        return self._sock.recv_into(buffer)
+
+
 def _answer(status, message):
     body = b'{"error":"%s"}' % message.encode()
     return (b"HTTP/1.1 %s\r\nConnection: close\r\nContent-Type: application/json\r\n"
@@ -413,15 +489,75 @@ class PusherWebSocketHandler(WebSocketHandler):
 
     _served = False  # a request was served on this connection: the next one is keep-alive
 
+    def __init__(self, sock, address, server, rfile=None):
+        # pywsgi makes a buffered reader here; an upgrade read by `handle` never needs one.
+        self.socket, self.client_address, self.server, self.rfile = sock, address, server, rfile
+
     def handle(self):
         # pywsgi sends a response's headers and body in two writes: with Nagle on, the body
-        # waits for the client's delayed ACK, 40 ms on every keep-alive HTTP API request.
-        if self.socket.family != socket.AF_UNIX:
+        # waits for the client's delayed ACK on every keep-alive HTTP API request.
+        sock = self.socket
+        if sock.family != socket.AF_UNIX:
             try:
-                self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+        app = self.server.application
+        timer = gevent.Timeout.start_new(getattr(app, "handshake_timeout", HANDSHAKE_TIMEOUT))
+        try:
+            data = _first_head(sock)
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            return  # silent or too slow: closed
+        except OSError:
+            return
+        finally:
+            timer.cancel()
+        if not data:
+            return
+        if self._upgrade_at_once(app, data):
+            return
+        # Anything else goes through pywsgi, as it would have, starting with what was read.
+        self.rfile = io.BufferedReader(_Prefixed(data, sock))
         super().handle()
+
+    def _upgrade_at_once(self, app, data):
+        """Serve a well-formed WebSocket upgrade without pywsgi's machinery (its request
+        objects, its full environ); False for any other request, and for an upgrade refused
+        in HTTP, whose answer pywsgi writes as before. The application gets the socket in an
+        environ that holds only what serving it needs."""
+        if not data.startswith(b"GET "):
+            return False
+        head = _UpgradeHead()
+        parser = httptools.HttpRequestParser(head)
+        try:
+            parser.feed_data(data)
+            return False  # not an upgrade
+        except httptools.HttpParserUpgrade as upgrade:
+            ahead = data[upgrade.args[0]:]
+        except httptools.HttpParserError:
+            return False
+        headers = head.headers
+        key = headers.get(b"sec-websocket-key", b"").strip()
+        if (parser.get_http_version() != "1.1" or headers.get(b"upgrade", b"").lower() != b"websocket"
+                or b"upgrade" not in headers.get(b"connection", b"").lower()
+                or headers.get(b"sec-websocket-version") not in (b"13", b"8", b"7")
+                or len(key) != 24 or not _valid_key(key)):
+            return False
+        target = head.url.decode("latin-1")
+        path, _, query = target.partition("?")
+        accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
+        ws = PusherWebSocket(_detach(self.socket), ahead, _SWITCHING + accept + b"\r\n\r\n")
+        try:
+            app({"REQUEST_METHOD": "GET", "PATH_INFO": unquote(path, "latin-1"),
+                 "QUERY_STRING": query, "RAW_URI": target, "wsgi.websocket": ws},
+                _ignore_response)
+        finally:
+            if not ws.started:
+                ws.close(WsClose.GOING_AWAY, "Not served")
+                ws.start(None)
+        return True
 
     def handle_one_request(self):
         # A request head must arrive in time, or the connection is closed: the first within
@@ -483,14 +619,9 @@ class PusherWebSocketHandler(WebSocketHandler):
         accept = base64.b64encode(hashlib.sha1((key + self.GUID).encode("latin-1")).digest())
         # The answer waits in the outbox, corked: it leaves with the first frames the
         # application sends (connection_established), in one write.
-        head = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
         ahead = _buffered_ahead(self)
-        # The socket leaves gevent's wrapper (and its two watchers) and pywsgi's handler,
-        # which would close it when this request ends.
-        raw = _socket.socket(fileno=self.socket.detach())
-        raw.setblocking(False)
-        self.websocket = PusherWebSocket(raw, ahead, head)
+        self.websocket = PusherWebSocket(_detach(self.socket), ahead,
+                                         _SWITCHING + accept + b"\r\n\r\n")
         self.environ.update({"wsgi.websocket_version": version, "wsgi.websocket": self.websocket})
         self.status = "101 Switching Protocols"
         self.headers_sent = True
