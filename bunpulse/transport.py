@@ -17,6 +17,8 @@ import logging
 import re
 import _socket
 import socket
+import time
+from wsgiref.handlers import format_date_time
 from urllib.parse import unquote
 
 import gevent
@@ -407,16 +409,59 @@ _SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 
 
-def _first_head(sock):
-    """The bytes of the first request head (and whatever came behind it), read until its end
-    or MAX_HEAD bytes; b"" if the client closed first."""
-    data = sock.recv(MAX_HEAD)
+def _first_head(sock, data=b""):
+    """The bytes of a request head (and whatever came behind it), read until its end or
+    MAX_HEAD bytes; b"" if the client closed first."""
+    data = data or sock.recv(MAX_HEAD)
     while data and not _HEAD_END.search(data) and len(data) <= MAX_HEAD:
         more = sock.recv(MAX_HEAD)
         if not more:
             return b""
         data += more
     return data
+
+
+MAX_FAST_BODY = 1 << 20  # larger bodies go through pywsgi (and the application's own limit)
+_date = [0, ""]
+
+
+def _http_date():
+    """The Date header's value, formatted once a second."""
+    now = int(time.time())
+    if _date[0] != now:
+        _date[:] = now, format_date_time(now)
+    return _date[1]
+
+
+class _Request:
+    """httptools' callbacks: a request's target and headers."""
+
+    __slots__ = ("url", "headers")
+
+    def __init__(self):
+        self.url = b""
+        self.headers = {}
+
+    def on_url(self, url):
+        self.url += url
+
+    def on_header(self, name, value):
+        name = name.lower()
+        known = self.headers.get(name)
+        self.headers[name] = value if known is None else known + b"," + value  # as pywsgi
+
+    def environ(self, method):
+        """The WSGI environ of the request, as far as the application reads it."""
+        target = self.url.decode("latin-1")
+        path, _, query = target.partition("?")
+        environ = {"REQUEST_METHOD": method, "PATH_INFO": unquote(path, "latin-1"),
+                   "QUERY_STRING": query, "RAW_URI": target, "SERVER_PROTOCOL": "HTTP/1.1"}
+        for name, value in self.headers.items():
+            key = name.decode("latin-1").upper().replace("-", "_")
+            if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                key = "HTTP_" + key
+            environ[key] = value.decode("latin-1")
+        return environ
 
 
 def _ignore_response(status, headers, exc_info=None):
@@ -436,22 +481,6 @@ def _detach(sock):
     raw = _socket.socket(fileno=sock.detach())
     raw.setblocking(False)
     return raw
-
-
-class _UpgradeHead:
-    """httptools' callbacks: the request target, version and headers of an upgrade."""
-
-    __slots__ = ("url", "headers")
-
-    def __init__(self):
-        self.url = b""
-        self.headers = {}
-
-    def on_url(self, url):
-        self.url += url
-
-    def on_header(self, name, value):
-        self.headers.setdefault(name.lower(), value)
 
 
 class _Prefixed(io.RawIOBase):
@@ -514,13 +543,79 @@ class PusherWebSocketHandler(WebSocketHandler):
             return
         finally:
             timer.cancel()
+        while data:
+            if self._upgrade_at_once(app, data):
+                return
+            answered = self._answer_at_once(app, data)
+            if answered is None:
+                break
+            rest, keep_alive = answered
+            if not keep_alive:
+                return
+            data = self._next_head(app, rest)
         if not data:
-            return
-        if self._upgrade_at_once(app, data):
             return
         # Anything else goes through pywsgi, as it would have, starting with what was read.
         self.rfile = io.BufferedReader(_Prefixed(data, sock))
         super().handle()
+
+    def _next_head(self, app, data):
+        """A keep-alive connection's next request head (after what was already read), or b""
+        once the client is gone or idle past the keep-alive timeout."""
+        if _HEAD_END.search(data) or len(data) > MAX_HEAD:
+            return data
+        timer = gevent.Timeout.start_new(getattr(app, "keepalive_timeout", KEEPALIVE_TIMEOUT))
+        try:
+            return _first_head(self.socket, data)
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            return b""
+        except OSError:
+            return b""
+        finally:
+            timer.cancel()
+
+    def _answer_at_once(self, app, data):
+        """Answer a request the application can serve from a small environ (`fast_answer`:
+        the publish calls) without pywsgi's machinery; return the bytes read past it, or None
+        (nothing was answered) for any other request."""
+        fast = getattr(app, "fast_answer", None)
+        end = data.find(b"\r\n\r\n")
+        if fast is None or end < 0 or not data.startswith(b"POST "):
+            return None
+        request = _Request()
+        parser = httptools.HttpRequestParser(request)
+        try:
+            parser.feed_data(data[:end + 4])
+        except httptools.HttpParserError:
+            return None
+        headers = request.headers
+        length = headers.get(b"content-length", b"")
+        if (parser.get_http_version() != "1.1" or not length.isdigit()
+                or int(length) > MAX_FAST_BODY or b"transfer-encoding" in headers
+                or b"expect" in headers):
+            return None
+        end += 4 + int(length)
+        while len(data) < end:  # the body, as pywsgi would wait for it
+            more = self.socket.recv(max(end - len(data), 65536))
+            if not more:
+                return None
+            data += more
+        environ = request.environ("POST")
+        environ["wsgi.input"] = io.BytesIO(data[end - int(length):end])
+        response = []
+        body = fast(environ, lambda status, headers, exc_info=None: response.extend(
+            (status, headers)))
+        if body is None:
+            return None
+        status, response_headers = response
+        self.socket.sendall(b"".join([
+            b"HTTP/1.1 %s\r\n" % status.encode("latin-1"),
+            *(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1"))
+              for k, v in response_headers),
+            b"Date: %s\r\n\r\n" % _http_date().encode(), *body]))
+        return data[end:], parser.should_keep_alive()
 
     def _upgrade_at_once(self, app, data):
         """Serve a well-formed WebSocket upgrade without pywsgi's machinery (its request
@@ -529,7 +624,7 @@ class PusherWebSocketHandler(WebSocketHandler):
         environ that holds only what serving it needs."""
         if not data.startswith(b"GET "):
             return False
-        head = _UpgradeHead()
+        head = _Request()
         parser = httptools.HttpRequestParser(head)
         try:
             parser.feed_data(data)
@@ -545,14 +640,12 @@ class PusherWebSocketHandler(WebSocketHandler):
                 or headers.get(b"sec-websocket-version") not in (b"13", b"8", b"7")
                 or len(key) != 24 or not _valid_key(key)):
             return False
-        target = head.url.decode("latin-1")
-        path, _, query = target.partition("?")
         accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
         ws = PusherWebSocket(_detach(self.socket), ahead, _SWITCHING + accept + b"\r\n\r\n")
+        environ = head.environ("GET")
+        environ["wsgi.websocket"] = ws
         try:
-            app({"REQUEST_METHOD": "GET", "PATH_INFO": unquote(path, "latin-1"),
-                 "QUERY_STRING": query, "RAW_URI": target, "wsgi.websocket": ws},
-                _ignore_response)
+            app(environ, _ignore_response)
         finally:
             if not ws.started:
                 ws.close(WsClose.GOING_AWAY, "Not served")

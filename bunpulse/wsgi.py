@@ -44,6 +44,7 @@ def create_app(settings=None, core=None):
         return flask_wsgi_app(environ, start_response)
 
     flask_app.wsgi_app = dispatch
+    flask_app.fast_answer = shortcut  # the handler's way to the shortcut routes, see transport
     flask_app.on_worker_stop = core.shutdown
     flask_app.handshake_timeout = settings.handshake_timeout / 1000  # read by the handler
     flask_app.keepalive_timeout = settings.keepalive_timeout / 1000
