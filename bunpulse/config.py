@@ -98,6 +98,9 @@ OPTIONS = (
            "request); past it the connection is closed"),
     Option("keepalive_timeout", "BUNPULSE_KEEPALIVE_TIMEOUT", 5000, _int(100),
            "ms an idle keep-alive HTTP connection is kept open for its next request"),
+    Option("compression", "BUNPULSE_COMPRESSION", True, _bool,
+           "permessage-deflate with clients that offer it (each event compressed once, for "
+           "every socket)"),
     Option("max_buffer", "BUNPULSE_MAX_BUFFER", 1048576, _int(4096),
            "bytes queued for one slow client before it is evicted with 4100"),
     Option("cache_ttl", "BUNPULSE_CACHE_TTL", 1800, _int(1),

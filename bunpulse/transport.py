@@ -29,7 +29,7 @@ from geventwebsocket.handler import WebSocketHandler
 
 from .errors import ErrorCode, WsClose
 from .frames import (OP_BINARY, OP_TEXT, Close, FrameParser, PongDue, build_frame,
-                     close_frame)
+                     close_frame, deflated)
 from .request_headers import MAX_HEAD, TOO_LARGE, RequestHeaders
 
 log = logging.getLogger("bunpulse.transport")
@@ -52,7 +52,7 @@ class Outbox:
     write."""
 
     __slots__ = ("_raw", "_pending", "_pending_size", "_watcher", "_corked", "limit",
-                 "closed", "_closing", "_release", "on_evict", "__weakref__")
+                 "closed", "_closing", "_release", "on_evict", "deflate", "__weakref__")
 
     def __init__(self, sock, limit, on_evict=None, head=None):
         self._raw = getattr(sock, "_sock", sock)  # the non-blocking socket under gevent's
@@ -65,6 +65,7 @@ class Outbox:
         self._closing = False
         self._release = False
         self.on_evict = on_evict
+        self.deflate = False  # permessage-deflate: messages leave deflated (frames.deflated)
 
     @property
     def backlog(self):
@@ -73,6 +74,8 @@ class Outbox:
     def send(self, frame):
         if self.closed:
             return
+        if self.deflate:
+            frame = deflated(frame)
         if self._pending or self._corked:
             self._pending.append(frame)
             self._pending_size += len(frame)
@@ -213,14 +216,18 @@ class PusherWebSocket:
     greenlet, with the socket's reading paused so that its messages keep their order."""
 
     __slots__ = ("_raw", "_watcher", "_parser", "outbox", "closed", "close_code", "_consumer",
-                 "started", "_discard", "__weakref__")
+                 "started", "_discard", "_ahead", "__weakref__")
 
-    def __init__(self, raw, ahead=b"", head=None):
+    def __init__(self, raw, ahead=b"", head=None, deflate=False):
+        """`raw`: the upgraded non-blocking socket; `ahead`: the bytes already read past the
+        handshake; `head`: the handshake's answer, sent with the first frames; `deflate`:
+        permessage-deflate was negotiated."""
         self._raw = raw
         self._watcher = None
-        self._parser = FrameParser()
-        self._parser.receive_data(ahead)
+        self._parser = FrameParser(inflate=deflate)
+        self._ahead = ahead  # parsed once the core has set the limits
         self.outbox = Outbox(raw, 1 << 20, head=head)  # the core sets its limit (max_buffer)
+        self.outbox.deflate = deflate
         self.closed = False      # a close frame was sent or received: messages are ignored
         self.close_code = None   # the code of the client's close frame
         self._consumer = None
@@ -248,7 +255,9 @@ class PusherWebSocket:
         self._consumer = consumer if consumer is not None else _Ignore
         self._watcher = get_hub().loop.io(self._raw.fileno(), _EV_READ)
         self._watcher.start(self._readable)
-        events = self._parser.events_received()  # frames that came with the handshake
+        self._parser.receive_data(self._ahead)  # frames that came with the handshake
+        self._ahead = None
+        events = self._parser.events_received()
         if events:
             self._events(events)
         else:
@@ -407,6 +416,43 @@ _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
               b"Connection: Upgrade\r\nSec-WebSocket-Accept: ")
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
+
+
+def _switching(accept, deflate):
+    """The handshake's answer."""
+    return b"".join((_SWITCHING, accept, _DEFLATE_ANSWER if deflate else b"", b"\r\n\r\n"))
+
+
+# Without context takeover on either side, one compression of an event serves every socket,
+# and no socket keeps a compressor's or decompressor's window.
+_DEFLATE_ANSWER = (b"\r\nSec-WebSocket-Extensions: permessage-deflate; "
+                   b"server_no_context_takeover; client_no_context_takeover")
+
+
+def _deflate_offered(offers):
+    """Whether the client's Sec-WebSocket-Extensions offers a permessage-deflate we can take:
+    any offer whose parameters allow a server window of 15 bits (compressed once per event,
+    the same bytes for every socket)."""
+    for offer in offers.split(","):
+        name, *params = [part.strip() for part in offer.split(";")]
+        if name != "permessage-deflate":
+            continue
+        for param in params:
+            key, _, value = param.partition("=")
+            key, value = key.strip(), value.strip().strip('"')
+            if key in ("server_no_context_takeover", "client_no_context_takeover"):
+                continue
+            if key == "client_max_window_bits" and (not value or value in _WINDOW_BITS):
+                continue
+            if key == "server_max_window_bits" and value == "15":
+                continue
+            break
+        else:
+            return True
+    return False
+
+
+_WINDOW_BITS = {str(bits) for bits in range(8, 16)}
 
 
 def _first_head(sock, data=b""):
@@ -641,7 +687,9 @@ class PusherWebSocketHandler(WebSocketHandler):
                 or len(key) != 24 or not _valid_key(key)):
             return False
         accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
-        ws = PusherWebSocket(_detach(self.socket), ahead, _SWITCHING + accept + b"\r\n\r\n")
+        deflate = getattr(app, "compression", False) and _deflate_offered(
+            headers.get(b"sec-websocket-extensions", b"").decode("latin-1"))
+        ws = PusherWebSocket(_detach(self.socket), ahead, _switching(accept, deflate), deflate)
         environ = head.environ("GET")
         environ["wsgi.websocket"] = ws
         try:
@@ -713,8 +761,10 @@ class PusherWebSocketHandler(WebSocketHandler):
         # The answer waits in the outbox, corked: it leaves with the first frames the
         # application sends (connection_established), in one write.
         ahead = _buffered_ahead(self)
+        deflate = getattr(self.server.application, "compression", False) and _deflate_offered(
+            self.environ.get("HTTP_SEC_WEBSOCKET_EXTENSIONS", ""))
         self.websocket = PusherWebSocket(_detach(self.socket), ahead,
-                                         _SWITCHING + accept + b"\r\n\r\n")
+                                         _switching(accept, deflate), deflate)
         self.environ.update({"wsgi.websocket_version": version, "wsgi.websocket": self.websocket})
         self.status = "101 Switching Protocols"
         self.headers_sent = True

@@ -48,6 +48,7 @@ def create_app(settings=None, core=None):
     flask_app.on_worker_stop = core.shutdown
     flask_app.handshake_timeout = settings.handshake_timeout / 1000  # read by the handler
     flask_app.keepalive_timeout = settings.keepalive_timeout / 1000
+    flask_app.compression = settings.compression
     return flask_app
 
 
