@@ -78,6 +78,7 @@ class BunPulse:
         self.activity_timeout = int(seconds) if seconds >= 1 else seconds
         self.evictions = 0
         self._local = type(self.adapter) is LocalAdapter  # nothing it does can wait
+        self._on_evict = self._count_eviction  # one bound method for every outbox
         self.adapter.bind(self)
         self.adapter.start()
 
@@ -96,7 +97,7 @@ class BunPulse:
         at once: the event loop serves the socket from then on."""
         ws.max_message_size = self.settings.max_message_size
         ws.outbox.limit = self.settings.max_buffer
-        ws.outbox.on_evict = self._count_eviction
+        ws.outbox.on_evict = self._on_evict
         if isinstance(admission, ConnectionRefused):
             ws.send_bytes(protocol.error(admission.code, admission.message))
             ws.close(admission.code, admission.message)
