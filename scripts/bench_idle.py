@@ -130,14 +130,22 @@ def main():
     parser.add_argument("--gunicorn", action="store_true", help="one gunicorn worker")
     args = parser.parse_args()
     limit = args.connections + 1024
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, max(limit, resource.getrlimit(
-        resource.RLIMIT_NOFILE)[1])))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, max(limit, hard)))
+    except (ValueError, OSError):
+        sys.exit(f"bench_idle: {args.connections} connections need {limit} descriptors in the "
+                 f"server and in this generator, and the hard limit here is {hard} (raising "
+                 "it needs root with CAP_SYS_RESOURCE): try --connections "
+                 f"{max(hard - 1024, 0)}")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = dict(os.environ, PUSHER_APP_ID="1", PUSHER_APP_KEY=KEY, PUSHER_APP_SECRET="s",
                BUNPULSE_HOST="127.0.0.1", BUNPULSE_PORT=str(port), BUNPULSE_WORKERS="1",
-               BUNPULSE_ENV_FILE=os.devnull, BUNPULSE_LOG_LEVEL="warning")
+               BUNPULSE_ENV_FILE=os.devnull, BUNPULSE_LOG_LEVEL="warning",
+               # The clients stay silent: heartbeats long enough for the whole run.
+               BUNPULSE_HEARTBEAT_INTERVAL="600000", BUNPULSE_HEARTBEAT_TIMEOUT="1200000")
     command = ([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"] if args.gunicorn
                else [sys.executable, "-m", "bunpulse"])
     server = subprocess.Popen(command, cwd=ROOT, env=env)
