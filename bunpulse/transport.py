@@ -458,7 +458,7 @@ _WINDOW_BITS = {str(bits) for bits in range(8, 16)}
 def _first_head(sock, data=b""):
     """The bytes of a request head (and whatever came behind it), read until its end or
     MAX_HEAD bytes; b"" if the client closed first."""
-    data = data or sock.recv(MAX_HEAD)
+    data = data or sock.recv(FIRST_READ)
     while data and not _HEAD_END.search(data) and len(data) <= MAX_HEAD:
         more = sock.recv(MAX_HEAD)
         if not more:
@@ -467,6 +467,7 @@ def _first_head(sock, data=b""):
     return data
 
 
+FIRST_READ = 16384  # bytes asked of a new connection at first: a head is usually far smaller
 MAX_FAST_BODY = 1 << 20  # larger bodies go through pywsgi (and the application's own limit)
 _date = [0, ""]
 
