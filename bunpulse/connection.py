@@ -18,6 +18,8 @@ log = logging.getLogger("bunpulse.connection")
 # Events whose answer cannot wait on anything: handled in the event loop, unless a hook wants
 # them (a user's callback may block).
 _ANSWERED_AT_ONCE = frozenset(("pusher:ping", "pusher:pong"))
+# Served there too when the core says nothing in them can wait (BunPulse.serves_at_once).
+_SUBSCRIPTIONS = frozenset(("pusher:subscribe", "pusher:unsubscribe"))
 
 
 class Connection:
@@ -72,8 +74,8 @@ class Connection:
             if event in _ANSWERED_AT_ONCE:
                 at_once = not self.core.hooks.wanted(event)
             else:
-                at_once = event == "pusher:subscribe" and self.core.subscribes_at_once(
-                    self.app, frame.data)
+                at_once = event in _SUBSCRIPTIONS and self.core.serves_at_once(
+                    self.app, event, frame.data)
             if at_once:
                 self.dispatch(frame)
                 return None

@@ -14,7 +14,7 @@ from .adapters.local import LocalAdapter
 from .apps import load_apps
 from .connection import Connection
 from .errors import ConnectionRefused, PresenceFull, ErrorCode, SubscriptionError
-from .hub import Hub
+from .hub import YIELD_EVERY, Hub
 from .protocol import channel_kind, data_string
 from .frames import build_frame
 from .webhooks import WebhookSender
@@ -105,12 +105,18 @@ class BunPulse:
             return
         Connection(self, admission, ws, self.new_socket_id()).start()
 
-    def subscribes_at_once(self, app, data):
-        """Whether a subscription can be served in the event loop, where nothing may wait: no
-        Redis, no hook, no webhook, and no presence channel (its member_added fans out)."""
-        return (self._local and not app.webhooks and not self.hooks.wanted("pusher:subscribe")
-                and isinstance(data, dict) and isinstance(data.get("channel"), str)
-                and not data["channel"].startswith("presence-"))
+    def serves_at_once(self, app, event, data):
+        """Whether a subscribe or unsubscribe can be served in the event loop, where nothing
+        may wait: the local adapter, no hook for it, no webhook for the app, and a channel
+        small enough that its fan-out (presence member events) does not yield."""
+        if not self._local or app.webhooks or self.hooks.wanted(event):
+            return False
+        name = data.get("channel") if isinstance(data, dict) else None
+        if not isinstance(name, str) or not name.startswith("presence-"):
+            return True  # a malformed one is answered with an error, in the loop too
+        channel = self.hub.channel(app.id, name)
+        return channel is None or (not channel.sending
+                                   and len(channel.subscribers) < YIELD_EVERY)
 
     def _admit(self, path, query):
         match = APP_PATH.match(path)

@@ -593,13 +593,12 @@ class PusherWebSocketHandler(WebSocketHandler):
         while data:
             if self._upgrade_at_once(app, data):
                 return
-            answered = self._answer_at_once(app, data)
-            if answered is None:
+            answered, data, keep_alive = self._answer_at_once(app, data)
+            if not answered:
                 break
-            rest, keep_alive = answered
             if not keep_alive:
                 return
-            data = self._next_head(app, rest)
+            data = self._next_head(app, data)
         if not data:
             return
         # Anything else goes through pywsgi, as it would have, starting with what was read.
@@ -625,29 +624,30 @@ class PusherWebSocketHandler(WebSocketHandler):
 
     def _answer_at_once(self, app, data):
         """Answer a request the application can serve from a small environ (`fast_answer`:
-        the publish calls) without pywsgi's machinery; return the bytes read past it, or None
-        (nothing was answered) for any other request."""
+        the publish calls) without pywsgi's machinery. Returns (whether it was answered, the
+        bytes read and not answered yet, whether to keep the connection): any other request
+        is left whole to pywsgi, with all that was read of it."""
         fast = getattr(app, "fast_answer", None)
         end = data.find(b"\r\n\r\n")
         if fast is None or end < 0 or not data.startswith(b"POST "):
-            return None
+            return False, data, True
         request = _Request()
         parser = httptools.HttpRequestParser(request)
         try:
             parser.feed_data(data[:end + 4])
         except httptools.HttpParserError:
-            return None
+            return False, data, True
         headers = request.headers
         length = headers.get(b"content-length", b"")
         if (parser.get_http_version() != "1.1" or not length.isdigit()
                 or int(length) > MAX_FAST_BODY or b"transfer-encoding" in headers
                 or b"expect" in headers):
-            return None
+            return False, data, True
         end += 4 + int(length)
         while len(data) < end:  # the body, as pywsgi would wait for it
             more = self.socket.recv(max(end - len(data), 65536))
             if not more:
-                return None
+                return False, data, True
             data += more
         environ = request.environ("POST")
         environ["wsgi.input"] = io.BytesIO(data[end - int(length):end])
@@ -655,14 +655,14 @@ class PusherWebSocketHandler(WebSocketHandler):
         body = fast(environ, lambda status, headers, exc_info=None: response.extend(
             (status, headers)))
         if body is None:
-            return None
+            return False, data, True
         status, response_headers = response
         self.socket.sendall(b"".join([
             b"HTTP/1.1 %s\r\n" % status.encode("latin-1"),
             *(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1"))
               for k, v in response_headers),
             b"Date: %s\r\n\r\n" % _http_date().encode(), *body]))
-        return data[end:], parser.should_keep_alive()
+        return True, data[end:], parser.should_keep_alive()
 
     def _upgrade_at_once(self, app, data):
         """Serve a well-formed WebSocket upgrade without pywsgi's machinery (its request
