@@ -4,7 +4,7 @@
     .venv/bin/python scripts/bench_memory.py [--connections 2000] [--frames 25]
 
 Runs the server in this process under tracemalloc, opens the connections from a child process
-(scripts/bench.py's load generator: raw sockets, each subscribed to one of 100 channels), and
+(scripts/benchmark's load generator: raw sockets, each subscribed to one of 100 channels), and
 compares snapshots taken before and after: memory per connection by the library that allocated
 it (the innermost frame), by line, and the Python objects added per connection. RSS is read too;
 what RSS grew by beyond what tracemalloc saw is memory Python's tracer cannot see (greenlet C
@@ -12,7 +12,7 @@ stacks are copied to the heap with the raw allocator, libev watchers, malloc ove
 """
 import sys
 
-if "--client" not in sys.argv:  # the client side is bench.py's plain epoll loop
+if "--client" not in sys.argv:  # the client side is the benchmark's plain epoll loop
     from gevent import monkey
     monkey.patch_all()
 
@@ -73,11 +73,14 @@ def object_census():
 def clients(port, count):
     """Child process: open `count` subscribed connections, say so, hold them until stdin
     closes."""
-    import bench  # noqa: WPS433 - the load generator, imported here only
-    target = bench.Target(f"ws://127.0.0.1:{port}", f"http://127.0.0.1:{port}", "1",
-                          "mem-key", "mem-secret")
-    bench.raise_fd_limit(count + 256)
-    scenario = bench.Scenario(target, None)
+    # The load generator, imported only here (it is not the process being measured).
+    from benchmark.loadgen import raise_fd_limit
+    from benchmark.scenarios import Scenario
+    from benchmark.servers import ServerUnderTest
+    server = ServerUnderTest(f"ws://127.0.0.1:{port}", f"http://127.0.0.1:{port}", "1",
+                             "mem-key", "mem-secret")
+    raise_fd_limit(count + 256)
+    scenario = Scenario(server, None)
     channels = [f"idle-{i}" for i in range(100)]
     scenario.open_clients(count, lambda i: channels[i % len(channels)], window=200)
     print("ready", flush=True)

@@ -1,5 +1,6 @@
 """Shared fixtures: real servers in subprocesses, the official clients, raw sockets, a real
 webhook receiver and a real redis-server. No mocks."""
+import hashlib
 import json
 import os
 import queue
@@ -12,11 +13,14 @@ import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qsl, urlsplit
 
 import pusher
 import pytest
 import requests
 import websocket
+
+from bunpulse.signatures import sign_api_request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JS_DIR = os.path.join(ROOT, "tests", "js")
@@ -360,6 +364,85 @@ def raw_signin(raw_client, socket_id, user, key=KEY, secret=SECRET):
         "auth": user_auth(App(id="0", key=key, secret=secret), socket_id, user_data),
         "user_data": user_data}})
     return user_data
+
+
+def until_pong(client, limit=100):
+    """Ping; return what arrives before the pong: the answers to every earlier frame (the
+    server handles one connection's frames in order)."""
+    client.send({"event": "pusher:ping", "data": {}})
+    seen = []
+    for _ in range(limit):
+        message = client.recv()
+        assert not isinstance(message, tuple), f"closed: {message}"
+        if message.get("event") == "pusher:pong":
+            return seen
+        seen.append(message)
+    raise AssertionError(f"no pong after {limit} messages")
+
+
+def assert_alive(client):
+    """The connection is open and served: a ping gets its pong."""
+    client.send({"event": "pusher:ping", "data": {}})
+    assert client.recv_event("pusher:pong") == {"event": "pusher:pong", "data": "{}"}
+
+
+# ------------------------------------------------------------------------ HTTP API
+
+def signed_query(method, path, raw=b"", params=None, key=KEY, secret=SECRET, timestamp=None,
+                 body_md5=None):
+    """The query of an HTTP API request signed as the Pusher libraries sign it
+    (bunpulse.signatures); `raw` is the body as sent."""
+    query = dict(params or {}, auth_key=key, auth_version="1.0",
+                 auth_timestamp=str(int(time.time()) if timestamp is None else timestamp))
+    if raw:
+        query["body_md5"] = body_md5 or hashlib.md5(raw).hexdigest()
+    query["auth_signature"] = sign_api_request(secret, method, path, query)
+    return query
+
+
+def signed_request(server, method, path, body=None, params=None, tamper=None, headers=None,
+                   timeout=5, **signing):
+    """A raw HTTP API request signed by signed_query. body: JSON-able or bytes; tamper(query)
+    may spoil the signed query before it is sent; signing: signed_query's options."""
+    raw = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+    query = signed_query(method, path, raw or b"", params, **signing)
+    if tamper:
+        tamper(query)
+    return requests.request(method, server.url + path, params=query, data=raw or None,
+                            headers={"Content-Type": "application/json", **(headers or {})},
+                            timeout=timeout)
+
+
+def assert_signatures_kept(response):
+    """The answer to a signed request gives away neither the signature sent nor the right one."""
+    sent = urlsplit(response.request.url)
+    query = dict(parse_qsl(sent.query))
+    if "auth_signature" in query:
+        right = sign_api_request(SECRET, response.request.method, sent.path, query)
+        assert query["auth_signature"] not in response.text and right not in response.text
+
+
+# ------------------------------------------------------------------------ in-process
+
+class RecordingSocket:
+    """Stands where a connection's WebSocket would be: records the frames sent and the close."""
+
+    def __init__(self):
+        self.frames = []
+        self.closed = None  # (code, reason) once closed
+        self.outbox = self  # what a Connection writes through
+
+    def send(self, frame):
+        self.frames.append(frame)
+
+    def close(self, code, reason=""):
+        self.closed = (code, reason)
+
+
+def recording_connection(app, socket_id):
+    """A real bunpulse Connection, not served: its socket records instead of sending."""
+    from bunpulse.connection import Connection
+    return Connection(None, app, RecordingSocket(), socket_id)
 
 
 # ------------------------------------------------------------------------ webhooks

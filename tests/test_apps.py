@@ -8,8 +8,8 @@ import sys
 import pusher
 import pytest
 
-from conftest import (APP_ID, KEY, ROOT, SECRET, ServerProcess, WebhookReceiver, connected,
-                      raw_signin, raw_subscribe, wait_until)
+from conftest import (APP_ID, KEY, ROOT, SECRET, ServerProcess, WebhookReceiver, assert_alive,
+                      connected, raw_signin, raw_subscribe, until_pong, wait_until)
 
 APPS = [
     {"id": 2, "key": "key-two", "secret": "secret-two"},
@@ -60,18 +60,6 @@ def join(raw, server, app_id, channel, user_id=None):
     raw_subscribe(client, connected(client), channel, channel_data, key=key, secret=secret)
     assert client.recv_event("pusher_internal:subscription_succeeded")["channel"] == channel
     return client
-
-
-def until_pong(client):
-    """Ping; return what arrives before the pong (everything already queued for client)."""
-    client.send({"event": "pusher:ping", "data": {}})
-    seen = []
-    while True:
-        message = client.recv()
-        assert not isinstance(message, tuple), f"closed: {message}"
-        if message.get("event") == "pusher:pong":
-            return seen
-        seen.append(message)
 
 
 def until_marker(client, channel):
@@ -238,13 +226,11 @@ def test_user_authentication_timeout(multi, raw):
         assert error["data"]["code"] == 4009
         assert client.recv_close()[0] == 4009
     for client in (signed, private, presence, left):
-        client.send({"event": "pusher:ping", "data": {}})
-        assert client.recv_event("pusher:pong")
+        assert_alive(client)
     # Apps without the option never time out.
     plain = raw_app(raw, multi, "2")
     connected(plain)
-    plain.send({"event": "pusher:ping", "data": {}})
-    assert plain.recv_event("pusher:pong")
+    assert_alive(plain)
 
 
 def test_pusher_js_signin_keeps_the_connection(multi, node_for):

@@ -1,7 +1,6 @@
-"""The benchmark suite (scripts/bench.py): its --quick run is exact against every target kind,
-it fails loudly when counts are off, and its frame counter is exact on split and coalesced
-frames."""
-import importlib.util
+"""The benchmark suite (scripts/bench.py, the package scripts/benchmark): its --quick run is
+exact against every target kind, it fails loudly when counts are off, and its frame counter is
+exact on split and coalesced frames."""
 import json
 import os
 import socket
@@ -11,16 +10,11 @@ import time
 
 from conftest import APP_ID, KEY, ROOT, SECRET
 
-from bunpulse.transport import build_frame
+from benchmark.loadgen import HANDSHAKE, Loop, Ws
+
+from bunpulse.frames import build_frame
 
 BENCH = os.path.join(ROOT, "scripts", "bench.py")
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_bench(*args, timeout=120):
@@ -107,12 +101,11 @@ class Recorder:
 def test_frame_counter_is_exact_on_split_and_coalesced_frames():
     """A real socket feeds the generator the server's own frames (bunpulse's build_frame) in
     odd-sized pieces: every event is counted once and every control message arrives whole."""
-    bench = load_bench()
     listener = socket.create_server(("127.0.0.1", 0))
-    loop, owner = bench.Loop(), Recorder()
-    ws = bench.Ws(loop, owner, 0, listener.getsockname(), b"GET / HTTP/1.1\r\n\r\n")
+    loop, owner = Loop(), Recorder()
+    ws = Ws(loop, owner, 0, listener.getsockname(), b"GET / HTTP/1.1\r\n\r\n")
     peer, _ = listener.accept()
-    loop.run_until(lambda: ws.state == bench.HANDSHAKE and not ws.out, 5, "handshake sent")
+    loop.run_until(lambda: ws.state == HANDSHAKE and not ws.out, 5, "handshake sent")
     assert peer.recv(100).startswith(b"GET /")
 
     events = [build_frame(b'{"event":"e","data":"BPB|%d|0|' % i + b"x" * size + b'"}')

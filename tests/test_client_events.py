@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import KEY, MASTER_KEY, connected, pusher_api, raw_subscribe
+from conftest import KEY, MASTER_KEY, assert_alive, connected, pusher_api, raw_subscribe, until_pong
 
 
 def barrier(node, api, id, channel):
@@ -24,24 +24,6 @@ def events_before_marker(client, channel, limit=100):
             return seen
         seen.append(message)
     raise AssertionError("no marker")
-
-
-def until_pong(client):
-    """Ping and return what arrives before the pong: the answers to every earlier frame."""
-    client.send({"event": "pusher:ping", "data": {}})
-    seen = []
-    for _ in range(100):
-        message = client.recv()
-        assert not isinstance(message, tuple), f"closed: {message}"
-        if message.get("event") == "pusher:pong":
-            return seen
-        seen.append(message)
-    raise AssertionError("no pong")
-
-
-def assert_still_open(client):
-    client.send({"event": "pusher:ping", "data": {}})
-    assert client.recv_event("pusher:pong")["data"] == "{}"
 
 
 # ------------------------------------------------------------------------ pusher-js
@@ -105,7 +87,7 @@ def test_client_event_refused_on_public_and_encrypted_channels(raw, server, chan
     sender.send({"event": "client-x", "channel": channel, "data": {"a": 1}})
     error = sender.recv_event("pusher:error")
     assert error["data"]["code"] is None and error["data"]["message"]
-    assert_still_open(sender)
+    assert_alive(sender)
     api.trigger(channel, "marker", {})
     assert [m["event"] for m in events_before_marker(other, channel)
             if m["event"].startswith("client-")] == []
@@ -120,7 +102,7 @@ def test_client_event_refused_when_not_subscribed(raw, api):
     assert "not subscribed" in sender.recv_event("pusher:error")["data"]["message"]
     sender.send({"event": "client-x", "data": {}})  # no channel at all
     assert sender.recv_event("pusher:error")["data"]["message"]
-    assert_still_open(sender)
+    assert_alive(sender)
     api.trigger("private-notsub", "marker", {})
     assert events_before_marker(other, "private-notsub") == []
 
@@ -134,7 +116,7 @@ def test_client_event_refused_when_the_app_disables_them(start_server, raw):
         client.recv_event("pusher_internal:subscription_succeeded")
     sender.send({"event": "client-x", "channel": "private-off", "data": {}})
     assert "not enabled" in sender.recv_event("pusher:error")["data"]["message"]
-    assert_still_open(sender)
+    assert_alive(sender)
     pusher_api(server).trigger("private-off", "marker", {})
     assert events_before_marker(other, "private-off") == []
 
@@ -154,7 +136,7 @@ def test_client_event_rate_limit_is_an_error_frame_never_a_close(raw, api):
     delivered = events_before_marker(other, "private-rate")
     assert len(delivered) + len(errors) == sent
     assert 10 <= len(delivered) <= 20
-    assert_still_open(sender)
+    assert_alive(sender)
 
 
 def test_client_events_are_not_cached(raw, api):

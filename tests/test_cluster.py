@@ -2,6 +2,7 @@
 
 Two `python -m bunpulse` nodes on two ports, and gunicorn with two workers, share a real
 redis-server; pusher-js and the official libraries see one deployment."""
+import itertools
 import json
 import signal
 import sys
@@ -21,6 +22,35 @@ def cluster_env(redis_server, receiver=None, **extra):
     return env
 
 
+MARKERS = itertools.count()
+
+
+def after_marker(node, channel, *receivers):
+    """Trigger a marker event on `channel` through `node` and wait until every (driver, id)
+    has it. A node sends to a socket, and relays over Redis, in order: whatever it sent these
+    clients before the marker has arrived by then, so what is missing now never comes."""
+    seq = next(MARKERS)
+    pusher_api(node).trigger(channel, "marker", {"seq": seq})
+    for driver, id_ in receivers:
+        driver.wait(lambda r: r.get("type") == "event" and r["id"] == id_
+                    and r["event"] == "marker" and r["data"] == {"seq": seq},
+                    what=f"marker {seq} on {id_}")
+
+
+def after_webhook_marker(receiver, driver, id_):
+    """Subscribe `id_` to a fresh channel and wait for its channel_occupied webhook. A node
+    sends its webhooks one batch at a time, in order: whatever that node sent before has
+    arrived by then."""
+    channel = f"marker-{next(MARKERS)}"
+    driver.call("subscribe", id=id_, channel=channel)
+    wait_until(lambda: any(e["channel"] == channel for e in receiver.events("channel_occupied")),
+               message=f"channel_occupied for {channel}")
+
+
+def named(events, channel):
+    return [e for e in events if e["channel"] == channel]
+
+
 @pytest.fixture
 def nodes(start_server, redis_server, webhook_receiver):
     env = cluster_env(redis_server, webhook_receiver)
@@ -38,9 +68,11 @@ def test_publish_on_one_node_reaches_subscribers_of_both_once(nodes, node_for):
     pusher_api(b).trigger("news", "headline", {"n": 2})
     for client, id_ in ((client_a, "a"), (client_b, "b")):
         wait_until(lambda: len(client.events(id_, "headline")) == 2, message="two headlines")
-    time.sleep(0.3)  # any duplicate would have arrived by now
-    assert [e["data"]["n"] for e in client_a.events("a", "headline")] == [1, 2]
-    assert [e["data"]["n"] for e in client_b.events("b", "headline")] == [1, 2]
+    for node in (a, b):  # a duplicate, from either node, would have come before its marker
+        after_marker(node, "news", (client_a, "a"), (client_b, "b"))
+    # Each once; no order between two publishers on two nodes (b's own event may beat a's relay).
+    assert sorted(e["data"]["n"] for e in client_a.events("a", "headline")) == [1, 2]
+    assert sorted(e["data"]["n"] for e in client_b.events("b", "headline")) == [1, 2]
 
 
 def test_socket_id_exclusion_and_client_events_cross_nodes(nodes, node_for):
@@ -54,7 +86,8 @@ def test_socket_id_exclusion_and_client_events_cross_nodes(nodes, node_for):
     client_b.wait_event("b", "skip-a")
     client_a.call("trigger", id="a", channel="private-room", event="client-hi", data={"x": 1})
     assert client_b.wait_event("b", "client-hi")["data"] == {"x": 1}
-    time.sleep(0.3)
+    for node in (a, b):
+        after_marker(node, "private-room", (client_a, "a"), (client_b, "b"))
     assert client_a.events("a", "skip-a") == []
     assert client_a.events("a", "client-hi") == []
 
@@ -74,7 +107,8 @@ def test_presence_is_deployment_wide(nodes, node_for, webhook_receiver):
     assert joined["data"]["members"]["1"] == {"name": "one"}
     client_a.wait_event("u1", "pusher:member_added")
     client_b.subscribe("u1-tab2", "presence-room")  # user 1 again, on the other node
-    time.sleep(0.3)
+    for node in (a, b):
+        after_marker(node, "presence-room", (client_a, "u1"), (client_b, "u2"))
     assert len(client_a.events("u1", "pusher:member_added")) == 1
     assert client_b.events("u2", "pusher:member_added") == []
 
@@ -86,13 +120,18 @@ def test_presence_is_deployment_wide(nodes, node_for, webhook_receiver):
         assert sorted(u["id"] for u in users) == ["1", "2"]
 
     client_a.call("disconnect", id="u1")  # user 1 still has a tab on node b
-    time.sleep(0.4)
+    wait_until(lambda: pusher_api(a).channel_info("presence-room", ["subscription_count"])
+               ["subscription_count"] == 2, message="node a saw u1 leave")
+    for node in (a, b):
+        after_marker(node, "presence-room", (client_b, "u2"))
     assert client_b.events("u2", "pusher:member_removed") == []
     client_b.call("disconnect", id="u1-tab2")
     removed = client_b.wait_event("u2", "pusher:member_removed")
     assert removed["data"]["id"] == "1"
     webhook_receiver.wait_events("member_removed", 1)
-    time.sleep(0.3)
+    client_a.connect("late")
+    after_webhook_marker(webhook_receiver, client_a, "late")
+    after_webhook_marker(webhook_receiver, client_b, "u2")
     # two nodes send their own webhooks: compare as sets of events, each exactly once
     assert sorted(e["user_id"] for e in webhook_receiver.events("member_added")) == ["1", "2"]
     assert [e["user_id"] for e in webhook_receiver.events("member_removed")] == ["1"]
@@ -108,16 +147,17 @@ def test_occupied_and_vacated_fire_once_for_the_deployment(nodes, node_for,
     client_b.subscribe("b", "shared")
     webhook_receiver.wait_events("channel_occupied", 1)
     client_a.call("unsubscribe", id="a", channel="shared")
-    time.sleep(0.4)
+    after_webhook_marker(webhook_receiver, client_a, "a")
     assert webhook_receiver.events("channel_vacated") == []  # b still holds it
-    channels = pusher_api(a).channels_info()["channels"]
+    channels = pusher_api(a).channels_info(prefix_filter="shared")["channels"]
     assert list(channels) == ["shared"]
     client_b.call("unsubscribe", id="b", channel="shared")
     webhook_receiver.wait_events("channel_vacated", 1)
-    time.sleep(0.3)
-    assert len(webhook_receiver.events("channel_occupied")) == 1
+    after_webhook_marker(webhook_receiver, client_a, "a")
+    after_webhook_marker(webhook_receiver, client_b, "b")
+    assert len(named(webhook_receiver.events("channel_occupied"), "shared")) == 1
     assert len(webhook_receiver.events("channel_vacated")) == 1
-    assert pusher_api(b).channels_info()["channels"] == {}
+    assert pusher_api(b).channels_info(prefix_filter="shared")["channels"] == {}
 
 
 def test_users_watchlists_terminate_and_cache_cross_nodes(nodes, node_for):
@@ -214,7 +254,8 @@ def test_gunicorn_two_workers_on_redis(start_server, redis_server, node_for):
             client.wait_event(f"c{n}{i}", "hello")
     info = pusher_api(server).channel_info("presence-all", ["user_count"])
     assert info["user_count"] == 6
-    time.sleep(0.3)
+    after_marker(server, "presence-all", *[(client, f"c{n}{i}") for n, client in
+                                            enumerate(clients) for i in range(3)])
     for n, client in enumerate(clients):
         for i in range(3):
             assert len(client.events(f"c{n}{i}", "hello")) == 1

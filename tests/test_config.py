@@ -182,7 +182,11 @@ def test_real_credentials_listen_on_every_interface(start_server):
     if address is None:
         pytest.skip("no non-loopback address to check")
     server = start_server(env={"BUNPULSE_HOST": ""})
-    socket.create_connection((address, server.port), timeout=2).close()
+    client = RawClient(f"ws://{address}:{server.port}/app/{KEY}?protocol=7")
+    try:
+        assert connected(client)  # served there, not only accepted
+    finally:
+        client.close()
 
 
 def activity_timeout(server, key=KEY):

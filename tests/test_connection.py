@@ -9,7 +9,8 @@ import time
 import pytest
 import websocket
 
-from conftest import KEY, RawClient, connected, raw_subscribe, unix_request, unix_socket
+from conftest import (KEY, RawClient, assert_alive, connected, raw_subscribe, unix_request,
+                      unix_socket)
 
 SOCKET_ID = re.compile(r"^\d+\.\d+$")
 PATH = f"/app/{KEY}?protocol=7&client=py&version=1.0"
@@ -21,11 +22,6 @@ def refusal(client):
     assert isinstance(first, dict) and first["event"] == "pusher:error", first
     code, _reason = client.recv_close()
     return first["data"], code
-
-
-def assert_alive(client):
-    client.send({"event": "pusher:ping", "data": {}})
-    assert client.recv_event("pusher:pong") == {"event": "pusher:pong", "data": "{}"}
 
 
 @pytest.fixture

@@ -1,33 +1,19 @@
 """The HTTP API (protocol reference section 7) through both official server libraries, plus raw
 signed requests for the limits the libraries refuse to send."""
-import hashlib
 import json
-import time
 import uuid
 
 import pusher
 import pytest
 import requests
 
-from bunpulse.signatures import sign_api_request
-from conftest import APP_ID, KEY, SECRET, connected, pusher_api, wait_until
+from conftest import (APP_ID, KEY, assert_alive, assert_signatures_kept, connected, pusher_api,
+                      signed_request, wait_until)
 from conftest import library_subscribe as subscribe
 
 
 def uid():
     return uuid.uuid4().hex[:8]
-
-
-def signed(server, method, path, body=None, params=None, key=KEY, secret=SECRET):
-    """A raw HTTP API request signed as section 7 says (bunpulse.signatures)."""
-    query = dict(params or {}, auth_key=key, auth_timestamp=str(int(time.time())),
-                 auth_version="1.0")
-    raw = b"" if body is None else json.dumps(body).encode()
-    if raw:
-        query["body_md5"] = hashlib.md5(raw).hexdigest()
-    query["auth_signature"] = sign_api_request(secret, method, path, query)
-    return requests.request(method, server.url + path, params=query, data=raw or None,
-                            headers={"Content-Type": "application/json"}, timeout=5)
 
 
 def sign_in(client, api, socket_id, user_id):
@@ -156,8 +142,7 @@ def test_terminate_user_connections(api, raw):
     for client in (first, second):
         assert client.recv_event("pusher:error")["data"]["code"] == 4009
         assert client.recv_close()[0] == 4009
-    other.send({"event": "pusher:ping", "data": {}})
-    assert other.recv_event("pusher:pong")
+    assert_alive(other)
 
 
 def test_pypi_library_errors(api):
@@ -176,13 +161,12 @@ def test_bad_credentials(server, api):
                           port=server.port, ssl=False)
     with pytest.raises(pusher.errors.PusherBadAuth):
         wrong.trigger("c", "e", {})
-    response = signed(server, "POST", "/apps/1/events",
-                      {"name": "e", "channel": "c", "data": "{}"}, secret="wrong")
-    assert response.status_code == 401
-    expected = sign_api_request(SECRET, "POST", "/apps/1/events", {})
-    assert expected not in response.text and "signature" in response.json()["error"]
-    assert signed(server, "GET", "/apps/999/channels").status_code == 404
-    assert signed(server, "GET", "/apps/1/nowhere").status_code == 404
+    response = signed_request(server, "POST", "/apps/1/events",
+                              {"name": "e", "channel": "c", "data": "{}"}, secret="wrong")
+    assert response.status_code == 401 and "signature" in response.json()["error"]
+    assert_signatures_kept(response)
+    assert signed_request(server, "GET", "/apps/999/channels").status_code == 404
+    assert signed_request(server, "GET", "/apps/1/nowhere").status_code == 404
 
 
 # ------------------------------------------------------------------ npm `pusher`
@@ -296,7 +280,7 @@ def test_npm_send_to_user_and_terminate(node):
 # ------------------------------------------------------------------ limits (raw requests)
 
 def trigger_raw(server, **body):
-    return signed(server, "POST", f"/apps/{APP_ID}/events", body)
+    return signed_request(server, "POST", f"/apps/{APP_ID}/events", body)
 
 
 def test_limit_channels_per_event(server):
@@ -308,8 +292,9 @@ def test_limit_channels_per_event(server):
 
 def test_limit_batch_size(server):
     batch = [{"name": "e", "channel": "c", "data": "{}"}] * 10
-    assert signed(server, "POST", "/apps/1/batch_events", {"batch": batch}).status_code == 200
-    refused = signed(server, "POST", "/apps/1/batch_events", {"batch": batch + batch[:1]})
+    path = "/apps/1/batch_events"
+    assert signed_request(server, "POST", path, {"batch": batch}).status_code == 200
+    refused = signed_request(server, "POST", path, {"batch": batch + batch[:1]})
     assert refused.status_code == 400
     assert "batch" in refused.json()["error"] and "10" in refused.json()["error"]
 
@@ -321,7 +306,7 @@ def test_limit_data_size_in_bytes(server):
         assert refused.status_code == 413 and "10240" in refused.json()["error"]
     batch = [{"name": "e", "channel": "c", "data": "{}"},
              {"name": "e", "channel": "c", "data": "x" * 10241}]
-    refused = signed(server, "POST", "/apps/1/batch_events", {"batch": batch})
+    refused = signed_request(server, "POST", "/apps/1/batch_events", {"batch": batch})
     assert refused.status_code == 413 and "batch[1]" in refused.json()["error"]
 
 
@@ -338,10 +323,7 @@ def test_limit_event_and_channel_name_length(server):
 def test_malformed_requests(server):
     response = requests.post(server.url + "/apps/1/events", data=b"{", timeout=5)
     assert response.status_code == 401  # unsigned: refused before the body is read
-    query = {"auth_key": KEY, "auth_timestamp": str(int(time.time())), "auth_version": "1.0",
-             "body_md5": hashlib.md5(b"{").hexdigest()}
-    query["auth_signature"] = sign_api_request(SECRET, "POST", "/apps/1/events", query)
-    response = requests.post(server.url + "/apps/1/events", params=query, data=b"{", timeout=5)
+    response = signed_request(server, "POST", "/apps/1/events", b"{")
     assert response.status_code == 400 and "JSON" in response.json()["error"]
     assert trigger_raw(server, name="e", data="{}").status_code == 400  # no channel
     assert trigger_raw(server, name="e", channel="bad name!", data="{}").status_code == 400
@@ -356,7 +338,7 @@ def test_per_app_limits_from_apps_file(start_server, tmp_path):
     server = start_server(env={"BUNPULSE_APPS_FILE": str(apps)})
 
     def call(path, body):
-        return signed(server, "POST", path, body, key="key7", secret="secret7")
+        return signed_request(server, "POST", path, body, key="key7", secret="secret7")
 
     assert call("/apps/7/events", {"name": "e", "channel": "c", "data": "x" * 100}) \
         .status_code == 200
@@ -372,8 +354,8 @@ def test_per_app_limits_from_apps_file(start_server, tmp_path):
     refused = call("/apps/7/events", {"name": "e", "channel": "c" * 21, "data": "{}"})
     assert refused.status_code == 400 and "20" in refused.json()["error"]
     # the environment's app keeps the default limits on the same server
-    big = signed(server, "POST", "/apps/1/events", {"name": "e", "channel": "c",
-                                                    "data": "x" * 10240})
+    big = signed_request(server, "POST", "/apps/1/events",
+                         {"name": "e", "channel": "c", "data": "x" * 10240})
     assert big.status_code == 200
     # and the PyPI library works against the second app
     client = pusher.Pusher(app_id="7", key="key7", secret="secret7", host=server.host,

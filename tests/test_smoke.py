@@ -1,5 +1,6 @@
 """The shortest path through the product: pusher-js receives what the PyPI library triggers."""
-import json
+
+from conftest import assert_alive, connected
 
 
 def test_public_event_reaches_pusher_js(node, api):
@@ -11,9 +12,7 @@ def test_public_event_reaches_pusher_js(node, api):
 
 
 def test_raw_connection_established(raw):
-    from conftest import connected
     client = raw()
     socket_id = connected(client)
     assert socket_id.count(".") == 1 and socket_id.replace(".", "").isdigit()
-    client.send({"event": "pusher:ping", "data": {}})
-    assert client.recv_event("pusher:pong")["data"] == "{}"
+    assert_alive(client)

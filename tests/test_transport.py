@@ -2,17 +2,15 @@
 stops reading, so one slow socket never delays the others or eats memory."""
 import json
 import socket
-import time
 
 import gevent
 import gevent.socket
 import requests
 
 from bunpulse.errors import ErrorCode
-from bunpulse.signatures import sign_api_request
 from bunpulse.frames import build_frame, close_frame
 from bunpulse.transport import Outbox
-from conftest import APP_ID, KEY, SECRET, connected, wait_until
+from conftest import APP_ID, connected, signed_request, wait_until
 
 
 def _pair():
@@ -67,12 +65,7 @@ def _publish_batch(server, channel, payload, count):
     path = f"/apps/{APP_ID}/batch_events"
     body = json.dumps({"batch": [{"name": "big", "channel": channel, "data": payload}
                                  for _ in range(count)]}).encode()
-    import hashlib
-    params = {"auth_key": KEY, "auth_timestamp": str(int(time.time())), "auth_version": "1.0",
-              "body_md5": hashlib.md5(body).hexdigest()}
-    params["auth_signature"] = sign_api_request(SECRET, "POST", path, params)
-    response = requests.post(server.url + path, params=params, data=body,
-                             headers={"Content-Type": "application/json"}, timeout=10)
+    response = signed_request(server, "POST", path, body, timeout=10)
     assert response.status_code == 200, response.text
 
 

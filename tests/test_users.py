@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import connected, raw_signin, raw_subscribe, wait_until
+from conftest import assert_alive, connected, raw_signin, raw_subscribe, wait_until
 
 BYE = {"event": "pusher:error", "data": {"code": 4009,
                                          "message": "You got disconnected by the app."}}
@@ -39,11 +39,6 @@ def raw_user(raw, user_id, watchlist=None, target=None):
 def watch_events(node, id):
     return [(r["name"], r["user_ids"]) for r in node.reports
             if r.get("type") == "watchlist" and r["id"] == id]
-
-
-def assert_still_open(client):
-    client.send({"event": "pusher:ping", "data": {}})
-    assert client.recv_event("pusher:pong")["data"] == "{}"
 
 
 # ------------------------------------------------------------------------ sign-in
@@ -108,7 +103,7 @@ def test_server_to_user_channel_is_only_for_that_user(raw):
         error = client.recv()
         assert error["event"] == "pusher:subscription_error"
         assert error["channel"] == "#server-to-user-1" and error["data"]["status"] == 403
-        assert_still_open(client)
+        assert_alive(client)
 
 
 # ------------------------------------------------------------------------ sendToUser
@@ -158,7 +153,7 @@ def test_terminate_with_the_npm_library(node, raw):
         assert error["error"]["data"] == BYE["data"]
         node.wait(lambda r, id=id: r.get("type") == "state" and r["id"] == id
                   and r["current"] == "disconnected")
-    assert_still_open(raw_kept)
+    assert_alive(raw_kept)
     node.call("api", method="sendToUser", args=["kept", "still-here", {}])
     node.wait(lambda r: r.get("type") == "user_event" and r["id"] == "safe"
               and r["event"] == "still-here")
@@ -174,8 +169,8 @@ def test_terminate_with_the_pypi_library_unprefixed_path(raw, api):
     for client in doomed:
         assert client.recv() == BYE
         assert client.recv_close()[0] == 4009
-    assert_still_open(kept)
-    assert_still_open(anonymous)
+    assert_alive(kept)
+    assert_alive(anonymous)
 
 
 # ------------------------------------------------------------------------ watchlists
@@ -225,7 +220,7 @@ def test_watchlist_over_100_ids(raw):
     raw_user(raw, "id-99")
     assert watcher.recv() == {"event": "pusher_internal:watchlist_events",
                               "data": {"events": [{"name": "online", "user_ids": ["id-99"]}]}}
-    assert_still_open(watcher)
+    assert_alive(watcher)
 
 
 # ------------------------------------------------------------------------ presence as the user

@@ -1,0 +1,165 @@
+"""The hub in-process: what each state change reports, who gets a broadcast and in what order,
+sign-ins, watchlists and cache channels. Real Hub and Connection objects; only the sockets
+record instead of sending."""
+import gevent
+import pytest
+
+from bunpulse.apps import App
+from bunpulse.hub import YIELD_EVERY, Hub
+from conftest import recording_connection
+
+APP = App(id="1", key="k1", secret="s1")
+OTHER_APP = App(id="2", key="k2", secret="s2")
+
+
+@pytest.fixture
+def hub():
+    return Hub()
+
+
+def joined(hub, socket_id, *channels, app=APP, member=None):
+    conn = recording_connection(app, socket_id)
+    hub.add_connection(conn)
+    for name in channels:
+        hub.subscribe(conn, name, member)
+    return conn
+
+
+# ---------------------------------------------------------------- channels
+
+def test_first_subscriber_occupies_and_last_vacates(hub):
+    a, b = joined(hub, "1.1"), joined(hub, "1.2")
+    assert hub.subscribe(a, "room") == (True, False)
+    assert hub.subscribe(b, "room") == (False, False)
+    assert hub.unsubscribe(a, "room") == ("room", False, None)
+    assert hub.unsubscribe(b, "room") == ("room", True, None)
+    assert hub.channel(APP.id, "room") is None and hub.channels(APP.id) == {}
+
+
+def test_unsubscribing_what_was_never_subscribed_reports_nothing(hub):
+    a = joined(hub, "1.1", "room")
+    assert hub.unsubscribe(a, "elsewhere") is None
+    assert hub.unsubscribe(a, "room") == ("room", True, None)
+    assert hub.unsubscribe(a, "room") is None  # twice: nothing the second time
+    assert a.subscriptions == {}
+
+
+def test_presence_member_added_once_and_removed_with_its_last_connection(hub):
+    tab1, tab2 = joined(hub, "1.1"), joined(hub, "1.2")
+    assert hub.subscribe(tab1, "presence-r", ("u1", {"n": 1})) == (True, True)
+    assert hub.subscribe(tab2, "presence-r", ("u1", {"n": 1})) == (False, False)
+    assert hub.has_member(APP.id, "presence-r", "u1")
+    assert hub.unsubscribe(tab1, "presence-r") == ("presence-r", False, None)
+    assert hub.has_member(APP.id, "presence-r", "u1")
+    assert hub.unsubscribe(tab2, "presence-r") == ("presence-r", True, "u1")
+    assert not hub.has_member(APP.id, "presence-r", "u1")
+
+
+def test_apps_do_not_share_channels_or_connections(hub):
+    joined(hub, "1.1", "room")
+    joined(hub, "1.1", "room", app=OTHER_APP)  # same socket id and channel, other app
+    assert hub.connection_count(APP.id) == hub.connection_count(OTHER_APP.id) == 1
+    assert hub.broadcast(APP.id, "room", b"frame") == 1
+    assert hub.connection_count("3") == 0 and hub.channels("3") == {}
+
+
+def test_removing_a_connection_reports_every_channel_and_the_user_offline(hub):
+    conn = joined(hub, "1.1", "a", "b")
+    hub.subscribe(conn, "presence-c", ("u1", {}))
+    other = joined(hub, "1.2", "b")
+    conn.user_id = "u1"
+    assert hub.sign_in(conn, "u1") is True
+    changes, offline = hub.remove_connection(conn)
+    assert sorted(changes) == [("a", True, None), ("b", False, None),
+                               ("presence-c", True, "u1")]
+    assert offline == "u1" and not hub.user_online(APP.id, "u1")
+    assert hub.connections(APP.id) == [other]
+    assert list(hub.channels(APP.id)) == ["b"]
+
+
+# ---------------------------------------------------------------- delivery
+
+def test_broadcast_sends_the_frame_once_to_each_subscriber_but_the_excluded(hub):
+    a, b, c = (joined(hub, f"1.{n}", "room") for n in (1, 2, 3))
+    outsider = joined(hub, "1.9", "other")
+    assert hub.broadcast(APP.id, "room", b"one", except_socket_id="1.1") == 2
+    assert hub.broadcast(APP.id, "room", b"two") == 3
+    assert a.ws.frames == [b"two"]
+    assert b.ws.frames == c.ws.frames == [b"one", b"two"]
+    assert outsider.ws.frames == []
+    assert hub.broadcast(APP.id, "empty", b"x") == 0
+
+
+def test_a_big_channel_yields_and_keeps_every_subscribers_order(hub):
+    """Past YIELD_EVERY subscribers a fan-out yields; frames published meanwhile queue behind
+    it, may go out joined, and still reach each subscriber once, in order, without its own."""
+    conns = [joined(hub, f"1.{n}", "big") for n in range(YIELD_EVERY * 2 + 7)]
+    frames = [b"<%d>" % n for n in range(6)]
+    excluded = conns[YIELD_EVERY + 3]
+
+    def publish(n):
+        skip = excluded.socket_id if n == 4 else None
+        hub.broadcast(APP.id, "big", frames[n], except_socket_id=skip)
+
+    greenlets = [gevent.spawn(publish, n) for n in range(len(frames))]
+    gevent.joinall(greenlets, timeout=5, raise_error=True)
+    for conn in conns:
+        want = [f for n, f in enumerate(frames) if not (conn is excluded and n == 4)]
+        assert b"".join(conn.ws.frames) == b"".join(want), conn.socket_id
+    assert any(len(conn.ws.frames) < len(frames) - 1 for conn in conns)  # some went joined
+    channel = hub.channel(APP.id, "big")
+    assert not channel.queue and not channel.sending
+
+
+# ---------------------------------------------------------------- users
+
+def test_a_user_is_online_from_the_first_connection_to_the_last(hub):
+    tab1, tab2 = joined(hub, "1.1"), joined(hub, "1.2")
+    for conn in (tab1, tab2):
+        conn.user_id = "u1"
+    assert hub.sign_in(tab1, "u1") is True
+    assert hub.sign_in(tab2, "u1") is False
+    assert set(hub.user_connections(APP.id, "u1")) == {tab1, tab2}
+    assert hub.sign_out(tab1) is None and hub.user_online(APP.id, "u1")
+    assert hub.sign_out(tab2) == "u1" and not hub.user_online(APP.id, "u1")
+    assert hub.sign_out(tab2) is None  # already out
+    assert hub.user_connections(APP.id, "u1") == []
+
+
+def test_watchers_are_forgotten_when_they_sign_out(hub):
+    watcher, other = joined(hub, "1.1"), joined(hub, "1.2")
+    watcher.watchlist = ("u1", "u2")
+    hub.watch(watcher, watcher.watchlist)
+    hub.watch(other, ["u1"])
+    assert set(hub.watchers(APP.id, "u1")) == {watcher, other}
+    assert hub.sign_out(watcher) is None  # never signed in: nobody goes offline
+    assert hub.watchers(APP.id, "u1") == [other]
+    assert hub.watchers(APP.id, "u2") == []
+
+
+# ---------------------------------------------------------------- cache channels
+
+def test_cache_keeps_the_last_event_until_it_expires(hub):
+    assert hub.cache_get(APP.id, "cache-a") is None
+    hub.cache_set(APP.id, "cache-a", "e1", "d1", ttl=60)
+    hub.cache_set(APP.id, "cache-a", "e2", "d2", ttl=60)
+    event, data, left = hub.cache_get(APP.id, "cache-a")
+    assert (event, data) == ("e2", "d2") and 59 < left <= 60
+    assert hub.cache_get(OTHER_APP.id, "cache-a") is None
+    hub.cache_set(APP.id, "cache-b", "e", "d", ttl=0)  # expired at once
+    assert hub.cache_get(APP.id, "cache-b") is None
+
+
+def test_expired_entries_are_swept_by_later_writes(hub):
+    for n in range(4):
+        hub.cache_set(APP.id, f"cache-old-{n}", "e", "d", ttl=0)
+    for n in range(10):
+        hub.cache_set(APP.id, "cache-live", "e", n, ttl=60)
+    assert set(hub.app(APP.id).cache) == {"cache-live"}
+
+
+def test_a_cache_miss_is_reported_once_until_an_event_fills_the_channel(hub):
+    assert hub.first_cache_miss(APP.id, "cache-a") is True
+    assert hub.first_cache_miss(APP.id, "cache-a") is False
+    hub.cache_set(APP.id, "cache-a", "e", "d", ttl=0)
+    assert hub.first_cache_miss(APP.id, "cache-a") is True
