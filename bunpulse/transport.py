@@ -459,12 +459,20 @@ def _first_head(sock, data=b""):
     """The bytes of a request head (and whatever came behind it), read until its end or
     MAX_HEAD bytes; b"" if the client closed first."""
     data = data or sock.recv(FIRST_READ)
-    while data and not _HEAD_END.search(data) and len(data) <= MAX_HEAD:
+    if not data or _HEAD_END.search(data):
+        return data
+    # A head in many pieces: gathered in a bytearray and searched only where new bytes came,
+    # so that a client sending a byte at a time costs linear work, not quadratic.
+    buffer = bytearray(data)
+    while len(buffer) <= MAX_HEAD:
+        searched = max(0, len(buffer) - 3)
         more = sock.recv(MAX_HEAD)
         if not more:
             return b""
-        data += more
-    return data
+        buffer += more
+        if _HEAD_END.search(buffer, searched):
+            break
+    return bytes(buffer)
 
 
 FIRST_READ = 16384  # bytes asked of a new connection at first: a head is usually far smaller
