@@ -3,8 +3,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import logging  # noqa: E402 - after monkey-patching, as gevent requires
-import sys  # noqa: E402
+import sys  # noqa: E402 - after monkey-patching, as gevent requires
 
 from .config import ConfigError, build_parser, load_settings  # noqa: E402
 
@@ -14,9 +13,9 @@ def main(argv=None):
     build_parser().parse_args(argv)  # --help exits here, before anything starts
     try:
         settings = load_settings(argv)
+        from .logs import configure
         from .run import serve_forever
-        logging.basicConfig(level=settings.log_level.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure(settings.log_level, settings.log_format)
         serve_forever(settings)
     except ConfigError as exc:
         print(f"bunpulse: configuration error: {exc}", file=sys.stderr)

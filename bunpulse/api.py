@@ -171,7 +171,8 @@ SHORTCUTS = {}  # method -> [(path pattern, handler)]: the routes declared with 
 
 
 def _route(rule, methods=("GET",), shortcut=False, **options):
-    """Declare `handler(core, req, **route_args) -> payload` as the route's view; with
+    """Declare `handler(core, req, **route_args) -> payload (or (status, payload))` as the
+    route's view; with
     `shortcut`, `shortcut()` serves it too, without Flask."""
     def register(handler):
         if not hasattr(handler, "flask_view"):  # one view however many rules
@@ -208,7 +209,8 @@ def answer(handler, core, req, route_args):
     """Run a handler: (status, JSON body). A refusal is its ApiError's answer; a bug is logged
     and answered 500, and the server goes on."""
     try:
-        status, payload = 200, handler(core, req, **route_args)
+        payload = handler(core, req, **route_args)
+        status, payload = payload if isinstance(payload, tuple) else (200, payload)
     except ApiError as exc:
         status, payload = exc.status, {"error": exc.message}
     except Exception:  # noqa: BLE001 - one bad request must not take the worker down
@@ -304,13 +306,21 @@ def terminate_connections(core, req, user_id, app_id):
 
 @_route("/health")
 def health(core, req):
-    return {"ok": True}
+    """Alive: 200 while serving, 503 once the worker is stopping."""
+    if core.stopping:
+        return 503, {"ok": False, "status": "stopping"}
+    return {"ok": True, "status": "alive"}
 
 
-@_route("/stats")
-def stats(core, req):
-    """This worker's counters (each gunicorn worker answers for itself); no secrets."""
-    return {"webhooks": core.webhooks.stats.as_dict(), "evictions": core.evictions}
+@_route("/ready")
+def ready(core, req):
+    """Ready for new connections: not stopping, and Redis reachable when configured."""
+    redis = core.redis_state()
+    if core.stopping:
+        return 503, {"ready": False, "reason": "stopping", "redis": redis}
+    if redis == "down":
+        return 503, {"ready": False, "reason": "redis unreachable", "redis": redis}
+    return {"ready": True, "redis": redis}
 
 
 # ------------------------------------------------------------- the shortcut

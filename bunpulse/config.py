@@ -54,6 +54,16 @@ def _url(schemes):
     return parse
 
 
+def _choice(*choices):
+    def parse(value):
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise ValueError(f"must be {' or '.join(choices)}")
+        return text
+    parse.metavar = "|".join(choices).upper()
+    return parse
+
+
 def _text(value):
     return None if value in (None, "") else str(value)
 
@@ -125,6 +135,19 @@ OPTIONS = (
            "Redis for several workers or nodes (pub/sub and shared state)"),
     Option("workers", "BUNPULSE_WORKERS", 1, _int(1), "gunicorn worker processes"),
     Option("log_level", "BUNPULSE_LOG_LEVEL", "info", _text, "debug, info, warning or error"),
+    Option("log_format", "BUNPULSE_LOG_FORMAT", "text", _choice("text", "json"),
+           "log lines as text or as one JSON object a line"),
+    Option("access_log", "BUNPULSE_ACCESS_LOG", False, _bool,
+           "log one line for every HTTP API request"),
+    Option("metrics_port", "BUNPULSE_METRICS_PORT", None, _int(0),
+           "port of the Prometheus listener (/metrics, /stats); off unless set"),
+    Option("metrics_host", "BUNPULSE_METRICS_HOST", "127.0.0.1", _text,
+           "address of the Prometheus listener"),
+    Option("ssl_cert", "BUNPULSE_SSL_CERT", None, _text,
+           "PEM certificate chain: serve wss:// and https:// (with --ssl-key)"),
+    Option("ssl_key", "BUNPULSE_SSL_KEY", None, _text, "PEM private key of --ssl-cert"),
+    Option("ssl_key_password", "BUNPULSE_SSL_KEY_PASSWORD", None, _text,
+           "passphrase of an encrypted --ssl-key"),
     Option("env_file", "BUNPULSE_ENV_FILE", ".env", _text, "dotenv file read at start-up"),
 )
 
@@ -198,6 +221,10 @@ def _check(settings):
     if settings.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"invalid --log-level={settings.log_level!r}: "
                           "must be debug, info, warning or error")
+    if bool(settings.ssl_cert) != bool(settings.ssl_key):
+        raise ConfigError("--ssl-cert and --ssl-key must be set together")
+    if settings.ssl_key_password and not settings.ssl_key:
+        raise ConfigError("--ssl-key-password needs --ssl-key")
     if settings.workers > 1 and not settings.redis_url:
         raise ConfigError("BUNPULSE_WORKERS above 1 needs BUNPULSE_REDIS_URL: each worker has "
                           "its own hub and Redis joins them")

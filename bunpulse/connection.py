@@ -8,10 +8,11 @@ import time
 import gevent
 
 from . import protocol
-from .errors import ClientError, ErrorCode, SubscriptionError
+from .errors import ClientError, ErrorCode, SubscriptionError, WsClose
 from .protocol import channel_kind
 from .signatures import channel_auth_ok, user_auth_ok
 from .frames import build_frame
+from .metrics import AppMetrics
 
 log = logging.getLogger("bunpulse.connection")
 
@@ -25,7 +26,7 @@ _SUBSCRIPTIONS = frozenset(("pusher:subscribe", "pusher:unsubscribe"))
 class Connection:
     __slots__ = ("core", "app", "ws", "outbox", "socket_id", "subscriptions", "user_id",
                  "user_data", "watchlist", "last_seen", "closed", "_pinged", "_timer",
-                 "_auth_timer", "_window", "_window_count", "__weakref__")
+                 "_auth_timer", "_window", "_window_count", "metrics", "__weakref__")
 
     def __init__(self, core, app, ws, socket_id):
         self.core = core
@@ -44,12 +45,16 @@ class Connection:
         self._auth_timer = None
         self._window = 0
         self._window_count = 0
+        # The app's metrics, bound once (a connection built without a core counts for nobody)
+        self.metrics = core.metrics.app(app.id) if core is not None else AppMetrics(None, app.id)
 
     # ---------------------------------------------------------------- life cycle
 
     def start(self):
         """Serve the socket; returns at once (the event loop reads it from then on)."""
         core = self.core
+        self.metrics.connections.inc()
+        self.metrics.connections_opened_total.inc()
         self.send(protocol.connection_established(self.socket_id, core.activity_timeout))
         core.connected(self)
         self._arm_heartbeat(core.settings.heartbeat_interval / 1000)
@@ -63,6 +68,10 @@ class Connection:
     def take(self, message):
         """One message, in the event loop: None once handled, else the parsed frame for
         `run`, in a greenlet (a subscription may wait on Redis, a hook, a big fan-out)."""
+        metrics = self.metrics
+        metrics.received += 1
+        metrics.received_bytes += (len(message) if isinstance(message, bytes)
+                                   or message.isascii() else len(message.encode()))
         self.last_seen = time.monotonic()
         self._pinged = False
         try:
@@ -109,11 +118,25 @@ class Connection:
             if timer is not None:
                 timer.stop()
                 timer.close()
-        self.core.disconnected(self)
+        core, metrics = self.core, self.metrics
+        metrics.connections.dec()
+        code = self.outbox.close_code or self.ws.close_code or WsClose.ABNORMAL
+        metrics.closed(code if 1000 <= code < 5000 else "invalid").inc()
+        if code == ErrorCode.OVER_CAPACITY:
+            metrics.evictions_total.inc()
+        elif code == WsClose.MESSAGE_TOO_BIG:
+            core.limits.warning((self.app.id, "max_message_size"), "app %s: a client sent a "
+                                "message over %d bytes: closed with 1009", self.app.id,
+                                core.settings.max_message_size, app_id=self.app.id,
+                                limit="max_message_size")
+        core.disconnected(self)
 
     def send(self, payload):
         """Send one JSON message (bytes) to this client."""
-        self.outbox.send(build_frame(payload))
+        frame = build_frame(payload)
+        self.outbox.send(frame)
+        self.metrics.sent += 1
+        self.metrics.sent_bytes += len(frame)
 
     def send_error(self, code, message):
         self.send(protocol.error(code, message))
@@ -253,6 +276,11 @@ class Connection:
             self._window, self._window_count = now, 0
         self._window_count += 1
         if self._window_count > app.max_client_events_per_second:
+            self.core.limits.warning((app.id, "max_client_events_per_second"),
+                                     "app %s: a client passed %d client events a second: "
+                                     "rejected with 4301", app.id,
+                                     app.max_client_events_per_second, app_id=app.id,
+                                     limit="max_client_events_per_second")
             raise ClientError("Client event rejected due to rate limit",
                               ErrorCode.CLIENT_EVENT_REJECTED)
         data = frame.data

@@ -15,6 +15,8 @@ from .apps import load_apps
 from .connection import Connection
 from .errors import ConnectionRefused, PresenceFull, ErrorCode, SubscriptionError
 from .hub import YIELD_EVERY, Hub
+from .logs import Throttled
+from .metrics import Metrics
 from .protocol import channel_kind, data_string
 from .frames import build_frame
 from .webhooks import WebhookSender
@@ -66,9 +68,12 @@ class BunPulse:
     def __init__(self, settings, apps=None):
         self.settings = settings
         self.apps = apps if apps is not None else load_apps(settings)
-        self.hub = Hub()
+        self.metrics = Metrics(enabled=settings.metrics_port is not None)
+        self.limits = Throttled(log)  # "limit hit" lines, at most one a minute per app and kind
+        self.stopping = False
+        self.hub = Hub(self.metrics)
         self.adapter = make_adapter(settings, self.hub)
-        self.webhooks = WebhookSender(settings)
+        self.webhooks = WebhookSender(settings, self.metrics)
         self.hooks = Hooks()
         self.new_socket_id = SocketIds()
         # Clients ping after this many seconds of silence, well before the server's timeout.
@@ -76,9 +81,7 @@ class BunPulse:
         # client stay silent past a sub-second heartbeat timeout. pusher-js multiplies by 1000.
         seconds = min(120, settings.heartbeat_interval / 1000)
         self.activity_timeout = int(seconds) if seconds >= 1 else seconds
-        self.evictions = 0
         self._local = type(self.adapter) is LocalAdapter  # nothing it does can wait
-        self._on_evict = self._count_eviction  # one bound method for every outbox
         self.adapter.bind(self)
         self.adapter.start()
 
@@ -97,7 +100,6 @@ class BunPulse:
         at once: the event loop serves the socket from then on."""
         ws.max_message_size = self.settings.max_message_size
         ws.outbox.limit = self.settings.max_buffer
-        ws.outbox.on_evict = self._on_evict
         if isinstance(admission, ConnectionRefused):
             ws.send_bytes(protocol.error(admission.code, admission.message))
             ws.close(admission.code, admission.message)
@@ -136,6 +138,9 @@ class BunPulse:
         if not app.enabled:
             raise ConnectionRefused(ErrorCode.APP_DISABLED, "Application is disabled")
         if app.max_connections and self.adapter.connection_count(app.id) >= app.max_connections:
+            self.limits.warning((app.id, "max_connections"), "app %s is at its connection limit "
+                                "(%d): new connections are refused with 4004", app.id,
+                                app.max_connections, app_id=app.id, limit="max_connections")
             raise ConnectionRefused(ErrorCode.OVER_CONNECTION_QUOTA,
                                     "Application is over its connection quota")
         return app
@@ -143,9 +148,6 @@ class BunPulse:
     def connected(self, conn):
         """A connection is established: count it and make it reachable."""
         self.adapter.add_connection(conn)
-
-    def _count_eviction(self):
-        self.evictions += 1
 
     def disconnected(self, conn):
         changes, offline = self.adapter.remove_connection(conn)
@@ -155,8 +157,19 @@ class BunPulse:
             self._tell_watchers(conn.app, offline, "offline")
         self.hooks.emit("disconnect", conn, None)
 
+    def redis_state(self):
+        """'up', 'down' or 'not configured': what /ready reports."""
+        if not self.settings.redis_url:
+            return "not configured"
+        return "up" if self.adapter.ready() else "down"
+
+    def drain(self):
+        """A stop is coming: /health and /ready answer 503, the clients stay for now."""
+        self.stopping = True
+
     def shutdown(self):
         """Tell every client to reconnect at once (4200), e.g. when a worker stops."""
+        self.stopping = True  # /health and /ready answer 503 from now on
         for conn in self.hub.connections():
             conn.refuse(ErrorCode.RECONNECT, "Server is restarting: reconnect")
         # Let them leave (up to 1 s) and send the webhooks their leaving causes (up to 2 s):
@@ -167,6 +180,7 @@ class BunPulse:
             gevent.sleep(0.02)
         self.webhooks.close(grace=2.0)
         self.adapter.stop()
+        self.metrics.stop_flushing()  # the last counts land before the worker exits
 
     # ---------------------------------------------------------------- channels
 
@@ -184,6 +198,10 @@ class BunPulse:
                 occupied, added, roster = self.adapter.subscribe(
                     conn, name, member, app.max_presence_members)
             except PresenceFull:
+                self.limits.warning((app.id, "max_presence_members"), "app %s: presence "
+                                    "channel %s is full (%d members): subscriptions refused",
+                                    app.id, name, app.max_presence_members, app_id=app.id,
+                                    limit="max_presence_members")
                 raise SubscriptionError(f"Presence channel {name} is full "
                                         f"({app.max_presence_members} members)", 403,
                                         "LimitReached") from None
@@ -258,6 +276,7 @@ class BunPulse:
         """Publish one event (data: a string, forwarded as is) to channels; the frame is built
         once per channel and shared by every subscriber."""
         data = data_string(data)
+        self.metrics.app(app.id).published += len(channels)
         for channel in channels:
             if channel_kind(channel).cache:
                 self.adapter.cache_set(app.id, channel, name, data, self.settings.cache_ttl)
@@ -266,6 +285,7 @@ class BunPulse:
 
     def client_event(self, conn, channel, name, data, user_id):
         app = conn.app
+        self.metrics.app(app.id).client_events += 1
         self.adapter.publish(app.id, channel,
                              build_frame(protocol.event(name, channel, data, user_id)),
                              conn.socket_id)

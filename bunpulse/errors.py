@@ -27,6 +27,7 @@ class WsClose:
 
     NORMAL = 1000
     GOING_AWAY = 1001
+    ABNORMAL = 1006  # never sent: the connection ended without a close frame
     PROTOCOL_ERROR = 1002
     UNSUPPORTED_DATA = 1003
     INVALID_PAYLOAD = 1007

@@ -9,6 +9,8 @@ from collections import deque
 
 import gevent
 
+from .metrics import Metrics
+
 YIELD_EVERY = 256  # sockets served between two yields while fanning out to a big channel
 
 
@@ -39,8 +41,9 @@ class AppState:
 
 
 class Hub:
-    def __init__(self):
+    def __init__(self, metrics=None):
         self._apps = {}
+        self.metrics = metrics if metrics is not None else Metrics(enabled=False)
 
     def app(self, app_id):
         state = self._apps.get(app_id)
@@ -82,6 +85,10 @@ class Hub:
             channel = channels[name] = Channel(name)
         channel.subscribers[conn] = conn.outbox.send
         conn.subscriptions[name] = None if member is None else member[0]
+        metrics = self.metrics.app(conn.app.id)
+        metrics.subscriptions.inc()
+        if occupied:
+            metrics.channels.inc()
         added = False
         if member is not None:
             user_id, user_info = member
@@ -104,6 +111,8 @@ class Hub:
         if channel is None:
             return None
         channel.subscribers.pop(conn, None)
+        metrics = self.metrics.app(conn.app.id)
+        metrics.subscriptions.dec()
         removed = None
         if user_id is not None:
             entry = channel.members.get(user_id)
@@ -115,6 +124,7 @@ class Hub:
         vacated = not channel.subscribers
         if vacated:
             del channels[name]
+            metrics.channels.dec()
         return name, vacated, removed
 
     def channel(self, app_id, name):
@@ -136,6 +146,13 @@ class Hub:
         channel = self.channel(app_id, name)
         if channel is None:
             return 0
+        sent = self._deliver(channel, app_id, frame, except_socket_id)
+        metrics = self.metrics.app(app_id)  # once per event, never per delivery
+        metrics.sent += sent
+        metrics.sent_bytes += sent * len(frame)
+        return sent
+
+    def _deliver(self, channel, app_id, frame, except_socket_id):
         skip = self._apps[app_id].connections.get(except_socket_id) if except_socket_id else None
         subscribers = channel.subscribers
         if not channel.sending and len(subscribers) <= YIELD_EVERY:

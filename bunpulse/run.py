@@ -13,7 +13,9 @@ from gevent.pywsgi import WSGIServer
 
 from .config import ConfigError, listen_host, load_settings
 from .core import BunPulse
+from .metrics import serve_in_gevent
 from .startup import log_startup
+from .tls import server_context
 from .transport import PusherWebSocketHandler
 from .wsgi import create_app
 
@@ -39,11 +41,20 @@ def _log_startup(settings, core, address):
 
 
 def make_wsgi_server(settings, core=None):
+    context = server_context(settings)  # before anything starts: a bad file is a ConfigError
     core = core if core is not None else BunPulse(settings)
     app = create_app(settings, core)
+    tls = {"ssl_context": context} if context is not None else {}
     server = WSGIServer(_listener(settings), app, handler_class=PusherWebSocketHandler,
-                        log=None, error_log=logging.getLogger("bunpulse.wsgi"))
+                        log=None, error_log=logging.getLogger("bunpulse.wsgi"), **tls)
     return server, core
+
+
+def start_metrics(settings):
+    """The metrics listener of the embedded server, or None when it is off."""
+    if settings.metrics_port is None:
+        return None
+    return serve_in_gevent(settings.metrics_host, settings.metrics_port)
 
 
 class BunPulseServer:
@@ -57,6 +68,7 @@ class BunPulseServer:
         self.settings = settings
         self.core = BunPulse(settings)
         self._wsgi = None
+        self._metrics = None
         self._loop = None
         self._thread = None
         self._ready = threading.Event()
@@ -73,7 +85,11 @@ class BunPulseServer:
 
     @property
     def url(self):
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.settings.ssl_cert else 'http'}://{self.host}:{self.port}"
+
+    @property
+    def metrics_port(self):
+        return self._metrics.server_port if self._metrics is not None else None
 
     def start(self):
         if monkey.is_module_patched("socket"):
@@ -94,6 +110,7 @@ class BunPulseServer:
     def _start_here(self):
         self._wsgi, _ = make_wsgi_server(self.settings, self.core)
         self._wsgi.start()
+        self._metrics = start_metrics(self.settings)
         self._loop = gevent.get_hub().loop
         _log_startup(self.settings, self.core, self._wsgi.address)
 
@@ -148,6 +165,8 @@ class BunPulseServer:
             self.core.shutdown()
             gevent.sleep(0.05)
             self._wsgi.stop(timeout=1)
+            if self._metrics is not None:
+                self._metrics.stop(timeout=1)
             if self._halt is not None:
                 # Release the thread from inside its hub: once the listener is gone the hub
                 # has nothing left to wait on, and a later wake-up would find LoopExit.
@@ -169,12 +188,16 @@ def serve_forever(settings):
     """The embedded server of `python -m bunpulse` (the process is already monkey-patched)."""
     server, core = make_wsgi_server(settings)
     server.start()
+    metrics = start_metrics(settings)
     _log_startup(settings, core, server.address)
     stop = gevent.event.Event()
     gevent.signal_handler(signal.SIGTERM, stop.set)
     gevent.signal_handler(signal.SIGINT, stop.set)
     stop.wait()
-    log.info("shutting down: telling clients to reconnect (4200)")
+    log.info("shutting down: telling clients to reconnect (4200)", extra={"event": "stopping"})
     core.shutdown()
     gevent.sleep(0.2)
     server.stop(timeout=2)
+    if metrics is not None:
+        metrics.stop(timeout=1)
+    log.info("BunPulse stopped", extra={"event": "stop"})

@@ -11,8 +11,13 @@ def log_startup(settings, apps, where, logger=log, workers=None):
     """Say where BunPulse listens, its apps, its adapter, and warn about development
     credentials. `where`: the listening address(es) as text."""
     under = f" ({workers} gunicorn worker(s))" if workers is not None else ""
-    logger.info("BunPulse listening on %s%s: WebSocket ws://%s/app/{key}, HTTP API http://%s/"
-                "apps/{id}/..., health http://%s/health", where, under, where, where, where)
+    ws, http = ("wss", "https") if settings.ssl_cert else ("ws", "http")
+    logger.info("BunPulse listening on %s%s: WebSocket %s://%s/app/{key}, HTTP API %s://%s/"
+                "apps/{id}/..., health %s://%s/health", where, under, ws, where, http, where,
+                http, where, extra={"event": "start", "address": where,
+                                    "tls": bool(settings.ssl_cert)})
+    logger.info("%d app(s) loaded", len(apps), extra={"event": "apps_loaded",
+                                                     "apps": [app.id for app in apps]})
     for app in apps:
         logger.info("app id=%s key=%s client_events=%s webhooks=%d", app.id, app.key,
                     app.client_events, len(app.webhooks))

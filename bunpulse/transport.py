@@ -17,13 +17,13 @@ import logging
 import re
 import _socket
 import socket
+import ssl
 import time
 from wsgiref.handlers import format_date_time
 from urllib.parse import unquote
 
 import gevent
 from gevent import get_hub
-from gevent.pywsgi import WSGIHandler, _NoopLog
 import httptools
 from geventwebsocket.handler import WebSocketHandler
 
@@ -52,7 +52,8 @@ class Outbox:
     write."""
 
     __slots__ = ("_raw", "_pending", "_pending_size", "_watcher", "_corked", "limit",
-                 "closed", "_closing", "_release", "on_evict", "deflate", "__weakref__")
+                 "closed", "close_code", "_closing", "_release", "on_evict", "deflate",
+                 "__weakref__")
 
     def __init__(self, sock, limit, on_evict=None, head=None):
         self._raw = getattr(sock, "_sock", sock)  # the non-blocking socket under gevent's
@@ -62,6 +63,7 @@ class Outbox:
         self._corked = bool(head)
         self.limit = limit
         self.closed = False
+        self.close_code = None  # the code of the close frame this side sent first
         self._closing = False
         self._release = False
         self.on_evict = on_evict
@@ -139,6 +141,7 @@ class Outbox:
     def _evict(self):
         log.info("evicting a client that stopped reading (%d bytes queued)", self._pending_size)
         self._drop()
+        self.close_code = ErrorCode.OVER_CAPACITY
         try:  # best effort: the socket buffer is probably full
             self._raw.send(close_frame(ErrorCode.OVER_CAPACITY, "Client too slow"))
         except OSError:
@@ -170,12 +173,15 @@ class Outbox:
             return
         self.send(close_frame(code, reason))
         self.closed = True
+        self.close_code = code
         self._closing = True
         if not self._pending:
             self._half_close()
         get_hub().loop.timer(CLOSE_LINGER).start(self.shutdown)
 
     def _half_close(self):
+        if isinstance(self._raw, _TlsSocket):
+            return  # shutdown() would drop TLS for the reads still to come (the client's close)
         try:
             self._raw.shutdown(socket.SHUT_WR)
         except OSError:
@@ -254,7 +260,7 @@ class PusherWebSocket:
         self.started = True
         self._consumer = consumer if consumer is not None else _Ignore
         self._watcher = get_hub().loop.io(self._raw.fileno(), _EV_READ)
-        self._watcher.start(self._readable)
+        self._resume()
         self._parser.receive_data(self._ahead)  # frames that came with the handshake
         self._ahead = None
         events = self._parser.events_received()
@@ -263,7 +269,15 @@ class PusherWebSocket:
         else:
             self.outbox.uncork()
 
+    def _resume(self):
+        self._watcher.start(self._readable)
+        pending = getattr(self._raw, "pending", None)
+        if pending is not None and pending():
+            get_hub().loop.run_callback(self._readable)  # TLS holds more: no readiness will say
+
     def _readable(self):
+        if self._watcher is None or not self._watcher.active:
+            return  # ended, or paused for a message's work, since this read was scheduled
         try:
             data = self._raw.recv(max(self._parser.missing, READ_SIZE))
         except (BlockingIOError, InterruptedError):
@@ -282,6 +296,9 @@ class PusherWebSocket:
                 events = self._parser.events_received()
                 if events:
                     self._events(events)
+                pending = getattr(self._raw, "pending", None)
+                if pending is not None and pending():
+                    get_hub().loop.run_callback(self._readable)  # TLS holds more: read on
         except Exception:  # noqa: BLE001 - one socket's error must never reach the event loop
             log.exception("error serving a WebSocket")
             self.outbox.shutdown()
@@ -323,7 +340,7 @@ class PusherWebSocket:
         except Exception:  # noqa: BLE001 - logged; the connection goes on
             log.exception("error handling a WebSocket message")
         if self._watcher is not None:
-            self._watcher.start(self._readable)
+            self._resume()
 
     def _control(self, event):
         """Answer a ping, a close or a violation; False once reading is over."""
@@ -347,7 +364,7 @@ class PusherWebSocket:
             self._discard = DISCARD_LIMIT
             self._ended()  # the connection's cleanup first, then the draining
             if self._watcher is not None and not self._watcher.active:
-                self._watcher.start(self._readable)  # paused by a message's work
+                self._resume()  # paused by a message's work
         else:
             self._end()
         return False
@@ -532,10 +549,59 @@ def _valid_key(key):
 
 def _detach(sock):
     """The raw non-blocking socket under gevent's wrapper, which lets go of it (and of its
-    two watchers): pywsgi would close it when the request ends."""
+    two watchers): pywsgi would close it when the request ends. A TLS socket stays whole (its
+    TLS state lives in it), read and written through `_TlsSocket`."""
+    if getattr(sock, "_sslobj", None) is not None:
+        return _TlsSocket(sock)
     raw = _socket.socket(fileno=sock.detach())
     raw.setblocking(False)
     return raw
+
+
+class _TlsSocket:
+    """A TLS socket as the event loop's reader and writer use a raw one: calls that never
+    wait (BlockingIOError when TLS would), on the non-blocking socket under gevent's."""
+
+    __slots__ = ("_sock", "_tls")
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._tls = sock._sslobj
+        # The server closes the socket when the request's handler returns; an open reference
+        # (as a makefile() holds) makes that close wait until `close` below.
+        sock._io_refs += 1
+
+    def fileno(self):
+        return self._sock.fileno()
+
+    def pending(self):
+        """Bytes TLS has decrypted and not handed out: no readiness will announce them."""
+        return self._tls.pending() if self._sock.fileno() >= 0 else 0
+
+    def recv(self, size):
+        try:
+            return self._tls.read(size)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise BlockingIOError() from None
+        except ssl.SSLError:
+            return b""  # a broken TLS stream ends the connection
+
+    def send(self, data):
+        # A record that does not fit now is written again from its start later, as OpenSSL
+        # requires: the outbox's next write begins with the same bytes.
+        try:
+            return self._tls.write(data)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            raise BlockingIOError() from None
+
+    def shutdown(self, how):
+        self._sock._sock.shutdown(how)
+
+    def close(self):
+        sock = self._sock
+        if sock._io_refs > 0:
+            sock._io_refs -= 1
+        sock.close()
 
 
 class _Prefixed(io.RawIOBase):
@@ -794,7 +860,4 @@ class PusherWebSocketHandler(WebSocketHandler):
             self.websocket = None
 
     def log_request(self):
-        # Not for upgrades, and not formatted at all when the log is gevent's no-op (the
-        # embedded server's): the line costs 3% of an API publish.
-        if "101" not in str(self.status) and not isinstance(self.server.log, _NoopLog):
-            WSGIHandler.log_request(self)
+        pass  # the access log is BunPulse's own (--access-log): no query string, no signature

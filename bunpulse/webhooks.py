@@ -19,6 +19,7 @@ from collections import deque
 import orjson
 import requests
 
+from .metrics import Metrics
 from .signatures import webhook_signature
 
 log = logging.getLogger("bunpulse.webhooks")
@@ -28,25 +29,16 @@ CANCELS = {again: delayed for delayed, again in DELAYED.items()}
 MAX_BACKOFF = 30.0
 
 
-class WebhookStats:
-    __slots__ = ("sent", "failed_attempts", "dropped_full", "dropped_expired")
-
-    def __init__(self):
-        self.sent = self.failed_attempts = self.dropped_full = self.dropped_expired = 0
-
-    def as_dict(self):
-        return {name: getattr(self, name) for name in self.__slots__}
-
-
 class WebhookSender:
-    def __init__(self, settings):
+    def __init__(self, settings, metrics=None):
         self.delay = settings.webhook_delay_ms / 1000
         self.batch_window = settings.webhook_batch_ms / 1000
         self.batch_size = settings.webhook_batch_size
         self.retry_for = settings.webhook_retry_seconds
         self.timeout = settings.webhook_timeout_ms / 1000
         self.queue_size = settings.webhook_queue_size
-        self.stats = WebhookStats()
+        self.metrics = metrics if metrics is not None else Metrics(enabled=False)
+        self.dropped_full = 0  # inbox overflows, for the log line
         # Bounded too: a connection that floods without blocking starves the dispatcher
         # greenlet, so the inbox, not the targets' queues, would hold the whole flood.
         self._inbox = queue.Queue(self.queue_size)
@@ -72,10 +64,11 @@ class WebhookSender:
         try:
             self._inbox.put_nowait((app, event))
         except queue.Full:
-            self.stats.dropped_full += 1
-            if self.stats.dropped_full == 1 or self.stats.dropped_full % 10000 == 0:
+            self.dropped_full += 1
+            self.metrics.app(app.id).webhooks_dropped("queue_full").inc()
+            if self.dropped_full == 1 or self.dropped_full % 10000 == 0:
                 log.warning("webhook inbox is full (%d events): %d events dropped so far",
-                            self.queue_size, self.stats.dropped_full)
+                            self.queue_size, self.dropped_full)
 
     def close(self, grace=0.0):
         """Stop sending. With grace, first deliver what is queued (delayed events at once) for
@@ -150,6 +143,7 @@ class _Target:
         self.owner = owner
         self.app = app
         self.url = url
+        self.metrics = owner.metrics.app(app.id)
         self.events = deque()
         self.wake = threading.Event()
         self.session = requests.Session()
@@ -160,7 +154,7 @@ class _Target:
 
     def add(self, event):
         if len(self.events) >= self.owner.queue_size:
-            self.owner.stats.dropped_full += 1
+            self.metrics.webhooks_dropped("queue_full").inc()
             if not self._dropping:
                 self._dropping = True
                 log.warning("webhook queue for %s is full (%d events): dropping new events",
@@ -196,12 +190,12 @@ class _Target:
         backoff = 0.5
         while self.running:
             if self._post(batch):
-                owner.stats.sent += len(batch)
+                self.metrics.webhooks_sent_total.inc(len(batch))
                 return
-            owner.stats.failed_attempts += 1
+            self.metrics.webhooks_failed_total.inc()
             left = deadline - time.monotonic()
             if left <= 0 or owner._flushing:  # stopping: one try each, no restart held up
-                owner.stats.dropped_expired += len(batch)
+                self.metrics.webhooks_dropped("retries_exhausted").inc(len(batch))
                 log.error("webhook to %s failed %s: dropped %d events", self.url,
                           "while stopping" if owner._flushing else f"for {owner.retry_for} s",
                           len(batch))

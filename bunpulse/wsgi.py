@@ -10,6 +10,7 @@ from werkzeug.exceptions import HTTPException, NotFound
 from . import api
 from .config import load_settings
 from .core import BunPulse
+from .metrics import instrument
 
 WEBSOCKET_ROUTE = "/app/<path:key>"
 
@@ -34,17 +35,32 @@ def create_app(settings=None, core=None):
     flask_wsgi_app = flask_app.wsgi_app
     shortcut = api.shortcut(core, max_body)
 
-    def dispatch(environ, start_response):
-        if environ.get("wsgi.websocket") is not None:
-            _serve_socket(core, environ)
-            return []
+    def http(environ, start_response):
         answer = shortcut(environ, start_response)
         if answer is not None:
             return answer
         return flask_wsgi_app(environ, start_response)
 
+    http = instrument(http, core.metrics, settings.access_log)
+    shortcut_only = instrument(shortcut, core.metrics, settings.access_log)
+
+    def fast_answer(environ, start_response):
+        # The publish calls, answered by the handler without pywsgi (see transport), counted
+        # and logged like every other request; None for any other request.
+        if not _is_shortcut(environ):
+            return None
+        return shortcut_only(environ, start_response)
+    core.metrics.start_flushing()  # in the hub that serves: create_app runs there
+
+    def dispatch(environ, start_response):
+        if environ.get("wsgi.websocket") is not None:
+            _serve_socket(core, environ)
+            return []
+        return http(environ, start_response)
+
     flask_app.wsgi_app = dispatch
-    flask_app.fast_answer = shortcut  # the handler's way to the shortcut routes, see transport
+    flask_app.fast_answer = fast_answer
+    flask_app.on_worker_draining = core.drain
     flask_app.on_worker_stop = core.shutdown
     flask_app.handshake_timeout = settings.handshake_timeout / 1000  # read by the handler
     flask_app.keepalive_timeout = settings.keepalive_timeout / 1000
@@ -56,6 +72,12 @@ def _serve_socket(core, environ):
     # Returns at once: the event loop serves the socket from then on.
     core.serve_websocket(environ["wsgi.websocket"], core.admit(
         api.request_path(environ), api.query_params(environ)))
+
+
+def _is_shortcut(environ):
+    path = api.request_path(environ)
+    return any(pattern.match(path) for pattern, _ in api.SHORTCUTS.get(
+        environ["REQUEST_METHOD"], ()))
 
 
 def _websocket_endpoint(key):

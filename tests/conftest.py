@@ -69,17 +69,17 @@ def unix_request(path, request_line, timeout=2):
 class ServerProcess:
     """`python -m bunpulse` (or gunicorn) in a subprocess, with its log kept for assertions."""
 
-    def __init__(self, env=None, args=(), port=None, command=None):
+    def __init__(self, env=None, args=(), port=None, command=None, metrics=False, ca=None):
+        """metrics: serve /metrics on a free port; ca: the CA file that verifies its TLS."""
         self.port = port or free_port()
         self.host = "127.0.0.1"
+        self.ca = ca
         self.log_file = tempfile.NamedTemporaryFile("w+", prefix="bunpulse-", suffix=".log",
                                                     delete=False)
-        full_env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("BUNPULSE_", "PUSHER_"))}
-        full_env.update({"PUSHER_APP_ID": APP_ID, "PUSHER_APP_KEY": KEY,
-                         "PUSHER_APP_SECRET": SECRET, "BUNPULSE_HOST": "127.0.0.1",
-                         "BUNPULSE_PORT": str(self.port), "PYTHONUNBUFFERED": "1",
-                         "BUNPULSE_ENV_FILE": os.devnull})
+        full_env = self.base_env(self.port)
+        if metrics:  # a port of its own: two free_port() calls may return the same one
+            full_env["BUNPULSE_METRICS_PORT"] = str(next(
+                port for port in iter(free_port, None) if port != self.port))
         full_env.update(env or {})
         self.env = full_env
         command = command or [sys.executable, "-m", "bunpulse"]
@@ -88,13 +88,45 @@ class ServerProcess:
                                      start_new_session=True)
         self.wait_ready()
 
+    @staticmethod
+    def base_env(port):
+        """The environment of a test server: the test app on 127.0.0.1:port."""
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("BUNPULSE_", "PUSHER_", "PROMETHEUS_"))}
+        env.update({"PUSHER_APP_ID": APP_ID, "PUSHER_APP_KEY": KEY,
+                    "PUSHER_APP_SECRET": SECRET, "BUNPULSE_HOST": "127.0.0.1",
+                    "BUNPULSE_PORT": str(port), "PYTHONUNBUFFERED": "1",
+                    "BUNPULSE_ENV_FILE": os.devnull})
+        return env
+
+    @property
+    def tls(self):
+        return bool(self.env.get("BUNPULSE_SSL_CERT"))
+
     @property
     def url(self):
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     @property
     def ws_url(self):
-        return f"ws://{self.host}:{self.port}"
+        return f"{'wss' if self.tls else 'ws'}://{self.host}:{self.port}"
+
+    @property
+    def metrics_url(self):
+        return f"http://127.0.0.1:{self.env['BUNPULSE_METRICS_PORT']}"
+
+    def metrics(self):
+        """The samples of one scrape of /metrics: {(name, ((label, value), ...)): value}."""
+        from prometheus_client.parser import text_string_to_metric_families
+        text = requests.get(self.metrics_url + "/metrics", timeout=5).text
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples}
+
+    def metric(self, name, **labels):
+        """The sum of a metric's samples whose labels include `labels` (0 if none)."""
+        return sum(value for (sample, sample_labels), value in self.metrics().items()
+                   if sample == name and set(labels.items()) <= set(sample_labels))
 
     def wait_ready(self, timeout=15):
         deadline = time.monotonic() + timeout
@@ -105,7 +137,8 @@ class ServerProcess:
                 if self.unix_path is not None:
                     if unix_request(self.unix_path, "GET /health").startswith(b"HTTP/1.1 200"):
                         return
-                elif requests.get(self.url + "/health", timeout=0.5).status_code == 200:
+                elif requests.get(self.url + "/health", timeout=0.5,
+                                  verify=self.ca or True).status_code == 200:
                     return
             except (requests.RequestException, OSError):
                 pass
@@ -177,6 +210,8 @@ class NodeDriver:
     def __init__(self, server, app_id=APP_ID, key=KEY, secret=SECRET):
         env = dict(os.environ, BP_HOST=server.host, BP_PORT=str(server.port), BP_APP_ID=app_id,
                    BP_KEY=key, BP_SECRET=secret, BP_MASTER_KEY=MASTER_KEY)
+        if getattr(server, "tls", False):
+            env.update(BP_TLS="1", NODE_EXTRA_CA_CERTS=server.ca)
         self.proc = subprocess.Popen(["node", "driver.js"], cwd=JS_DIR, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, bufsize=1)
@@ -191,6 +226,7 @@ class NodeDriver:
                 message = json.loads(line)
             except ValueError:
                 continue
+            message["at"] = time.monotonic()  # when the test saw it
             with self._lock:
                 self.reports.append(message)
                 self._lock.notify_all()
@@ -544,3 +580,81 @@ def redis_server():
     server = RedisServer()
     yield server
     server.stop()
+
+
+# ------------------------------------------------------------------------ TLS
+
+class Certificates:
+    """A certificate authority made for the test run, and a server certificate it signed for
+    127.0.0.1 and localhost: ca, cert, key (PEM files) and encrypted_key (passphrase
+    `password`)."""
+
+    password = "correct horse"
+
+    def __init__(self, directory):
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        now = datetime.datetime.now(datetime.timezone.utc)
+
+        def name(common):
+            return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+        def build(subject, issuer, public_key):
+            return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+                    .public_key(public_key).serial_number(x509.random_serial_number())
+                    .not_valid_before(now - datetime.timedelta(minutes=5))
+                    .not_valid_after(now + datetime.timedelta(days=2)))
+
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_cert = (build(name("BunPulse test CA"), name("BunPulse test CA"), ca_key.public_key())
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                   .add_extension(x509.KeyUsage(False, False, False, False, False, True, True,
+                                                False, False), critical=True)
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(
+                       ca_key.public_key()), critical=False)
+                   .sign(ca_key, hashes.SHA256()))
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (build(name("localhost"), ca_cert.subject, key.public_key())
+                .add_extension(x509.SubjectAlternativeName([
+                    x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                    critical=False)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                               critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                    ca_key.public_key()), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+
+        def write(filename, data):
+            path = os.path.join(directory, filename)
+            with open(path, "wb") as handle:
+                handle.write(data)
+            return path
+
+        pem = serialization.Encoding.PEM
+        self.ca = write("ca.pem", ca_cert.public_bytes(pem))
+        self.cert = write("server.pem", cert.public_bytes(pem))
+        self.key = write("server.key", key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        self.encrypted_key = write("server-encrypted.key", key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(self.password.encode())))
+
+    def env(self, encrypted=False):
+        """The server settings that serve TLS with this certificate."""
+        env = {"BUNPULSE_SSL_CERT": self.cert,
+               "BUNPULSE_SSL_KEY": self.encrypted_key if encrypted else self.key}
+        if encrypted:
+            env["BUNPULSE_SSL_KEY_PASSWORD"] = self.password
+        return env
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory):
+    return Certificates(str(tmp_path_factory.mktemp("tls")))

@@ -104,7 +104,7 @@ def test_health(server):
     response = requests.get(server.url + "/health", timeout=5)
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("application/json")
-    assert response.json() == {"ok": True}
+    assert response.json() == {"ok": True, "status": "alive"}
 
 
 # ---------------------------------------------------------------- refused

@@ -70,7 +70,7 @@ def _publish_batch(server, channel, payload, count):
 
 
 def test_a_client_that_stops_reading_is_evicted_and_others_keep_up(start_server, raw):
-    server = start_server(env={"BUNPULSE_MAX_BUFFER": "65536"})
+    server = start_server(env={"BUNPULSE_MAX_BUFFER": "65536"}, metrics=True)
     stalled = raw(target=server, sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),))
     connected(stalled)
     stalled.send({"event": "pusher:subscribe", "data": {"channel": "firehose"}})
@@ -91,9 +91,10 @@ def test_a_client_that_stops_reading_is_evicted_and_others_keep_up(start_server,
             if received % 10 == 0:
                 break
     assert received == 800
-    stats = wait_until(lambda: (s := requests.get(server.url + "/stats").json())["evictions"]
-                       and s, message="an eviction")
-    assert stats["evictions"] == 1
+    wait_until(lambda: server.metric("bunpulse_evictions_total", app_id=APP_ID),
+               message="an eviction")
+    assert server.metric("bunpulse_evictions_total") == 1
+    assert server.metric("bunpulse_connections_closed_total", app_id=APP_ID, code="4100") == 1
     assert "evicting a client that stopped reading" in server.log()
     # the evicted socket is gone: reading what is left ends in a close or EOF, not a hang
     stalled.ws.settimeout(5)

@@ -13,8 +13,8 @@ import pusher
 import pytest
 import requests
 
-from conftest import (KEY, SECRET, RawClient, WebhookReceiver, connected, free_port, pusher_api,
-                      wait_until)
+from conftest import (APP_ID, KEY, SECRET, RawClient, WebhookReceiver, connected, free_port,
+                      pusher_api, wait_until)
 from conftest import library_subscribe as subscribe
 
 FAST = {"BUNPULSE_WEBHOOK_BATCH_MS": "20", "BUNPULSE_WEBHOOK_DELAY_MS": "0"}
@@ -356,7 +356,7 @@ def test_dead_receiver_keeps_memory_bounded_and_the_server_serving(start_server,
                                  "max_client_events_per_second": 1_000_000,
                                  "webhooks": [{"url": dead, "event_types": ["client_event"]}]}]))
     server = start_server(env={"BUNPULSE_APPS_FILE": str(apps), **FAST,
-                               "BUNPULSE_WEBHOOK_QUEUE_SIZE": "1000"})
+                               "BUNPULSE_WEBHOOK_QUEUE_SIZE": "1000"}, metrics=True)
     api = pusher.Pusher(app_id="2", key="key2", secret="secret2", host=server.host,
                         port=server.port, ssl=False)
     client = clients(server, key="key2")
@@ -388,9 +388,10 @@ def test_dead_receiver_keeps_memory_bounded_and_the_server_serving(start_server,
     grown = rss_kb() - before
     # 10,000 events of 4 KB held would be over 40 MB; the queue holds 1,000 at most
     assert grown < 20_000, f"RSS grew by {grown} kB"
-    stats = requests.get(server.url + "/stats", timeout=5).json()["webhooks"]
-    assert stats["dropped_full"] >= 9_000 and stats["sent"] == 0
-    assert stats["failed_attempts"] >= 1
+    assert server.metric("bunpulse_webhooks_dropped_total", app_id="2",
+                         reason="queue_full") >= 9_000
+    assert server.metric("bunpulse_webhooks_sent_total") == 0
+    assert server.metric("bunpulse_webhooks_failed_total", app_id="2") >= 1
     wait_until(lambda: "is full" in server.log(), message="a warning about the full queue")
 
 
@@ -431,15 +432,19 @@ def test_a_stopping_server_reports_what_its_clients_vacated(start_server, webhoo
         "channel_occupied", "member_added", "member_removed", "channel_vacated"]
 
 
-def test_stats_count_sent_events(start_server, webhook_receiver, clients):
-    server = hooked(start_server, webhook_receiver.url)
+def test_metrics_count_sent_and_failed_webhooks(start_server, webhook_receiver, clients):
+    server = start_server(env={"BUNPULSE_WEBHOOK_URL": webhook_receiver.url, **FAST},
+                          metrics=True)
     webhook_receiver.fail_next = 1
     join(clients, server, f"room-{uid()}")
     webhook_receiver.wait_events("subscription_count")
-    stats = wait_until(lambda: (s := requests.get(server.url + "/stats", timeout=5).json())
-                       ["webhooks"]["sent"] == 2 and s)
-    assert stats["webhooks"] == {"sent": 2, "failed_attempts": 1, "dropped_full": 0,
-                                 "dropped_expired": 0}
+    wait_until(lambda: server.metric("bunpulse_webhooks_sent_total", app_id=APP_ID) == 2)
+    assert server.metric("bunpulse_webhooks_failed_total", app_id=APP_ID) == 1
+    assert server.metric("bunpulse_webhooks_dropped_total") == 0
+    stats = requests.get(server.metrics_url + "/stats", timeout=5).json()
+    assert (stats["webhooks_sent_total"], stats["webhooks_failed_total"]) == (2, 1)
+    # the public port shows none of it
+    assert requests.get(server.url + "/stats", timeout=5).status_code == 404
 
 
 def test_same_url_as_webhook_and_vacancy_target_gets_each_event_once(start_server,

@@ -16,6 +16,10 @@ class Adapter(ABC):
     def stop(self):
         pass
 
+    def ready(self):
+        """Whether what this adapter depends on (Redis) is reachable: /ready says 503 if not."""
+        return True
+
     # ---------------------------------------------------------------- connections
 
     @abstractmethod

@@ -125,9 +125,22 @@ class RedisAdapter(LocalAdapter):
         # must never look dead to the others.
         self._control = redis.Redis.from_url(self.url, socket_connect_timeout=1,
                                              socket_timeout=3)
+        self._metrics = hub.metrics
         self._up = False
         self._running = False
         self._greenlets = []
+
+    @property
+    def _up(self):
+        return self.__up
+
+    @_up.setter
+    def _up(self, up):
+        self.__up = up
+        self._metrics.redis_up.set(1 if up else 0)
+
+    def ready(self):
+        return self._up
 
     # ---------------------------------------------------------------- life cycle
 
@@ -186,8 +199,10 @@ class RedisAdapter(LocalAdapter):
                         if handled % 200 == 0:
                             gevent.sleep(0)  # a burst from Redis must not starve the sockets
             except redis.RedisError as exc:
+                self._metrics.redis_relay_errors.inc()
                 self._down(exc)
             except Exception:  # noqa: BLE001 - one bad message must not stop the listener
+                self._metrics.redis_relay_errors.inc()
                 log.exception("Redis listener failed; restarting it")
             finally:
                 if pubsub is not None:
@@ -254,8 +269,8 @@ class RedisAdapter(LocalAdapter):
         header = orjson.dumps([self.node, kind, app_id, target, extra])
         try:
             self._call(self._redis.publish, BUS, header + b"\n" + frame)
-        except RedisDown:
-            pass  # the other nodes miss it; this node already delivered its share
+        except RedisDown:  # the other nodes miss it; this node already delivered its share
+            self._metrics.redis_relay_errors.inc()
 
     def _on_bus(self, raw):
         header, _, frame = raw.partition(b"\n")

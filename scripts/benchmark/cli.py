@@ -56,6 +56,9 @@ def build_parser():
                         help="CPUs the server is pinned to (default: 0 for one process)")
     parser.add_argument("--gen-cpus", default="auto",
                         help="CPUs the generator is pinned to (default: 1 for one process)")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="local and gunicorn targets: a setting for the server, e.g. "
+                             "BUNPULSE_METRICS_PORT=0 (metrics on); repeatable")
     parser.add_argument("--profile", metavar="DIR",
                         help="record the server with py-spy during fanout, connections (the "
                              "connects), http and presence")
@@ -74,10 +77,12 @@ def parse_cpus(text):
 
 def server_under_test(args, server_cpus):
     """What --target names: a server started here, or the one at --ws-url/--http-url."""
+    env = dict(pair.partition("=")[::2] for pair in args.server_env)
     if args.target == "local":
-        return LocalServer(server_cpus, root=args.server_root)
+        return LocalServer(server_cpus, env=env, root=args.server_root)
     if args.target == "gunicorn":
-        return GunicornServer(server_cpus, args.workers, args.redis_url, args.server_root)
+        return GunicornServer(server_cpus, args.workers, args.redis_url, args.server_root,
+                              env=env)
     missing = [flag for flag, value in (("--ws-url", args.ws_url), ("--http-url", args.http_url),
                                         ("--key", args.key), ("--secret", args.secret))
                if not value]

@@ -171,9 +171,9 @@ def children(pid):
 class GunicornServer(LocalServer):
     """`gunicorn -c gunicorn.conf.py` with N workers (N > 1 needs Redis: given or started)."""
 
-    def __init__(self, cpus, workers, redis_url=None, root=ROOT):
+    def __init__(self, cpus, workers, redis_url=None, root=ROOT, env=None):
         self.redis = None
-        env = {"BUNPULSE_WORKERS": str(workers)}
+        env = dict(env or {}, BUNPULSE_WORKERS=str(workers))
         if workers > 1 and not redis_url:
             binary = shutil.which("redis-server")
             if binary is None:

@@ -2,16 +2,18 @@
 // one JSON report a line on stdout. pusher-js connects to BunPulse; the npm `pusher` library
 // signs subscriptions and calls the HTTP API, exactly as an application would.
 //
-// Environment: BP_HOST, BP_PORT, BP_APP_ID, BP_KEY, BP_SECRET, BP_MASTER_KEY (base64, optional).
+// Environment: BP_HOST, BP_PORT, BP_APP_ID, BP_KEY, BP_SECRET, BP_MASTER_KEY (base64, optional),
+// BP_TLS=1 for wss:// and https:// (Node trusts the test's CA through NODE_EXTRA_CA_CERTS).
 'use strict';
 const Pusher = require('pusher-js');
 const PusherServer = require('pusher');
 const readline = require('readline');
 
 const env = process.env;
+const tls = env.BP_TLS === '1';
 const api = new PusherServer({
   appId: env.BP_APP_ID, key: env.BP_KEY, secret: env.BP_SECRET,
-  host: env.BP_HOST, port: String(env.BP_PORT), useTLS: false,
+  host: env.BP_HOST, port: String(env.BP_PORT), useTLS: tls,
   encryptionMasterKeyBase64: env.BP_MASTER_KEY || undefined,
 });
 const clients = {};
@@ -20,8 +22,9 @@ function report(msg) { process.stdout.write(JSON.stringify(msg) + '\n'); }
 
 function connect({id, presence, user, key}) {
   const client = new Pusher(key || env.BP_KEY, {
-    cluster: 'mt1', wsHost: env.BP_HOST, wsPort: Number(env.BP_PORT), forceTLS: false,
-    enabledTransports: ['ws'], disableStats: true,
+    cluster: 'mt1', wsHost: env.BP_HOST, wsPort: Number(env.BP_PORT),
+    wssPort: Number(env.BP_PORT), forceTLS: tls, enabledTransports: ['ws'],
+    disableStats: true,
     channelAuthorization: {customHandler: ({socketId, channelName}, cb) => {
       try {
         cb(null, api.authorizeChannel(socketId, channelName,
