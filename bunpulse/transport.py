@@ -522,18 +522,24 @@ class _Request:
         known = self.headers.get(name)
         self.headers[name] = value if known is None else known + b"," + value  # as pywsgi
 
-    def environ(self, method):
+    def environ(self, method, remote):
         """The WSGI environ of the request, as far as the application reads it."""
         target = self.url.decode("latin-1")
         path, _, query = target.partition("?")
         environ = {"REQUEST_METHOD": method, "PATH_INFO": unquote(path, "latin-1"),
-                   "QUERY_STRING": query, "RAW_URI": target, "SERVER_PROTOCOL": "HTTP/1.1"}
+                   "QUERY_STRING": query, "RAW_URI": target, "SERVER_PROTOCOL": "HTTP/1.1",
+                   "REMOTE_ADDR": remote}
         for name, value in self.headers.items():
             key = name.decode("latin-1").upper().replace("-", "_")
             if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
                 key = "HTTP_" + key
             environ[key] = value.decode("latin-1")
         return environ
+
+
+def _remote(address):
+    """REMOTE_ADDR as pywsgi gives it: the peer's host, or "" on a unix socket."""
+    return address[0] if isinstance(address, tuple) and address else ""
 
 
 def _ignore_response(status, headers, exc_info=None):
@@ -723,7 +729,7 @@ class PusherWebSocketHandler(WebSocketHandler):
             if not more:
                 return False, data, True
             data += more
-        environ = request.environ("POST")
+        environ = request.environ("POST", _remote(self.client_address))
         environ["wsgi.input"] = io.BytesIO(data[end - int(length):end])
         response = []
         body = fast(environ, lambda status, headers, exc_info=None: response.extend(
@@ -765,7 +771,7 @@ class PusherWebSocketHandler(WebSocketHandler):
         deflate = getattr(app, "compression", False) and _deflate_offered(
             headers.get(b"sec-websocket-extensions", b"").decode("latin-1"))
         ws = PusherWebSocket(_detach(self.socket), ahead, _switching(accept, deflate), deflate)
-        environ = head.environ("GET")
+        environ = head.environ("GET", _remote(self.client_address))
         environ["wsgi.websocket"] = ws
         try:
             app(environ, _ignore_response)
