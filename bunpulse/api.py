@@ -102,6 +102,7 @@ def _authenticated_app(core, req, app_id=None):
         app = core.apps.by_id(app_id)
         if app is None:
             raise ApiError(404, f"Unknown app id {app_id}")
+    core.hub.app(app.id).api_calls += 1
     authorization = req.environ.get("HTTP_AUTHORIZATION")
     if authorization is not None and authorization.startswith("Bearer "):
         if not bearer_ok(app, authorization):

@@ -133,6 +133,8 @@ OPTIONS = (
            "webhook events held per target before new ones are dropped (and counted)"),
     Option("redis_url", "BUNPULSE_REDIS_URL", None, _url(("redis", "rediss", "unix")),
            "Redis for several workers or nodes (pub/sub and shared state)"),
+    Option("dashboard", "BUNPULSE_DASHBOARD", False, _bool,
+           "serve the debug dashboard at /dashboard (sign in with an app's id and secret)"),
     Option("workers", "BUNPULSE_WORKERS", 1, _int(1), "gunicorn worker processes"),
     Option("log_level", "BUNPULSE_LOG_LEVEL", "info", _text, "debug, info, warning or error"),
     Option("log_format", "BUNPULSE_LOG_FORMAT", "text", _choice("text", "json"),

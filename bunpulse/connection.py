@@ -72,6 +72,7 @@ class Connection:
         metrics.received += 1
         metrics.received_bytes += (len(message) if isinstance(message, bytes)
                                    or message.isascii() else len(message.encode()))
+        self.core.hub.app(self.app.id).messages_in += 1  # the dashboard's charts
         self.last_seen = time.monotonic()
         self._pinged = False
         try:

@@ -82,6 +82,10 @@ class BunPulse:
         seconds = min(120, settings.heartbeat_interval / 1000)
         self.activity_timeout = int(seconds) if seconds >= 1 else seconds
         self._local = type(self.adapter) is LocalAdapter  # nothing it does can wait
+        # The debug dashboard (bunpulse.dashboard), when enabled: `watching` holds the ids of
+        # the apps someone watches, so that an event costs one dict lookup when nobody does.
+        self.watching = {}
+        self.dashboard = None
         self.adapter.bind(self)
         self.adapter.start()
 
@@ -111,7 +115,7 @@ class BunPulse:
         """Whether a subscribe or unsubscribe can be served in the event loop, where nothing
         may wait: the local adapter, no hook for it, no webhook for the app, and a channel
         small enough that its fan-out (presence member events) does not yield."""
-        if not self._local or app.webhooks or self.hooks.wanted(event):
+        if not self._local or app.webhooks or self.hooks.wanted(event) or app.id in self.watching:
             return False
         name = data.get("channel") if isinstance(data, dict) else None
         if not isinstance(name, str) or not name.startswith("presence-"):
@@ -148,8 +152,12 @@ class BunPulse:
     def connected(self, conn):
         """A connection is established: count it and make it reachable."""
         self.adapter.add_connection(conn)
+        if conn.app.id in self.watching:
+            self.dashboard.log(conn.app.id, "connection", socket_id=conn.socket_id)
 
     def disconnected(self, conn):
+        if conn.app.id in self.watching:
+            self.dashboard.closed(conn)
         changes, offline = self.adapter.remove_connection(conn)
         for change in changes:
             self._left(conn.app, change)
@@ -178,6 +186,8 @@ class BunPulse:
             if not self.hub.connections():
                 break
             gevent.sleep(0.02)
+        if self.dashboard is not None:
+            self.dashboard.stop()
         self.webhooks.close(grace=2.0)
         self.adapter.stop()
         self.metrics.stop_flushing()  # the last counts land before the worker exits
@@ -210,6 +220,8 @@ class BunPulse:
             roster = self.adapter.members(app.id, name) if kind.presence else None
         conn.send(protocol.subscription_succeeded(
             name, None if roster is None else protocol.presence_roster(roster)))
+        if new and app.id in self.watching:
+            self.dashboard.subscribed(conn, name, occupied, member if added else None)
         if added:
             self.adapter.publish(app.id, name, build_frame(
                 protocol.member_added(name, member[0], member[1])), conn.socket_id)
@@ -225,11 +237,16 @@ class BunPulse:
 
     def unsubscribe(self, conn, name):
         change = self.adapter.unsubscribe(conn, name)
+        if change is not None and conn.app.id in self.watching:
+            self.dashboard.log(conn.app.id, "unsubscribed", socket_id=conn.socket_id,
+                               channel=name)
         if change is not None:
             self._left(conn.app, change)
 
     def _left(self, app, change):
         name, vacated, removed = change
+        if app.id in self.watching:
+            self.dashboard.left(app.id, name, vacated, removed)
         if removed is not None:
             self.adapter.publish(app.id, name, build_frame(protocol.member_removed(name, removed)))
             self.webhooks.emit(app, {"name": "member_removed", "channel": name,
@@ -277,6 +294,8 @@ class BunPulse:
         once per channel and shared by every subscriber."""
         data = data_string(data)
         self.metrics.app(app.id).published += len(channels)
+        if app.id in self.watching:
+            self.dashboard.published(app.id, channels, name, data, socket_id)
         for channel in channels:
             if channel_kind(channel).cache:
                 self.adapter.cache_set(app.id, channel, name, data, self.settings.cache_ttl)
@@ -289,6 +308,10 @@ class BunPulse:
         self.adapter.publish(app.id, channel,
                              build_frame(protocol.event(name, channel, data, user_id)),
                              conn.socket_id)
+        if app.id in self.watching:
+            self.dashboard.log(app.id, "client_event", socket_id=conn.socket_id,
+                               channel=channel, event=name, data=data_string(data),
+                               user_id=user_id)
         if app.webhooks:
             hook = {"name": "client_event", "channel": channel, "event": name,
                     "data": data_string(data), "socket_id": conn.socket_id}
@@ -296,6 +319,9 @@ class BunPulse:
                 hook["user_id"] = user_id
             self.webhooks.emit(app, hook)
         self.hooks.emit("client_event", conn, {"event": name, "channel": channel, "data": data})
+
+    def connection_count(self, app):
+        return self.adapter.connection_count(app.id)
 
     def channel_counts(self, app):
         """{channel: (subscription_count, user_count)} for every occupied channel."""

@@ -85,13 +85,14 @@ class PongDue:
 
 
 class Close:
-    """The client's close frame: `code` is what it sent (1000 if none), `reply_code` what the
-    server's close frame answers."""
+    """The client's close frame: `code` and `reason` are what it sent (1000 if no code),
+    `reply_code` what the server's close frame answers."""
 
-    __slots__ = ("code",)
+    __slots__ = ("code", "reason")
 
-    def __init__(self, code):
+    def __init__(self, code, reason=""):
         self.code = code
+        self.reason = reason
 
     @property
     def reply_code(self):
@@ -216,8 +217,11 @@ class FrameParser:
         if opcode >= OP_CLOSE:
             if opcode == OP_CLOSE:
                 self._done = True
-                self._events.append(Close(_unpack_short(payload)[0] if len(payload) >= 2
-                                          else WsClose.NORMAL))
+                if len(payload) >= 2:
+                    self._events.append(Close(_unpack_short(payload)[0],
+                                              bytes(payload[2:]).decode("utf-8", "replace")))
+                else:
+                    self._events.append(Close(WsClose.NORMAL))
             elif opcode == OP_PING:
                 self._events.append(PongDue(payload))
             return  # a pong needs no answer

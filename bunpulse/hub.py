@@ -28,7 +28,7 @@ class Channel:
 
 class AppState:
     __slots__ = ("channels", "connections", "users", "watchers", "cache", "misses",
-                 "cache_writes")
+                 "cache_writes", "messages_in", "messages_out", "api_calls")
 
     def __init__(self):
         self.channels = {}     # name -> Channel (occupied ones only)
@@ -38,12 +38,21 @@ class AppState:
         self.cache = {}        # cache channel -> (event, data, expires_at)
         self.misses = set()    # cache channels whose miss was reported since the last event
         self.cache_writes = 0  # since expired entries were last swept
+        # Running totals for the dashboard's charts: one addition per message, publish or
+        # call, never one per delivery.
+        self.messages_in = 0   # client WebSocket messages received
+        self.messages_out = 0  # frames delivered to subscribers
+        self.api_calls = 0     # HTTP API calls
 
 
 class Hub:
     def __init__(self, metrics=None):
         self._apps = {}
         self.metrics = metrics if metrics is not None else Metrics(enabled=False)
+
+    def states(self):
+        """[(app id, AppState)] of every app this worker has seen."""
+        return list(self._apps.items())
 
     def app(self, app_id):
         state = self._apps.get(app_id)
@@ -143,17 +152,19 @@ class Hub:
 
     def broadcast(self, app_id, name, frame, except_socket_id=None):
         """Send a prebuilt WebSocket frame to a channel's subscribers here. Return how many."""
-        channel = self.channel(app_id, name)
+        state = self._apps.get(app_id)
+        channel = state.channels.get(name) if state is not None else None
         if channel is None:
             return 0
-        sent = self._deliver(channel, app_id, frame, except_socket_id)
+        sent = self._deliver(channel, state, frame, except_socket_id)
+        state.messages_out += sent  # the dashboard's charts
         metrics = self.metrics.app(app_id)  # once per event, never per delivery
         metrics.sent += sent
         metrics.sent_bytes += sent * len(frame)
         return sent
 
-    def _deliver(self, channel, app_id, frame, except_socket_id):
-        skip = self._apps[app_id].connections.get(except_socket_id) if except_socket_id else None
+    def _deliver(self, channel, state, frame, except_socket_id):
+        skip = state.connections.get(except_socket_id) if except_socket_id else None
         subscribers = channel.subscribers
         if not channel.sending and len(subscribers) <= YIELD_EVERY:
             for conn, send in subscribers.items():

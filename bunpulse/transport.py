@@ -52,8 +52,8 @@ class Outbox:
     write."""
 
     __slots__ = ("_raw", "_pending", "_pending_size", "_watcher", "_corked", "limit",
-                 "closed", "close_code", "_closing", "_release", "on_evict", "deflate",
-                 "__weakref__")
+                 "closed", "close_code", "close_info", "_closing", "_release", "on_evict",
+                 "deflate", "__weakref__")
 
     def __init__(self, sock, limit, on_evict=None, head=None):
         self._raw = getattr(sock, "_sock", sock)  # the non-blocking socket under gevent's
@@ -64,6 +64,7 @@ class Outbox:
         self.limit = limit
         self.closed = False
         self.close_code = None  # the code of the close frame this side sent first
+        self.close_info = None  # (code, reason, who closed: "server", "client" or "evicted")
         self._closing = False
         self._release = False
         self.on_evict = on_evict
@@ -142,6 +143,7 @@ class Outbox:
         log.info("evicting a client that stopped reading (%d bytes queued)", self._pending_size)
         self._drop()
         self.close_code = ErrorCode.OVER_CAPACITY
+        self.close_info = (ErrorCode.OVER_CAPACITY, "Client too slow", "evicted")
         try:  # best effort: the socket buffer is probably full
             self._raw.send(close_frame(ErrorCode.OVER_CAPACITY, "Client too slow"))
         except OSError:
@@ -174,6 +176,7 @@ class Outbox:
         self.send(close_frame(code, reason))
         self.closed = True
         self.close_code = code
+        self.close_info = (code, reason, "server")
         self._closing = True
         if not self._pending:
             self._half_close()
@@ -350,6 +353,8 @@ class PusherWebSocket:
             return True
         if kind is Close:
             self.close_code = event.code
+            if self.outbox.close_info is None:
+                self.outbox.close_info = (event.code, event.reason, "client")
             if not self.closed:
                 self.closed = True
                 self.outbox.send(close_frame(event.reply_code))

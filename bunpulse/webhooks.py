@@ -39,6 +39,8 @@ class WebhookSender:
         self.queue_size = settings.webhook_queue_size
         self.metrics = metrics if metrics is not None else Metrics(enabled=False)
         self.dropped_full = 0  # inbox overflows, for the log line
+        # observer(app, outcome, events): "sent", "failed" or "dropped" (the dashboard's log)
+        self.observer = None
         # Bounded too: a connection that floods without blocking starves the dispatcher
         # greenlet, so the inbox, not the targets' queues, would hold the whole flood.
         self._inbox = queue.Queue(self.queue_size)
@@ -66,9 +68,17 @@ class WebhookSender:
         except queue.Full:
             self.dropped_full += 1
             self.metrics.app(app.id).webhooks_dropped("queue_full").inc()
+            self.report(app, "dropped", [event])
             if self.dropped_full == 1 or self.dropped_full % 10000 == 0:
                 log.warning("webhook inbox is full (%d events): %d events dropped so far",
                             self.queue_size, self.dropped_full)
+
+    def report(self, app, outcome, events):
+        if self.observer is not None:
+            try:
+                self.observer(app, outcome, events)
+            except Exception:  # noqa: BLE001 - an observer never stops the webhooks
+                log.exception("webhook observer failed")
 
     def close(self, grace=0.0):
         """Stop sending. With grace, first deliver what is queued (delayed events at once) for
@@ -155,6 +165,7 @@ class _Target:
     def add(self, event):
         if len(self.events) >= self.owner.queue_size:
             self.metrics.webhooks_dropped("queue_full").inc()
+            self.owner.report(self.app, "dropped", [event])
             if not self._dropping:
                 self._dropping = True
                 log.warning("webhook queue for %s is full (%d events): dropping new events",
@@ -191,11 +202,14 @@ class _Target:
         while self.running:
             if self._post(batch):
                 self.metrics.webhooks_sent_total.inc(len(batch))
+                owner.report(self.app, "sent", batch)
                 return
             self.metrics.webhooks_failed_total.inc()
+            owner.report(self.app, "failed", batch)
             left = deadline - time.monotonic()
             if left <= 0 or owner._flushing:  # stopping: one try each, no restart held up
                 self.metrics.webhooks_dropped("retries_exhausted").inc(len(batch))
+                owner.report(self.app, "dropped", batch)
                 log.error("webhook to %s failed %s: dropped %d events", self.url,
                           "while stopping" if owner._flushing else f"for {owner.retry_for} s",
                           len(batch))

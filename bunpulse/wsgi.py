@@ -28,6 +28,9 @@ def create_app(settings=None, core=None):
         app.max_event_data_size * max(app.max_batch_size, 1) for app in core.apps)
     flask_app.config["MAX_CONTENT_LENGTH"] = max_body
     flask_app.register_blueprint(api.blueprint)
+    if settings.dashboard:
+        from .dashboard import install_dashboard  # imported only when enabled
+        install_dashboard(flask_app, core)
     # Upgrades never reach Flask (see dispatch): this view answers plain HTTP only.
     flask_app.add_url_rule(WEBSOCKET_ROUTE, "websocket_endpoint", _websocket_endpoint)
     flask_app.register_error_handler(HTTPException, _http_error)
