@@ -282,8 +282,9 @@ def test_shows_the_whole_deployment_under_gunicorn_with_two_workers(
         node = node_for(server)
         socket_ids = []
         # Connections until both workers hold some (the kernel spreads them).
+        deadline = time.monotonic() + 30  # the second worker may still be booting
         while len(socket_ids) < 4 or len({s.split(".")[0] for s in socket_ids}) < 2:
-            assert len(socket_ids) < 24, "every connection went to one worker"
+            assert time.monotonic() < deadline, "every connection went to one worker"
             name = f"c{len(socket_ids)}"
             socket_ids.append(node.connect(name, presence={
                 "user_id": name, "user_info": {"seat": len(socket_ids)}}))
