@@ -62,7 +62,9 @@ def on_starting(server):
         apps = load_apps(_settings)
     except ConfigError as exc:
         sys.exit(f"bunpulse: configuration error: {exc}")
-    log_startup(_settings, apps, ", ".join(bind), server.log, workers=workers)
+    # What gunicorn will do, command-line flags included (-b, -w override this file).
+    log_startup(_settings, apps, ", ".join(server.cfg.bind), server.log,
+                workers=server.cfg.workers)
 
 
 def when_ready(server):

@@ -16,4 +16,10 @@ def create_app(settings=None, core=None):
     return create(settings, core)
 
 
-__all__ = ["create_app", "start_bunpulse", "__version__"]
+def publish(realtime, channels, event, data, socket_id=None, app_id=None):
+    """Publish from the application that hosts BunPulse, without HTTP; see bunpulse.wsgi.publish."""
+    from .wsgi import publish as publish_here
+    return publish_here(realtime, channels, event, data, socket_id, app_id)
+
+
+__all__ = ["create_app", "publish", "start_bunpulse", "__version__"]

@@ -7,7 +7,7 @@ makes) are also served by `shortcut` without Flask's request context and routing
 much as the publish itself. Both ways give the same answer (`answer`)."""
 import logging
 import re
-from urllib.parse import unquote_plus
+from urllib.parse import quote, unquote_plus
 
 import orjson
 from flask import Blueprint, current_app, request
@@ -41,8 +41,11 @@ def query_params(environ):
 
 def request_path(environ):
     """The path as werkzeug decodes it: the WSGI string is latin-1, the path UTF-8."""
-    return "/" + environ.get("PATH_INFO", "").encode("latin-1").decode(
-        "utf-8", "replace").lstrip("/")
+    return "/" + _decoded(environ.get("PATH_INFO", "")).lstrip("/")
+
+
+def _decoded(wsgi_string):
+    return wsgi_string.encode("latin-1").decode("utf-8", "replace")
 
 
 class ApiRequest:
@@ -58,10 +61,23 @@ class ApiRequest:
         self.max_body = max_body
         self._body = None
 
-    @property
-    def raw_path(self):
-        """The path as the client sent it, before percent-decoding."""
-        return self.environ.get("RAW_URI", "").partition("?")[0]
+    def other_paths(self):
+        """The other forms of the path a client may have signed (see verify_api_request): as
+        sent, before percent-decoding, and with the prefix that a mount (SCRIPT_NAME, e.g.
+        Werkzeug's DispatcherMiddleware) strips from PATH_INFO, as well as without it."""
+        environ = self.environ
+        prefix = _decoded(environ.get("SCRIPT_NAME", "")).rstrip("/")
+        raw = (environ.get("RAW_URI") or environ.get("REQUEST_URI") or "").partition("?")[0]
+        if raw:
+            yield raw
+            if prefix and raw.startswith(prefix + "/"):
+                yield raw[len(prefix):]
+        else:  # pywsgi keeps no raw path: the percent-encoding clients use (encodeURIComponent)
+            yield quote(self.path)
+            if prefix:
+                yield quote(prefix + self.path)
+        if prefix:
+            yield prefix + self.path
 
     def body(self):
         """The body, read once; a body past the bound is refused before it is read."""
@@ -109,7 +125,7 @@ def _authenticated_app(core, req, app_id=None):
             raise ApiError(401, "Invalid bearer token: use the app secret")
     else:
         verify_api_request(app, req.method, req.path, params, req.body(),
-                           raw_path=req.raw_path)
+                           other_paths=req.other_paths())
     if not app.enabled:
         raise ApiError(403, "Application is disabled")
     return app

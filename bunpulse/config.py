@@ -155,7 +155,8 @@ OPTIONS = (
 
 OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
 
-DEV_APP = {"id": "app-id", "key": "app-key", "secret": "app-secret"}
+# A numeric id: the official server libraries accept digits only.
+DEV_APP = {"id": "1", "key": "app-key", "secret": "app-secret"}
 
 Settings = dataclasses.make_dataclass(
     "Settings", [(o.name, object, dataclasses.field(default=o.default)) for o in OPTIONS],

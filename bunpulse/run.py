@@ -3,7 +3,6 @@ library API (`start_bunpulse`, `BunPulseServer`) and the start-up log, shared wi
 import logging
 import os
 import signal
-import threading
 
 import gevent
 import gevent.event
@@ -15,6 +14,7 @@ from .config import ConfigError, listen_host, load_settings
 from .core import BunPulse
 from .metrics import serve_in_gevent
 from .startup import log_startup
+from .threads import HubThread
 from .tls import server_context
 from .transport import PusherWebSocketHandler
 from .wsgi import create_app
@@ -69,11 +69,7 @@ class BunPulseServer:
         self.core = BunPulse(settings)
         self._wsgi = None
         self._metrics = None
-        self._loop = None
-        self._thread = None
-        self._ready = threading.Event()
-        self._halt = None  # set in the server's own thread: gevent events belong to one hub
-        self._error = None
+        self._hub = None  # the HubThread, when the server runs in a thread of its own
 
     @property
     def port(self):
@@ -99,51 +95,19 @@ class BunPulseServer:
                               "patch_all() before other imports): redis-py would block the "
                               "server's thread otherwise")
         else:
-            self._thread = threading.Thread(target=self._run_in_thread, name="bunpulse",
-                                            daemon=True)
-            self._thread.start()
-            self._ready.wait(10)
-            if self._error is not None:
-                raise self._error
+            self._hub = HubThread(setup=self._start_here)
         return self
 
     def _start_here(self):
         self._wsgi, _ = make_wsgi_server(self.settings, self.core)
         self._wsgi.start()
         self._metrics = start_metrics(self.settings)
-        self._loop = gevent.get_hub().loop
+        self.core.metrics.start_flushing()  # here, in the hub that serves (it may be a thread's)
         _log_startup(self.settings, self.core, self._wsgi.address)
-
-    def _run_in_thread(self):
-        try:
-            self._start_here()
-        except Exception as exc:  # noqa: BLE001 - reported to the caller of start()
-            self._error = exc
-            self._ready.set()
-            return
-        self._halt = gevent.event.Event()
-        self._ready.set()
-        self._halt.wait()
 
     def _call(self, func, *args):
         """Run func in the server's hub and return its result."""
-        if self._thread is None or threading.current_thread() is self._thread:
-            return func(*args)
-        done, box = threading.Event(), {}
-
-        def run():
-            try:
-                box["result"] = func(*args)
-            except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                box["error"] = exc
-            finally:
-                done.set()
-
-        self._loop.run_callback_threadsafe(lambda: gevent.spawn(run))
-        done.wait(30)
-        if "error" in box:
-            raise box["error"]
-        return box.get("result")
+        return func(*args) if self._hub is None else self._hub.call(func, *args)
 
     def app(self, app_id=None):
         apps = self.core.apps
@@ -167,13 +131,9 @@ class BunPulseServer:
             self._wsgi.stop(timeout=1)
             if self._metrics is not None:
                 self._metrics.stop(timeout=1)
-            if self._halt is not None:
-                # Release the thread from inside its hub: once the listener is gone the hub
-                # has nothing left to wait on, and a later wake-up would find LoopExit.
-                self._halt.set()
         self._call(stop_here)
-        if self._thread is not None:
-            self._thread.join(5)
+        if self._hub is not None:
+            self._hub.stop()
 
 
 def start_bunpulse(port=6001, **options):

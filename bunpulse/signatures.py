@@ -1,6 +1,7 @@
 """Every HMAC of the Pusher protocol, checked in constant time. No I/O."""
 import hashlib
 import hmac
+import itertools
 import time
 
 from .errors import ApiError
@@ -57,10 +58,11 @@ def sign_api_request(secret, method, path, params):
     return sign(secret, api_string_to_sign(method, path, params))
 
 
-def verify_api_request(app, method, path, params, body, now=None, raw_path=None):
+def verify_api_request(app, method, path, params, body, now=None, other_paths=()):
     """Check a signed HTTP API request; raise ApiError(401) saying what is wrong.
-    `raw_path` is the path as sent, before percent-decoding: libraries sign what they send,
-    and some send a channel name percent-encoded."""
+    `other_paths`: other forms of `path` the client may have signed, tried in turn only if
+    `path` fails (libraries sign what they send: some percent-encode a channel name, and a
+    client of a mounted server signs the mount's prefix or not)."""
     if params.get("auth_key") != app.key:
         raise ApiError(401, "Unknown auth_key")
     signature = params.get("auth_signature")
@@ -76,9 +78,10 @@ def verify_api_request(app, method, path, params, body, now=None, raw_path=None)
                             f"{AUTH_TIMESTAMP_GRACE} seconds of the server time")
     if params.get("auth_version", "1.0") != "1.0":
         raise ApiError(401, "Unsupported auth_version (expected 1.0)")
-    if not any(hmac.compare_digest(signature.encode(),
+    signature = signature.encode()
+    if not any(hmac.compare_digest(signature,
                                    sign_api_request(app.secret, method, p, params).encode())
-               for p in {path, raw_path or path}):
+               for p in itertools.chain((path,), other_paths)):
         raise ApiError(401, "Invalid signature: you should have sent the HMAC-SHA256 hex digest "
                             "of the method, path and sorted query, signed with the app secret")
     body_md5 = params.get("body_md5")

@@ -22,7 +22,7 @@ def log_startup(settings, apps, where, logger=log, workers=None):
         logger.info("app id=%s key=%s client_events=%s webhooks=%d", app.id, app.key,
                     app.client_events, len(app.webhooks))
     if uses_dev_app(settings):
-        logger.warning("NO CREDENTIALS CONFIGURED: serving the development app (id app-id, key "
+        logger.warning("NO CREDENTIALS CONFIGURED: serving the development app (id 1, key "
                        "app-key, secret app-secret) on 127.0.0.1 only. Set PUSHER_APP_ID, "
                        "PUSHER_APP_KEY and PUSHER_APP_SECRET (or --apps-file) for real use.")
     logger.info("adapter: %s", f"redis {redacted(settings.redis_url)}" if settings.redis_url

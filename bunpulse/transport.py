@@ -8,7 +8,8 @@ parses, without I/O), and no per-address client table (which breaks on unix sock
 After the handshake no greenlet waits on a socket: the event loop reads it when it is readable
 (PusherWebSocket) and writes what did not fit when it is writable (Outbox), so an idle
 connection costs a few small objects. The seam: `PusherWebSocket(raw, ahead)` runs on any
-upgraded raw socket plus the bytes already read past the handshake.
+upgraded raw socket plus the bytes already read past the handshake: BunPulse's own handler's,
+gevent-websocket's stock handler's (stock.py) and flask run's, in its hub thread (threaded.py).
 """
 import base64
 import hashlib
@@ -23,6 +24,7 @@ from wsgiref.handlers import format_date_time
 from urllib.parse import unquote
 
 import gevent
+import gevent.event
 from gevent import get_hub
 import httptools
 from geventwebsocket.handler import WebSocketHandler
@@ -53,7 +55,7 @@ class Outbox:
 
     __slots__ = ("_raw", "_pending", "_pending_size", "_watcher", "_corked", "limit",
                  "closed", "close_code", "close_info", "_closing", "_release", "on_evict",
-                 "deflate", "__weakref__")
+                 "on_released", "deflate", "__weakref__")
 
     def __init__(self, sock, limit, on_evict=None, head=None):
         self._raw = getattr(sock, "_sock", sock)  # the non-blocking socket under gevent's
@@ -68,6 +70,7 @@ class Outbox:
         self._closing = False
         self._release = False
         self.on_evict = on_evict
+        self.on_released = None  # called once the socket is closed after `release`
         self.deflate = False  # permessage-deflate: messages leave deflated (frames.deflated)
 
     @property
@@ -129,7 +132,7 @@ class Outbox:
         self._pending_size = 0
         self._unwatch()
         if self._release:
-            self._raw.close()
+            self._close_raw()
         elif self._closing:
             self._half_close()
 
@@ -158,7 +161,13 @@ class Outbox:
         self._pending_size = 0
         self._unwatch()
         if self._release:
-            self._raw.close()
+            self._close_raw()
+
+    def _close_raw(self):
+        self._raw.close()
+        on_released, self.on_released = self.on_released, None
+        if on_released is not None:
+            on_released()
 
     def release(self):
         """The reader is done with the socket: close it once what is queued is written."""
@@ -195,7 +204,7 @@ class Outbox:
         release, self._release = self._release, False
         self._drop()
         if release:
-            self._raw.close()
+            self._close_raw()
             return
         try:
             self._raw.shutdown(socket.SHUT_RDWR)
@@ -394,6 +403,16 @@ class PusherWebSocket:
         self._ended()
         self.outbox.release()
 
+    def wait(self):
+        """Block the calling greenlet until the connection is over and its socket closed: for
+        a server whose handler must not return before then (gevent-websocket's stock handler:
+        gunicorn's stock worker exits once its handlers have returned)."""
+        if self._raw.fileno() < 0:
+            return
+        over = gevent.event.Event()
+        self.outbox.on_released = over.set
+        over.wait()
+
     # ---------------------------------------------------------------- writing
 
     def send_bytes(self, payload):
@@ -558,7 +577,7 @@ def _valid_key(key):
         return False
 
 
-def _detach(sock):
+def detach_socket(sock):
     """The raw non-blocking socket under gevent's wrapper, which lets go of it (and of its
     two watchers): pywsgi would close it when the request ends. A TLS socket stays whole (its
     TLS state lives in it), read and written through `_TlsSocket`."""
@@ -642,6 +661,33 @@ def _answer(status, message):
 
 _HEAD_TOO_LARGE = _answer("431 Request Header Fields Too Large", TOO_LARGE)
 _BAD_REQUEST = _answer("400 Bad Request", "Malformed request")
+
+
+WEBSOCKET_VERSIONS = WebSocketHandler.SUPPORTED_VERSIONS
+WEBSOCKET_GUID = WebSocketHandler.GUID
+
+
+def handshake_refusal(environ):
+    """Why a WebSocket upgrade request cannot be answered with 101, as (status, headers, body),
+    or None when it can."""
+    if environ.get("HTTP_SEC_WEBSOCKET_VERSION") not in WEBSOCKET_VERSIONS:
+        return ("400 Bad Request", [("Sec-WebSocket-Version", ", ".join(WEBSOCKET_VERSIONS))],
+                b"Unsupported WebSocket version")
+    try:
+        key = base64.b64decode(environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip(), validate=True)
+    except ValueError:
+        key = b""
+    if len(key) != 16:
+        return "400 Bad Request", [], b"Invalid Sec-WebSocket-Key"
+    return None
+
+
+def handshake_headers(environ):
+    """The headers of the 101 answering a valid upgrade request."""
+    key = environ["HTTP_SEC_WEBSOCKET_KEY"].strip()
+    accept = base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode("latin-1")).digest())
+    return [("Upgrade", "websocket"), ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Accept", accept.decode("latin-1"))]
 
 
 class PusherWebSocketHandler(WebSocketHandler):
@@ -775,7 +821,8 @@ class PusherWebSocketHandler(WebSocketHandler):
         accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
         deflate = getattr(app, "compression", False) and _deflate_offered(
             headers.get(b"sec-websocket-extensions", b"").decode("latin-1"))
-        ws = PusherWebSocket(_detach(self.socket), ahead, _switching(accept, deflate), deflate)
+        ws = PusherWebSocket(detach_socket(self.socket), ahead, _switching(accept, deflate),
+                             deflate)
         environ = head.environ("GET", _remote(self.client_address))
         environ["wsgi.websocket"] = ws
         try:
@@ -830,28 +877,22 @@ class PusherWebSocketHandler(WebSocketHandler):
         return environ
 
     def upgrade_connection(self):
-        version = self.environ.get("HTTP_SEC_WEBSOCKET_VERSION")
-        if version not in self.SUPPORTED_VERSIONS:
-            self.start_response("400 Bad Request",
-                                [("Sec-WebSocket-Version", ", ".join(self.SUPPORTED_VERSIONS))])
-            return [b"Unsupported WebSocket version"]
-        key = self.environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
-        try:
-            valid_key = len(base64.b64decode(key, validate=True)) == 16
-        except ValueError:
-            valid_key = False
-        if not valid_key:
-            self.start_response("400 Bad Request", [])
-            return [b"Invalid Sec-WebSocket-Key"]
+        refusal = handshake_refusal(self.environ)
+        if refusal is not None:
+            status, headers, body = refusal
+            self.start_response(status, headers)
+            return [body]
+        key = self.environ["HTTP_SEC_WEBSOCKET_KEY"].strip()
         accept = base64.b64encode(hashlib.sha1((key + self.GUID).encode("latin-1")).digest())
         # The answer waits in the outbox, corked: it leaves with the first frames the
         # application sends (connection_established), in one write.
         ahead = _buffered_ahead(self)
         deflate = getattr(self.server.application, "compression", False) and _deflate_offered(
             self.environ.get("HTTP_SEC_WEBSOCKET_EXTENSIONS", ""))
-        self.websocket = PusherWebSocket(_detach(self.socket), ahead,
+        self.websocket = PusherWebSocket(detach_socket(self.socket), ahead,
                                          _switching(accept, deflate), deflate)
-        self.environ.update({"wsgi.websocket_version": version, "wsgi.websocket": self.websocket})
+        self.environ.update({"wsgi.websocket_version": self.environ["HTTP_SEC_WEBSOCKET_VERSION"],
+                             "wsgi.websocket": self.websocket})
         self.status = "101 Switching Protocols"
         self.headers_sent = True
         self.close_connection = True

@@ -3,14 +3,25 @@
 Each route is declared once: the HTTP API's in api.py, the WebSocket endpoint here. Two kinds
 of request skip Flask's request context and routing, which cost as much as the work itself:
 every WebSocket upgrade (whatever its path: `BunPulse.admit` refuses a wrong one with 4005),
-and the routes api.py declares with `shortcut=True` (the publish calls)."""
+and the routes api.py declares with `shortcut=True` (the publish calls).
+
+Whoever serves it: under gevent (BunPulse's worker and embedded server, gunicorn's stock
+gevent-websocket worker) requests run in the hub's greenlets, and an upgrade arrives as
+BunPulse's WebSocket or as the stock handler's, whose socket is taken over (stock.py); in a
+process gevent does not patch (`flask run`), requests are handed to a hub thread (threaded.py)."""
+import sys
+
 from flask import Flask, jsonify, request
+from gevent import monkey
 from werkzeug.exceptions import HTTPException, NotFound
 
 from . import api
-from .config import load_settings
+from .config import ConfigError, load_settings
 from .core import BunPulse
 from .metrics import instrument
+from .stock import note_stock_handler, serve_stock_websocket, stock_request
+from .threaded import ThreadedDispatch
+from .transport import PusherWebSocket
 
 WEBSOCKET_ROUTE = "/app/<path:key>"
 
@@ -38,7 +49,11 @@ def create_app(settings=None, core=None):
     flask_wsgi_app = flask_app.wsgi_app
     shortcut = api.shortcut(core, max_body)
 
+    under_stock = monkey.is_module_patched("socket") and _under_the_stock_worker()
+
     def http(environ, start_response):
+        if under_stock:
+            stock_request(environ)
         answer = shortcut(environ, start_response)
         if answer is not None:
             return answer
@@ -53,22 +68,60 @@ def create_app(settings=None, core=None):
         if not _is_shortcut(environ):
             return None
         return shortcut_only(environ, start_response)
-    core.metrics.start_flushing()  # in the hub that serves: create_app runs there
 
     def dispatch(environ, start_response):
-        if environ.get("wsgi.websocket") is not None:
-            _serve_socket(core, environ)
+        ws = environ.get("wsgi.websocket")
+        if ws is not None:
+            if type(ws) is PusherWebSocket:
+                _serve_socket(core, environ)
+            else:
+                serve_stock_websocket(core, environ)
             return []
         return http(environ, start_response)
 
-    flask_app.wsgi_app = dispatch
-    flask_app.fast_answer = fast_answer
+    if monkey.is_module_patched("socket"):
+        core.metrics.start_flushing()  # in the hub that serves: create_app runs there
+        flask_app.wsgi_app = dispatch
+        flask_app.extensions["bunpulse.call"] = _call_here
+        if under_stock:
+            note_stock_handler()
+    else:  # threads, not greenlets, may serve it (flask run): see threaded.py
+        if settings.redis_url:
+            raise ConfigError("redis_url needs a gevent-patched process (gunicorn's gevent "
+                              "workers, python -m bunpulse): redis-py would block BunPulse's "
+                              "hub otherwise")
+        flask_app.wsgi_app = ThreadedDispatch(dispatch, core, max_body)
+        flask_app.extensions["bunpulse.call"] = flask_app.wsgi_app.call
+    flask_app.fast_answer = fast_answer  # read by BunPulse's own handler only
     flask_app.on_worker_draining = core.drain
     flask_app.on_worker_stop = core.shutdown
     flask_app.handshake_timeout = settings.handshake_timeout / 1000  # read by the handler
     flask_app.keepalive_timeout = settings.keepalive_timeout / 1000
     flask_app.compression = settings.compression
     return flask_app
+
+
+def publish(realtime, channels, event, data, socket_id=None, app_id=None):
+    """Publish an event from the application that hosts BunPulse, in-process (no HTTP): to
+    the clients of this process and, with Redis, of every worker and node. `realtime`: what
+    create_app returned; `channels`: a name or a list; `data`: a string, sent as is, or any
+    JSON value; `app_id`: the app, when there are several."""
+    core = realtime.extensions["bunpulse"]
+    app = next(iter(core.apps)) if app_id is None else core.apps.by_id(str(app_id))
+    if app is None:
+        raise ValueError(f"no app with id {app_id}")
+    channels = [channels] if isinstance(channels, str) else list(channels)
+    realtime.extensions["bunpulse.call"](core.trigger, app, channels, event, data, socket_id)
+
+
+def _call_here(func, *args):
+    return func(*args)
+
+
+def _under_the_stock_worker():
+    """gunicorn imported gevent-websocket's worker to run this process, not BunPulse's."""
+    return "geventwebsocket.gunicorn.workers" in sys.modules and \
+        "bunpulse.worker" not in sys.modules
 
 
 def _serve_socket(core, environ):

@@ -64,14 +64,29 @@ def unix_request(path, request_line, timeout=2):
             chunks.append(chunk)
 
 
+def read_json_answer(sock):
+    """A raw HTTP answer with a JSON body: pywsgi sends the headers and the body in two
+    writes, which may arrive as two segments."""
+    answer = b""
+    while not answer.endswith(b"}"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+    return answer.decode("latin-1")
+
+
 # ------------------------------------------------------------------------ servers
 
 class ServerProcess:
     """`python -m bunpulse` (or gunicorn) in a subprocess, with its log kept for assertions."""
 
-    def __init__(self, env=None, args=(), port=None, command=None, metrics=False, ca=None):
-        """metrics: serve /metrics on a free port; ca: the CA file that verifies its TLS."""
+    def __init__(self, env=None, args=(), port=None, command=None, metrics=False, ca=None,
+                 health="/health"):
+        """metrics: serve /metrics on a free port; ca: the CA file that verifies its TLS;
+        health: where it answers once ready (a host app mounts BunPulse deeper)."""
         self.port = port or free_port()
+        self.health = health
         self.host = "127.0.0.1"
         self.ca = ca
         self.log_file = tempfile.NamedTemporaryFile("w+", prefix="bunpulse-", suffix=".log",
@@ -137,7 +152,7 @@ class ServerProcess:
                 if self.unix_path is not None:
                     if unix_request(self.unix_path, "GET /health").startswith(b"HTTP/1.1 200"):
                         return
-                elif requests.get(self.url + "/health", timeout=0.5,
+                elif requests.get(self.url + self.health, timeout=0.5,
                                   verify=self.ca or True).status_code == 200:
                     return
             except (requests.RequestException, OSError):
@@ -207,9 +222,9 @@ def api(server):
 class NodeDriver:
     """pusher-js and the npm `pusher` library in one Node process (tests/js/driver.js)."""
 
-    def __init__(self, server, app_id=APP_ID, key=KEY, secret=SECRET):
+    def __init__(self, server, app_id=APP_ID, key=KEY, secret=SECRET, prefix=""):
         env = dict(os.environ, BP_HOST=server.host, BP_PORT=str(server.port), BP_APP_ID=app_id,
-                   BP_KEY=key, BP_SECRET=secret, BP_MASTER_KEY=MASTER_KEY)
+                   BP_KEY=key, BP_SECRET=secret, BP_MASTER_KEY=MASTER_KEY, BP_PREFIX=prefix)
         if getattr(server, "tls", False):
             env.update(BP_TLS="1", NODE_EXTRA_CA_CERTS=server.ca)
         self.proc = subprocess.Popen(["node", "driver.js"], cwd=JS_DIR, env=env,

@@ -2,6 +2,7 @@
 values that stop start-up with one line naming the option, --help, and the development app."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -214,3 +215,23 @@ def test_dotenv_file_is_honoured_by_the_cli(start_server, tmp_path):
                                "BUNPULSE_HEARTBEAT_INTERVAL": "8000"},
                           args=["--heartbeat-interval", "9000"])
     assert activity_timeout(server) == 9                    # the flag beats both
+
+
+def test_readme_quick_check_works_as_printed(start_server):
+    """The README's quick check against the development app, on this test's port."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    command = re.search(r"Quick check.*?```sh\n(.*?)\n```", readme, re.S)[1]
+    assert command.startswith(".venv/bin/python -c ")
+    server = start_server(env={"PUSHER_APP_ID": "", "PUSHER_APP_KEY": "", "PUSHER_APP_SECRET": "",
+                               "BUNPULSE_HOST": ""})
+    listener = RawClient(server.ws_url + "/app/app-key?protocol=7")
+    connected(listener)
+    listener.send({"event": "pusher:subscribe", "data": {"channel": "my-channel"}})
+    listener.recv_event("pusher_internal:subscription_succeeded")
+    out = subprocess.run(command.replace("port=6001", f"port={server.port}"), shell=True,
+                         cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "{}"
+    event = listener.recv_event("my-event")
+    listener.close()
+    assert json.loads(event["data"]) == {"message": "hello"}

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from conftest import (APP_ID, KEY, SECRET, assert_signatures_kept, connected, raw_subscribe,
-                      signed_query, signed_request)
+                      read_json_answer, signed_query, signed_request)
 
 
 def assert_error(response, status):
@@ -214,18 +214,6 @@ def test_refusals_deliver_nothing(server, listener, api):
                    event(name="refused", data="x" * 10241))
     api.trigger("http-publish", "after", {})
     assert listener.recv()["event"] == "after"
-
-
-def read_json_answer(sock):
-    """A raw HTTP answer with a JSON body: pywsgi sends the headers and the body in two
-    writes, which may arrive as two segments."""
-    answer = b""
-    while not answer.endswith(b"}"):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        answer += chunk
-    return answer.decode("latin-1")
 
 
 def test_a_huge_body_is_refused_with_413_before_it_is_read(server):

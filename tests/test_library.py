@@ -64,7 +64,7 @@ def ws_url(server):
 def test_runs_in_its_own_thread(library_server):
     server = library_server()
     assert server.port > 0 and server.host == "127.0.0.1"
-    assert server._thread is not None and server._thread is not threading.current_thread()
+    assert server._hub is not None and server._hub.thread is not threading.current_thread()
     client = RawClient(ws_url(server))
     try:
         assert connected(client)
@@ -158,7 +158,7 @@ def test_stop_closes_clients_with_4200_and_frees_the_port(library_server):
     finally:
         for client in clients:
             client.close()
-    assert not server._thread.is_alive()
+    assert not server._hub.thread.is_alive()
     with socket.socket() as sock:  # nothing listens there any more
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", port))

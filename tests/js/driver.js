@@ -3,7 +3,8 @@
 // signs subscriptions and calls the HTTP API, exactly as an application would.
 //
 // Environment: BP_HOST, BP_PORT, BP_APP_ID, BP_KEY, BP_SECRET, BP_MASTER_KEY (base64, optional),
-// BP_TLS=1 for wss:// and https:// (Node trusts the test's CA through NODE_EXTRA_CA_CERTS).
+// BP_TLS=1 for wss:// and https:// (Node trusts the test's CA through NODE_EXTRA_CA_CERTS),
+// BP_PREFIX (optional: where a host application mounts BunPulse, e.g. /realtime).
 'use strict';
 const Pusher = require('pusher-js');
 const PusherServer = require('pusher');
@@ -11,29 +12,39 @@ const readline = require('readline');
 
 const env = process.env;
 const tls = env.BP_TLS === '1';
+const prefix = env.BP_PREFIX || '';
+// The npm library has no path option: a mounted server's prefix rides on the host, and the
+// library signs the path below it.
 const api = new PusherServer({
-  appId: env.BP_APP_ID, key: env.BP_KEY, secret: env.BP_SECRET,
-  host: env.BP_HOST, port: String(env.BP_PORT), useTLS: tls,
+  appId: env.BP_APP_ID, key: env.BP_KEY, secret: env.BP_SECRET, useTLS: tls,
+  ...(prefix ? {host: `${env.BP_HOST}:${env.BP_PORT}${prefix}`}
+    : {host: env.BP_HOST, port: String(env.BP_PORT)}),
   encryptionMasterKeyBase64: env.BP_MASTER_KEY || undefined,
 });
 const clients = {};
 
 function report(msg) { process.stdout.write(JSON.stringify(msg) + '\n'); }
 
-function connect({id, presence, user, key}) {
+// `authBase` (e.g. http://127.0.0.1:8000): authorize through a host application's endpoints,
+// `${authBase}/pusher/auth` and `${authBase}/pusher/user-auth`, as a browser app would
+// (`headers` go with each request); otherwise the npm library signs in-process.
+function connect({id, presence, user, key, authBase, headers}) {
+  const viaHost = (path) => ({endpoint: authBase + path, headers: headers || {}});
   const client = new Pusher(key || env.BP_KEY, {
     cluster: 'mt1', wsHost: env.BP_HOST, wsPort: Number(env.BP_PORT),
     wssPort: Number(env.BP_PORT), forceTLS: tls, enabledTransports: ['ws'],
-    disableStats: true,
-    channelAuthorization: {customHandler: ({socketId, channelName}, cb) => {
-      try {
-        cb(null, api.authorizeChannel(socketId, channelName,
-          channelName.startsWith('presence-') ? presence : undefined));
-      } catch (err) { cb(err, null); }
-    }},
-    userAuthentication: {customHandler: ({socketId}, cb) => {
-      try { cb(null, api.authenticateUser(socketId, user)); } catch (err) { cb(err, null); }
-    }},
+    disableStats: true, ...(prefix ? {wsPath: prefix} : {}),
+    channelAuthorization: authBase ? viaHost('/pusher/auth') : {
+      customHandler: ({socketId, channelName}, cb) => {
+        try {
+          cb(null, api.authorizeChannel(socketId, channelName,
+            channelName.startsWith('presence-') ? presence : undefined));
+        } catch (err) { cb(err, null); }
+      }},
+    userAuthentication: authBase ? viaHost('/pusher/user-auth') : {
+      customHandler: ({socketId}, cb) => {
+        try { cb(null, api.authenticateUser(socketId, user)); } catch (err) { cb(err, null); }
+      }},
   });
   client.connection.bind('state_change', (s) => report({type: 'state', id, current: s.current, previous: s.previous}));
   client.connection.bind('connected', () => report({type: 'connected', id, socket_id: client.connection.socket_id}));

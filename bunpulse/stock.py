@@ -1,0 +1,103 @@
+"""gevent-websocket's stock handler (`gunicorn -k geventwebsocket.gunicorn.workers.
+GeventWebSocketWorker "bunpulse:create_app()"`): it upgrades the socket and hands the application
+its own WebSocket, which gets close codes, limits and closing wrong for a Pusher server (see
+transport.py). BunPulse takes the socket over, with whatever the handler's buffered reader
+already holds past the handshake, and runs its own transport on it: close codes, heartbeats and
+limits are then those of BunPulse's own worker. What stays the stock handler's is STOCK_LIMITS.
+"""
+import logging
+import socket
+
+import gevent
+
+from . import api
+from .errors import WsClose
+from .transport import PusherWebSocket, _buffered_ahead, detach_socket
+
+log = logging.getLogger("bunpulse")
+
+STOCK_LIMITS = (
+    "BunPulse is served by gevent-websocket's stock handler: it takes over each upgraded "
+    "socket, so close codes, heartbeats and limits are its own, but the stock handler still "
+    "answers the handshake (WebSocket versions 7, 8 and 13, no check of Sec-WebSocket-Key), "
+    "parses request headers with the slower email parser and keeps each connection's request "
+    "for its whole life (more memory per idle connection); use BunPulse's own worker "
+    "(-k bunpulse.worker.PusherWorker) in production")
+
+_noted = False
+_watched = set()
+
+
+def note_stock_handler():
+    """Say once per process what the stock handler keeps (STOCK_LIMITS)."""
+    global _noted
+    if not _noted:
+        _noted = True
+        log.warning(STOCK_LIMITS)
+
+
+def serve_stock_websocket(core, environ):
+    """Run one Pusher connection on the socket the stock handler upgraded (its 101 is sent):
+    the socket is detached from the handler and read by the event loop, as BunPulse's own
+    handler's are. Blocks until the connection is over, as the stock handler expects of the
+    application: its worker exits once no handler runs, which would cut clients off before
+    their 4200, and pywsgi closes the handler's socket when the handler returns."""
+    note_stock_handler()
+    stock = environ["wsgi.websocket"]
+    handler = stock.handler
+    stock.closed = True  # neither the stock handler nor its __del__ sends a close frame now
+    _watch(core, handler.server)
+    _no_delay(handler.socket)
+    ahead = _buffered_ahead(handler)
+    ws = PusherWebSocket(detach_socket(handler.socket), ahead)
+    environ["wsgi.websocket"] = ws
+    try:
+        core.serve_websocket(ws, core.admit(api.request_path(environ),
+                                            api.query_params(environ)))
+    finally:
+        if not ws.started:
+            ws.close(WsClose.GOING_AWAY, "Not served")
+            ws.start(None)
+    ws.wait()
+
+
+def stock_request(environ):
+    """An HTTP request the stock handler serves: Nagle off on its socket, as BunPulse's own
+    handler does (pywsgi writes headers and body apart: on a keep-alive connection the body
+    would wait for the client's delayed ACK). pywsgi's request body knows the socket."""
+    sock = getattr(environ.get("wsgi.input"), "socket", None)
+    if sock is not None:
+        _no_delay(sock)
+
+
+def _no_delay(sock):
+    if sock.family != socket.AF_UNIX:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+class _ClientTable(dict):
+    """The stock handler's table of connections, keyed by peer address: every unix-socket
+    peer has the same one, so a second connection's end would find its entry gone."""
+
+    def __delitem__(self, key):
+        self.pop(key, None)
+
+
+def _watch(core, server):
+    """Once per listening server: tolerate shared peer addresses, and when the worker stops
+    (it closes the server: the stock worker tells the application nothing), tell every client
+    to reconnect at once (4200), as BunPulse's own worker does."""
+    if id(server) in _watched:
+        return
+    _watched.add(id(server))
+    server.clients = _ClientTable(getattr(server, "clients", {}))
+
+    def stop_when_closed():
+        while not server.closed:
+            gevent.sleep(0.2)
+        core.shutdown()
+
+    gevent.spawn(stop_when_closed)
