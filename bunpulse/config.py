@@ -103,6 +103,14 @@ OPTIONS = (
            "ms without any traffic before the server closes with 4201"),
     Option("max_message_size", "BUNPULSE_MAX_MESSAGE_SIZE", 65536, _int(1024),
            "largest client WebSocket message in bytes; larger ones are closed with 1009"),
+    Option("handshake_timeout", "BUNPULSE_HANDSHAKE_TIMEOUT", 10000, _int(100),
+           "ms a client has to send its request head (the WebSocket handshake or an HTTP "
+           "request); past it the connection is closed"),
+    Option("keepalive_timeout", "BUNPULSE_KEEPALIVE_TIMEOUT", 5000, _int(100),
+           "ms an idle keep-alive HTTP connection is kept open for its next request"),
+    Option("compression", "BUNPULSE_COMPRESSION", True, _bool,
+           "permessage-deflate with clients that offer it (each event compressed once, for "
+           "every socket)"),
     Option("max_buffer", "BUNPULSE_MAX_BUFFER", 1048576, _int(4096),
            "bytes queued for one slow client before it is evicted with 4100"),
     Option("cache_ttl", "BUNPULSE_CACHE_TTL", 1800, _int(1),

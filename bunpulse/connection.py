@@ -1,4 +1,7 @@
-"""One Pusher connection: the read loop, dispatch of client frames, and the heartbeat."""
+"""One Pusher connection: its messages, their dispatch, and the heartbeat.
+
+The transport calls `take` for each message from the event loop, where nothing may block:
+pings are answered there, everything else is handed back to run in a short-lived greenlet."""
 import logging
 import time
 
@@ -12,6 +15,12 @@ from .frames import build_frame
 from .metrics import AppMetrics
 
 log = logging.getLogger("bunpulse.connection")
+
+# Events whose answer cannot wait on anything: handled in the event loop, unless a hook wants
+# them (a user's callback may block).
+_ANSWERED_AT_ONCE = frozenset(("pusher:ping", "pusher:pong"))
+# Served there too when the core says nothing in them can wait (BunPulse.serves_at_once).
+_SUBSCRIPTIONS = frozenset(("pusher:subscribe", "pusher:unsubscribe"))
 
 
 class Connection:
@@ -41,8 +50,8 @@ class Connection:
 
     # ---------------------------------------------------------------- life cycle
 
-    def run(self):
-        """Serve the socket until it closes; blocks for the connection's whole life."""
+    def start(self):
+        """Serve the socket; returns at once (the event loop reads it from then on)."""
         core = self.core
         self.metrics.connections.inc()
         self.metrics.connections_opened_total.inc()
@@ -54,37 +63,55 @@ class Connection:
                 self.app.user_authentication_timeout / 1000)
             self._auth_timer.start(self._require_authorization)
         core.hooks.emit("connection", self, None)
-        try:
-            self._read_loop()
-        finally:
-            self._cleanup()
+        self.ws.start(self)
 
-    def _read_loop(self):
-        ws = self.ws
+    def take(self, message):
+        """One message, in the event loop: None once handled, else the parsed frame for
+        `run`, in a greenlet (a subscription may wait on Redis, a hook, a big fan-out)."""
         metrics = self.metrics
-        counts = self.core.hub.app(self.app.id)  # the dashboard's charts
-        while True:
-            message = ws.receive()
-            if message is None:
-                return
-            metrics.received += 1
-            metrics.received_bytes += (len(message) if isinstance(message, bytes)
-                                       or message.isascii() else len(message.encode()))
-            if ws.closed:
-                continue  # closing: wait for the client's close frame, ignore the rest
-            counts.messages_in += 1
-            self.last_seen = time.monotonic()
-            self._pinged = False
+        metrics.received += 1
+        metrics.received_bytes += (len(message) if isinstance(message, bytes)
+                                   or message.isascii() else len(message.encode()))
+        self.core.hub.app(self.app.id).messages_in += 1  # the dashboard's charts
+        self.last_seen = time.monotonic()
+        self._pinged = False
+        try:
             if isinstance(message, bytes):
                 self.send_error(None, "Binary frames are not supported: send JSON text")
-                continue
-            try:
-                self.dispatch(protocol.parse_client_frame(message))
-            except ClientError as exc:
-                self.send_error(exc.code, exc.message)
-            except Exception:  # noqa: BLE001 - one bad frame must not end the worker
-                log.exception("error handling a frame from %s", self.socket_id)
-                self.send_error(None, "Internal server error")
+                return None
+            frame = protocol.parse_client_frame(message)
+            event = frame.event
+            if event in _ANSWERED_AT_ONCE:
+                at_once = not self.core.hooks.wanted(event)
+            else:
+                at_once = event in _SUBSCRIPTIONS and self.core.serves_at_once(
+                    self.app, event, frame.data)
+            if at_once:
+                self.dispatch(frame)
+                return None
+        except ClientError as exc:
+            self.send_error(exc.code, exc.message)
+            return None
+        except Exception:  # noqa: BLE001 - one bad frame must not end the worker
+            log.exception("error handling a frame from %s", self.socket_id)
+            self.send_error(None, "Internal server error")
+            return None
+        return frame
+
+    def run(self, frame):
+        try:
+            self.dispatch(frame)
+        except ClientError as exc:
+            self.send_error(exc.code, exc.message)
+        except Exception:  # noqa: BLE001 - one bad frame must not end the worker
+            log.exception("error handling a frame from %s", self.socket_id)
+            self.send_error(None, "Internal server error")
+
+    def ended(self):
+        """The socket is over (called in the event loop): the leaving may wait on Redis,
+        webhooks and hooks, so it runs in a greenlet."""
+        self.closed = True
+        gevent.spawn_raw(self._cleanup)
 
     def _cleanup(self):
         self.closed = True

@@ -10,10 +10,11 @@ import gevent
 
 from . import protocol
 from .adapters import make_adapter
+from .adapters.local import LocalAdapter
 from .apps import load_apps
 from .connection import Connection
 from .errors import ConnectionRefused, PresenceFull, ErrorCode, SubscriptionError
-from .hub import Hub
+from .hub import YIELD_EVERY, Hub
 from .logs import Throttled
 from .metrics import Metrics
 from .protocol import channel_kind, data_string
@@ -50,6 +51,9 @@ class Hooks:
         self._callbacks.setdefault(event, []).append(callback)
         return callback
 
+    def wanted(self, event):
+        return event in self._callbacks
+
     def emit(self, event, conn, data):
         for callback in self._callbacks.get(event, ()):
             try:
@@ -77,6 +81,7 @@ class BunPulse:
         # client stay silent past a sub-second heartbeat timeout. pusher-js multiplies by 1000.
         seconds = min(120, settings.heartbeat_interval / 1000)
         self.activity_timeout = int(seconds) if seconds >= 1 else seconds
+        self._local = type(self.adapter) is LocalAdapter  # nothing it does can wait
         # The debug dashboard (bunpulse.dashboard), when enabled: `watching` holds the ids of
         # the apps someone watches, so that an event costs one dict lookup when nobody does.
         self.watching = {}
@@ -95,17 +100,29 @@ class BunPulse:
             return refusal
 
     def serve_websocket(self, ws, admission):
-        """Run one Pusher connection on an upgraded socket, given what `admit` said; blocks for
-        its whole life."""
+        """Run one Pusher connection on an upgraded socket, given what `admit` said; returns
+        at once: the event loop serves the socket from then on."""
         ws.max_message_size = self.settings.max_message_size
         ws.outbox.limit = self.settings.max_buffer
         if isinstance(admission, ConnectionRefused):
             ws.send_bytes(protocol.error(admission.code, admission.message))
             ws.close(admission.code, admission.message)
-            while ws.receive() is not None:  # wait for the client's close frame
-                pass
+            ws.start(None)  # waits for the client's close frame
             return
-        Connection(self, admission, ws, self.new_socket_id()).run()
+        Connection(self, admission, ws, self.new_socket_id()).start()
+
+    def serves_at_once(self, app, event, data):
+        """Whether a subscribe or unsubscribe can be served in the event loop, where nothing
+        may wait: the local adapter, no hook for it, no webhook for the app, and a channel
+        small enough that its fan-out (presence member events) does not yield."""
+        if not self._local or app.webhooks or self.hooks.wanted(event) or app.id in self.watching:
+            return False
+        name = data.get("channel") if isinstance(data, dict) else None
+        if not isinstance(name, str) or not name.startswith("presence-"):
+            return True  # a malformed one is answered with an error, in the loop too
+        channel = self.hub.channel(app.id, name)
+        return channel is None or (not channel.sending
+                                   and len(channel.subscribers) < YIELD_EVERY)
 
     def _admit(self, path, query):
         match = APP_PATH.match(path)

@@ -25,7 +25,8 @@ class Channel:
         self.name = name
         self.subscribers = {}   # connection -> its outbox's send, to skip two lookups a delivery
         self.members = {}       # presence: user_id -> [user_info, local connection count]
-        self.queue = deque()    # frames waiting while a big fan-out yields
+        self.queue = None       # frames waiting while a big fan-out yields: a deque made
+                                # when needed (an empty one is large)
         self.sending = False
 
 
@@ -177,11 +178,13 @@ class Hub:
             return len(subscribers) - (skip in subscribers)
         # A big channel yields while it fans out; later frames queue behind so that every
         # subscriber still sees the channel's events in order.
-        channel.queue.append((frame, skip))
+        queue = channel.queue
+        if queue is None:
+            queue = channel.queue = deque()
+        queue.append((frame, skip))
         if channel.sending:
             return len(subscribers)
         channel.sending = True
-        queue = channel.queue
         try:
             while queue:
                 # Frames queued during the last pass go out together: one send per socket
