@@ -105,6 +105,14 @@ OPTIONS = (
            "ms without any traffic before the server closes with 4201"),
     Option("max_message_size", "BUNPULSE_MAX_MESSAGE_SIZE", 65536, _int(1024),
            "largest client WebSocket message in bytes; larger ones are closed with 1009"),
+    Option("handshake_timeout", "BUNPULSE_HANDSHAKE_TIMEOUT", 10000, _int(100),
+           "ms a client has to send its request head (the WebSocket handshake or an HTTP "
+           "request); past it the connection is closed"),
+    Option("keepalive_timeout", "BUNPULSE_KEEPALIVE_TIMEOUT", 5000, _int(100),
+           "ms an idle keep-alive HTTP connection is kept open for its next request"),
+    Option("compression", "BUNPULSE_COMPRESSION", True, _bool,
+           "permessage-deflate with clients that offer it (each event compressed once, for "
+           "every socket)"),
     Option("max_buffer", "BUNPULSE_MAX_BUFFER", 1048576, _int(4096),
            "bytes queued for one slow client before it is evicted with 4100"),
     Option("max_messages_per_second", "BUNPULSE_MAX_MESSAGES_PER_SECOND", 100, _int(0),
@@ -144,6 +152,8 @@ OPTIONS = (
            "webhook events held per target before new ones are dropped (and counted)"),
     Option("redis_url", "BUNPULSE_REDIS_URL", None, _url(("redis", "rediss", "unix")),
            "Redis for several workers or nodes (pub/sub and shared state)"),
+    Option("redis_cluster", "BUNPULSE_REDIS_CLUSTER", False, _bool,
+           "the Redis URL is a seed node of a Redis Cluster (sharded pub/sub, Redis 7+)"),
     Option("dashboard", "BUNPULSE_DASHBOARD", False, _bool,
            "serve the debug dashboard at /dashboard (sign in with an app's id and secret)"),
     Option("workers", "BUNPULSE_WORKERS", 1, _int(1), "gunicorn worker processes"),
@@ -235,6 +245,8 @@ def _check(settings):
     if settings.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"invalid --log-level={settings.log_level!r}: "
                           "must be debug, info, warning or error")
+    if settings.redis_cluster and not settings.redis_url:
+        raise ConfigError("--redis-cluster needs BUNPULSE_REDIS_URL: a seed node of the cluster")
     if bool(settings.ssl_cert) != bool(settings.ssl_key):
         raise ConfigError("--ssl-cert and --ssl-key must be set together")
     if settings.ssl_key_password and not settings.ssl_key:

@@ -1,4 +1,7 @@
-"""One Pusher connection: the read loop, dispatch of client frames, and the heartbeat."""
+"""One Pusher connection: its messages, their dispatch, and the heartbeat.
+
+The transport calls `take` for each message from the event loop, where nothing may block:
+pings are answered there, everything else is handed back to run in a short-lived greenlet."""
 import logging
 import math
 import time
@@ -15,12 +18,18 @@ from .metrics import AppMetrics
 log = logging.getLogger("bunpulse.connection")
 _NEVER = -math.inf  # one float shared by every connection until its first message
 
+# Events whose answer cannot wait on anything: handled in the event loop, unless a hook wants
+# them (a user's callback may block).
+_ANSWERED_AT_ONCE = frozenset(("pusher:ping", "pusher:pong"))
+# Served there too when the core says nothing in them can wait (BunPulse.serves_at_once).
+_SUBSCRIPTIONS = frozenset(("pusher:subscribe", "pusher:unsubscribe"))
+
 
 class Connection:
     __slots__ = ("core", "app", "ws", "outbox", "socket_id", "subscriptions", "user_id",
                  "user_data", "watchlist", "last_seen", "closed", "_pinged", "_timer",
                  "_auth_timer", "_window", "_window_count", "_allowance", "_allowance_at",
-                 "metrics", "__weakref__")
+                 "metrics", "address", "__weakref__")
 
     def __init__(self, core, app, ws, socket_id):
         self.core = core
@@ -28,6 +37,7 @@ class Connection:
         self.ws = ws
         self.outbox = ws.outbox
         self.socket_id = socket_id
+        self.address = None  # counted against max_connections_per_ip (set by the core)
         self.subscriptions = {}  # channel -> presence user_id or None
         self.user_id = None
         self.user_data = None
@@ -47,58 +57,73 @@ class Connection:
 
     # ---------------------------------------------------------------- life cycle
 
-    def run(self):
-        """Serve the socket until it closes; blocks for the connection's whole life."""
+    def start(self):
+        """Serve the socket; returns at once (the event loop reads it from then on)."""
         core = self.core
         self.metrics.connections.inc()
         self.metrics.connections_opened_total.inc()
         self.send(protocol.connection_established(self.socket_id, core.activity_timeout))
         core.connected(self)
-        if core.settings.max_messages_per_second:
-            self.ws.ping_listener = self  # no bound method held per connection
         self._arm_heartbeat(core.settings.heartbeat_interval / 1000)
         if self.app.user_authentication_timeout:
             self._auth_timer = gevent.get_hub().loop.timer(
                 self.app.user_authentication_timeout / 1000)
             self._auth_timer.start(self._require_authorization)
         core.hooks.emit("connection", self, None)
-        try:
-            self._read_loop()
-        finally:
-            self._cleanup()
+        self.ws.start(self)
 
-    def _read_loop(self):
-        ws = self.ws
+    def take(self, message):
+        """One message, in the event loop: None once handled, else the parsed frame for
+        `run`, in a greenlet (a subscription may wait on Redis, a hook, a big fan-out)."""
         metrics = self.metrics
-        counts = self.core.hub.app(self.app.id)  # the dashboard's charts
-        while True:
-            message = ws.receive()
-            if message is None:
-                return
-            metrics.received += 1
-            metrics.received_bytes += (len(message) if isinstance(message, bytes)
-                                       or message.isascii() else len(message.encode()))
-            if ws.closed:
-                continue  # closing: wait for the client's close frame, ignore the rest
-            counts.messages_in += 1
-            self.last_seen = now = time.monotonic()
-            self._pinged = False
-            if self._flooding(now):
-                continue
+        metrics.received += 1
+        metrics.received_bytes += (len(message) if isinstance(message, bytes)
+                                   or message.isascii() else len(message.encode()))
+        self.core.hub.app(self.app.id).messages_in += 1  # the dashboard's charts
+        self.last_seen = now = time.monotonic()
+        self._pinged = False
+        if self._flooding(now):
+            return None
+        try:
             if isinstance(message, bytes):
                 self.send_error(None, "Binary frames are not supported: send JSON text")
-                continue
-            try:
-                self.dispatch(protocol.parse_client_frame(message))
-            except ClientError as exc:
-                self.send_error(exc.code, exc.message)
-            except Exception:  # noqa: BLE001 - one bad frame must not end the worker
-                log.exception("error handling a frame from %s", self.socket_id)
-                self.send_error(None, "Internal server error")
+                return None
+            frame = protocol.parse_client_frame(message)
+            event = frame.event
+            if event in _ANSWERED_AT_ONCE:
+                at_once = not self.core.hooks.wanted(event)
+            else:
+                at_once = event in _SUBSCRIPTIONS and self.core.serves_at_once(
+                    self.app, event, frame.data)
+            if at_once:
+                self.dispatch(frame)
+                return None
+        except ClientError as exc:
+            self.send_error(exc.code, exc.message)
+            return None
+        except Exception:  # noqa: BLE001 - one bad frame must not end the worker
+            log.exception("error handling a frame from %s", self.socket_id)
+            self.send_error(None, "Internal server error")
+            return None
+        return frame
+
+    def run(self, frame):
+        try:
+            self.dispatch(frame)
+        except ClientError as exc:
+            self.send_error(exc.code, exc.message)
+        except Exception:  # noqa: BLE001 - one bad frame must not end the worker
+            log.exception("error handling a frame from %s", self.socket_id)
+            self.send_error(None, "Internal server error")
+
+    def ended(self):
+        """The socket is over (called in the event loop): the leaving may wait on Redis,
+        webhooks and hooks, so it runs in a greenlet."""
+        self.closed = True
+        gevent.spawn_raw(self._cleanup)
 
     def _cleanup(self):
         self.closed = True
-        self.ws.ping_listener = None  # a reference back to us: no cycle left for gc
         for timer in (self._timer, self._auth_timer):
             if timer is not None:
                 timer.stop()
@@ -166,7 +191,8 @@ class Connection:
         return True
 
     def ping_frame(self):
-        """A WebSocket ping frame: answered by the transport, counted here like a message."""
+        """A WebSocket ping frame (in the event loop): answered by the transport, counted here
+        like a message."""
         self._flooding(time.monotonic())
 
     # ---------------------------------------------------------------- heartbeat

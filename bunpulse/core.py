@@ -10,12 +10,13 @@ import gevent
 
 from . import protocol
 from .adapters import make_adapter
+from .adapters.local import LocalAdapter
 from .addresses import TrustedProxies, client_address
 from .apps import load_apps
 from .connection import Connection
 from .errors import (ClientError, ConnectionRefused, ErrorCode, PresenceFull,
                      SubscriptionError)
-from .hub import Hub
+from .hub import YIELD_EVERY, Hub
 from .logs import Throttled
 from .metrics import Metrics
 from .protocol import channel_kind, data_string
@@ -52,6 +53,9 @@ class Hooks:
         self._callbacks.setdefault(event, []).append(callback)
         return callback
 
+    def wanted(self, event):
+        return event in self._callbacks
+
     def emit(self, event, conn, data):
         for callback in self._callbacks.get(event, ()):
             try:
@@ -81,6 +85,7 @@ class BunPulse:
         self.activity_timeout = int(seconds) if seconds >= 1 else seconds
         self.trusted_proxies = TrustedProxies(settings.trust_proxy)
         self._per_address = {}  # client address -> its open connections (with the option only)
+        self._local = type(self.adapter) is LocalAdapter  # nothing it does can wait
         # The debug dashboard (bunpulse.dashboard), when enabled: `watching` holds the ids of
         # the apps someone watches, so that an event costs one dict lookup when nobody does.
         self.watching = {}
@@ -99,37 +104,30 @@ class BunPulse:
             return refusal
 
     def serve_websocket(self, ws, admission, address=None):
-        """Run one Pusher connection on an upgraded socket, given what `admit` said; blocks for
-        its whole life. `address` (the client's, see `address_of`) is counted against
-        max_connections_per_ip."""
+        """Run one Pusher connection on an upgraded socket, given what `admit` said; returns
+        at once: the event loop serves the socket from then on. `address` (the client's, see
+        `address_of`) is counted against max_connections_per_ip while the connection lasts."""
         ws.max_message_size = self.settings.max_message_size
         ws.outbox.limit = self.settings.max_buffer
         if isinstance(admission, ConnectionRefused):
             self._refuse_socket(ws, admission)
             return
-        if address is None:
-            Connection(self, admission, ws, self.new_socket_id()).run()
-            return
-        per_address = self._per_address
-        held = per_address.get(address, 0)
-        if held >= self.settings.max_connections_per_ip:
-            self.limits.warning(("", "max_connections_per_ip"), "%s has %d connections open: "
-                                "more are refused with 4004 (--max-connections-per-ip)",
-                                address, held, limit="max_connections_per_ip")
-            self._refuse_socket(ws, ConnectionRefused(
-                ErrorCode.OVER_CONNECTION_QUOTA,
-                f"Too many connections from your address (at most "
-                f"{self.settings.max_connections_per_ip})"))
-            return
-        per_address[address] = held + 1
-        try:
-            Connection(self, admission, ws, self.new_socket_id()).run()
-        finally:
-            left = per_address[address] - 1
-            if left:
-                per_address[address] = left
-            else:
-                del per_address[address]
+        if address is not None:
+            held = self._per_address.get(address, 0)
+            if held >= self.settings.max_connections_per_ip:
+                self.limits.warning(("", "max_connections_per_ip"), "%s has %d connections "
+                                    "open: more are refused with 4004 "
+                                    "(--max-connections-per-ip)", address, held,
+                                    limit="max_connections_per_ip")
+                self._refuse_socket(ws, ConnectionRefused(
+                    ErrorCode.OVER_CONNECTION_QUOTA,
+                    f"Too many connections from your address (at most "
+                    f"{self.settings.max_connections_per_ip})"))
+                return
+            self._per_address[address] = held + 1
+        conn = Connection(self, admission, ws, self.new_socket_id())
+        conn.address = address
+        conn.start()
 
     def address_of(self, environ):
         """The client address a new socket counts against, or None when nothing is counted."""
@@ -141,8 +139,20 @@ class BunPulse:
     def _refuse_socket(ws, refusal):
         ws.send_bytes(protocol.error(refusal.code, refusal.message))
         ws.close(refusal.code, refusal.message)
-        while ws.receive() is not None:  # wait for the client's close frame
-            pass
+        ws.start(None)  # waits for the client's close frame
+
+    def serves_at_once(self, app, event, data):
+        """Whether a subscribe or unsubscribe can be served in the event loop, where nothing
+        may wait: the local adapter, no hook for it, no webhook for the app, and a channel
+        small enough that its fan-out (presence member events) does not yield."""
+        if not self._local or app.webhooks or self.hooks.wanted(event) or app.id in self.watching:
+            return False
+        name = data.get("channel") if isinstance(data, dict) else None
+        if not isinstance(name, str) or not name.startswith("presence-"):
+            return True  # a malformed one is answered with an error, in the loop too
+        channel = self.hub.channel(app.id, name)
+        return channel is None or (not channel.sending
+                                   and len(channel.subscribers) < YIELD_EVERY)
 
     def _admit(self, path, query):
         match = APP_PATH.match(path)
@@ -176,6 +186,13 @@ class BunPulse:
             self.dashboard.log(conn.app.id, "connection", socket_id=conn.socket_id)
 
     def disconnected(self, conn):
+        address = conn.address
+        if address is not None:  # counted against max_connections_per_ip
+            left = self._per_address[address] - 1
+            if left:
+                self._per_address[address] = left
+            else:
+                del self._per_address[address]
         if conn.app.id in self.watching:
             self.dashboard.closed(conn)
         changes, offline = self.adapter.remove_connection(conn)
@@ -282,17 +299,13 @@ class BunPulse:
         elif app.webhooks:
             self._emit_subscription_count(app, name)
 
-    def cluster_removals(self, vacated, removed, offline):
-        """Announce what a dead node's departure (or another node's report) removed:
-        [(app_id, channel)], [(app_id, channel, user_id)], [(app_id, user_id)]."""
-        for app_id, channel, user_id in removed:
+    def cluster_removals(self, left, offline):
+        """Announce what a dead node's departure removed: [(app_id, Left)] and
+        [(app_id, user_id gone offline)]."""
+        for app_id, change in left:
             app = self.apps.by_id(app_id)
             if app is not None:
-                self._left(app, (channel, False, user_id))
-        for app_id, channel in vacated:
-            app = self.apps.by_id(app_id)
-            if app is not None:
-                self.webhooks.emit(app, {"name": "channel_vacated", "channel": channel})
+                self._left(app, change)
         for app_id, user_id in offline:
             app = self.apps.by_id(app_id)
             if app is not None:

@@ -9,6 +9,7 @@ Violation the parser ignores what follows. A frame too big for `max_message_size
 (1009) as soon as its header is known, before its payload arrives.
 """
 import struct
+import zlib
 
 from wsaccel.xormask import XorMaskerSimple
 
@@ -20,14 +21,48 @@ _pack_short = struct.Struct("!H").pack
 _pack_long = struct.Struct("!Q").pack
 _unpack_short = struct.Struct("!H").unpack_from
 _unpack_long = struct.Struct("!Q").unpack_from
+_DEFLATE_TAIL = b"\x00\x00\xff\xff"  # removed from each deflated message (RFC 7692)
+DEFLATE_MIN = 128  # smaller messages are sent as they are: deflating would not pay
+_deflated = [None, None]  # the frames last deflated, and their deflated form
+
+
+def deflated(frames):
+    """`frames` (one or several server frames) as a permessage-deflate client gets them: each
+    message's payload deflated without context takeover (RSV1 set), control frames and small
+    messages as they are. Without context takeover one compression serves every socket: the
+    last result is kept, since a fan-out hands the same object to every subscriber."""
+    if frames is _deflated[0]:
+        return _deflated[1]
+    out, pos, end = [], 0, len(frames)
+    while pos < end:
+        first, length, head = frames[pos], frames[pos + 1] & 0x7F, 2
+        if length == 126:
+            length, head = _unpack_short(frames, pos + 2)[0], 4
+        elif length == 127:
+            length, head = _unpack_long(frames, pos + 2)[0], 10
+        stop = pos + head + length
+        if first & 0x0F in (OP_TEXT, OP_BINARY) and length >= DEFLATE_MIN:
+            compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+            data = compressor.compress(frames[pos + head:stop]) + compressor.flush(
+                zlib.Z_SYNC_FLUSH)
+            out.append(build_frame(data[:-4], first & 0x0F, compressed=True))
+        else:
+            out.append(frames[pos:stop])
+        pos = stop
+    result = out[0] if len(out) == 1 else b"".join(out)
+    _deflated[0], _deflated[1] = frames, result
+    return result
+
+
 # Close codes a peer must not send (RFC 6455 7.4.1): answered with a normal close instead.
 _RESERVED_CLOSE_CODES = (1004, 1005, 1006, 1015)
 
 
-def build_frame(payload, opcode=OP_TEXT):
-    """One unmasked, final frame around `payload` (bytes); built once, sent to many sockets."""
+def build_frame(payload, opcode=OP_TEXT, compressed=False):
+    """One unmasked, final frame around `payload` (bytes); built once, sent to many sockets.
+    `compressed`: the payload is deflated (RSV1 set, permessage-deflate)."""
     length = len(payload)
-    first = bytes((0x80 | opcode,))
+    first = bytes((0xC0 | opcode if compressed else 0x80 | opcode,))
     if length < 126:
         return first + bytes((length,)) + payload
     if length < 0x10000:
@@ -82,11 +117,13 @@ class Violation:
 class FrameParser:
     """The client's side of one connection, as a stream of bytes in and events out."""
 
-    __slots__ = ("max_message_size", "_chunks", "_have", "_wanted", "_events", "_opcode",
-                 "_parts", "_size", "_done")
+    __slots__ = ("max_message_size", "inflate", "_chunks", "_have", "_wanted", "_events",
+                 "_opcode", "_parts", "_size", "_done", "_compressed")
 
-    def __init__(self, max_message_size=1 << 16):
+    def __init__(self, max_message_size=1 << 16, inflate=False):
         self.max_message_size = max_message_size
+        self.inflate = inflate  # permessage-deflate was negotiated: RSV1 marks a deflated message
+        self._compressed = False  # the fragmented message in progress is deflated
         self._chunks = []     # bytes received and not parsed yet
         self._have = 0        # their total size
         self._wanted = 2      # bytes needed before parsing can go on (a frame's first two)
@@ -124,7 +161,8 @@ class FrameParser:
         while not self._done and end - pos >= 2:
             b1, b2 = buf[pos], buf[pos + 1]
             fin, opcode, length = b1 & 0x80, b1 & 0x0F, b2 & 0x7F
-            if b1 & 0x70:
+            if b1 & 0x70 and (b1 & 0x70 != 0x40 or not self.inflate
+                              or opcode not in (OP_TEXT, OP_BINARY)):
                 self._violation(WsClose.PROTOCOL_ERROR, "Reserved bits must be 0")
                 break
             if not b2 & 0x80:
@@ -165,7 +203,7 @@ class FrameParser:
             payload = (XorMaskerSimple(buf[start - 4:start]).process(buf[start:pos + size])
                        if length else b"")
             pos += size
-            self._frame(fin, opcode, payload)
+            self._frame(fin, opcode, payload, b1 & 0x40)
         if self._done or pos == end:
             chunks.clear()
             self._have = 0
@@ -175,7 +213,7 @@ class FrameParser:
             self._have = len(rest)
         self._wanted = wanted
 
-    def _frame(self, fin, opcode, payload):
+    def _frame(self, fin, opcode, payload, compressed):
         if opcode >= OP_CLOSE:
             if opcode == OP_CLOSE:
                 self._done = True
@@ -196,17 +234,31 @@ class FrameParser:
             return
         else:
             if fin:  # the common case: a whole message in one frame
-                self._message(opcode, payload)
+                self._message(opcode, payload, compressed)
                 return
-            self._opcode, self._parts = opcode, []
+            self._opcode, self._parts, self._compressed = opcode, [], compressed
         self._parts.append(payload)
         self._size += len(payload)
         if fin:
             parts, opcode = self._parts, self._opcode
             self._opcode, self._parts, self._size = None, None, 0
-            self._message(opcode, b"".join(parts))
+            self._message(opcode, b"".join(parts), self._compressed)
 
-    def _message(self, opcode, payload):
+    def _message(self, opcode, payload, compressed):
+        if compressed:
+            # Inflated at most to the size limit: a small message that inflates past it (a
+            # zip bomb) costs no more than a message of the limit's size.
+            inflater = zlib.decompressobj(-15)
+            try:
+                payload = inflater.decompress(payload + _DEFLATE_TAIL, self.max_message_size + 1)
+            except zlib.error:
+                self._violation(WsClose.INVALID_PAYLOAD, "Invalid compressed data",
+                                payload_unread=False)
+                return
+            if len(payload) > self.max_message_size:
+                self._violation(WsClose.MESSAGE_TOO_BIG, "Message too big",
+                                payload_unread=False)
+                return
         if opcode == OP_TEXT:
             try:
                 self._events.append(payload.decode("utf-8"))

@@ -5,13 +5,17 @@ state change returns what changed (occupied, vacated, member added or removed, u
 offline) as values, for the adapter to turn into deployment-wide events and webhooks.
 """
 import time
-from collections import deque
+from collections import deque, namedtuple
 
 import gevent
 
 from .metrics import Metrics
 
 YIELD_EVERY = 256  # sockets served between two yields while fanning out to a big channel
+
+# What a subscription's end changed: the channel, whether it became empty, and the presence
+# user who left it (None if the user is still there through another connection, or none).
+Left = namedtuple("Left", "channel vacated removed")
 
 
 class Channel:
@@ -21,7 +25,8 @@ class Channel:
         self.name = name
         self.subscribers = {}   # connection -> its outbox's send, to skip two lookups a delivery
         self.members = {}       # presence: user_id -> [user_info, local connection count]
-        self.queue = deque()    # frames waiting while a big fan-out yields
+        self.queue = None       # frames waiting while a big fan-out yields: a deque made
+                                # when needed (an empty one is large)
         self.sending = False
 
 
@@ -110,7 +115,7 @@ class Hub:
 
     def unsubscribe(self, conn, name):
         """Remove conn from a channel; None if it was not subscribed, else
-        (name, vacated, removed user_id or None)."""
+        Left(name, vacated, removed user_id or None)."""
         if name not in conn.subscriptions:
             return None
         user_id = conn.subscriptions.pop(name)
@@ -133,7 +138,7 @@ class Hub:
         if vacated:
             del channels[name]
             metrics.channels.dec()
-        return name, vacated, removed
+        return Left(name, vacated, removed)
 
     def channel(self, app_id, name):
         state = self._apps.get(app_id)
@@ -149,16 +154,17 @@ class Hub:
 
     # ---------------------------------------------------------------- delivery
 
-    def broadcast(self, app_id, name, frame, except_socket_id=None):
-        """Send a prebuilt WebSocket frame to a channel's subscribers here. Return how many."""
+    def broadcast(self, app_id, name, frame, except_socket_id=None, events=1):
+        """Send a prebuilt WebSocket frame (or `events` frames joined) to a channel's
+        subscribers here. Return to how many."""
         state = self._apps.get(app_id)
         channel = state.channels.get(name) if state is not None else None
         if channel is None:
             return 0
         sent = self._deliver(channel, state, frame, except_socket_id)
-        state.messages_out += sent  # the dashboard's charts
+        state.messages_out += sent * events  # the dashboard's charts
         metrics = self.metrics.app(app_id)  # once per event, never per delivery
-        metrics.sent += sent
+        metrics.sent += sent * events
         metrics.sent_bytes += sent * len(frame)
         return sent
 
@@ -172,11 +178,13 @@ class Hub:
             return len(subscribers) - (skip in subscribers)
         # A big channel yields while it fans out; later frames queue behind so that every
         # subscriber still sees the channel's events in order.
-        channel.queue.append((frame, skip))
+        queue = channel.queue
+        if queue is None:
+            queue = channel.queue = deque()
+        queue.append((frame, skip))
         if channel.sending:
             return len(subscribers)
         channel.sending = True
-        queue = channel.queue
         try:
             while queue:
                 # Frames queued during the last pass go out together: one send per socket

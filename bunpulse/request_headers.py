@@ -10,6 +10,8 @@ import re
 
 MAX_LINE = 65536   # http.client's limits
 MAX_HEADERS = 100
+MAX_HEAD = 65536   # bytes of a request head, request line included; past it, 431
+TOO_LARGE = "Request head larger than 64 KiB"
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 
 
@@ -21,24 +23,33 @@ class RequestHeaders:
         self.status = status  # not empty: the headers are malformed, pywsgi answers 400
 
     @classmethod
-    def read(cls, fp):
+    def read(cls, fp, budget=MAX_HEAD):
+        """The header lines up to the blank one, in at most `budget` bytes (else the status
+        is TOO_LARGE). Folded lines are gathered and joined once: linear in their number."""
         pairs = []
+        folded = None  # the continuation lines of the last header
         while True:
-            line = fp.readline(MAX_LINE + 1)
+            line = fp.readline(min(MAX_LINE, budget) + 1)
+            budget -= len(line)
+            if budget < 0:
+                return cls(status=TOO_LARGE)
             if len(line) > MAX_LINE:
                 return cls(status="Line too long")
-            if line in (b"\r\n", b"\n", b""):
-                return cls(pairs)
-            text = line.decode("latin-1").rstrip("\r\n")
-            if text[:1] in (" ", "\t"):  # obsolete line folding: unfold with a space
+            if line[:1] in (b" ", b"\t"):  # obsolete line folding: unfold with a space
                 if not pairs:
                     return cls(status="Continuation line without a header")
-                name, value = pairs[-1]
-                pairs[-1] = (name, f"{value} {text.strip()}".strip())
+                if folded is None:
+                    folded = [pairs[-1][1]]
+                folded.append(line.decode("latin-1").strip())
                 continue
+            if folded is not None:
+                pairs[-1] = (pairs[-1][0], " ".join(part for part in folded if part))
+                folded = None
+            if line in (b"\r\n", b"\n", b""):
+                return cls(pairs)
             if len(pairs) >= MAX_HEADERS:
                 return cls(status=f"More than {MAX_HEADERS} headers")
-            name, colon, value = text.partition(":")
+            name, colon, value = line.decode("latin-1").rstrip("\r\n").partition(":")
             if not colon or not _TOKEN.match(name):
                 return cls(status="Malformed header line")
             pairs.append((name, value.strip(" \t")))

@@ -25,5 +25,6 @@ def log_startup(settings, apps, where, logger=log, workers=None):
         logger.warning("NO CREDENTIALS CONFIGURED: serving the development app (id 1, key "
                        "app-key, secret app-secret) on 127.0.0.1 only. Set PUSHER_APP_ID, "
                        "PUSHER_APP_KEY and PUSHER_APP_SECRET (or --apps-file) for real use.")
-    logger.info("adapter: %s", f"redis {redacted(settings.redis_url)}" if settings.redis_url
-                else "local (one process)")
+    cluster = " (Redis Cluster seed)" if settings.redis_cluster else ""
+    logger.info("adapter: %s", f"redis {redacted(settings.redis_url)}{cluster}"
+                if settings.redis_url else "local (one process)")

@@ -11,7 +11,8 @@ import socket
 import gevent
 
 from . import api
-from .transport import PusherWebSocket, _buffered_ahead, session_over
+from .errors import WsClose
+from .transport import PusherWebSocket, _buffered_ahead, detach_socket
 
 log = logging.getLogger("bunpulse")
 
@@ -36,22 +37,28 @@ def note_stock_handler():
 
 
 def serve_stock_websocket(core, environ):
-    """Run one Pusher connection on the socket the stock handler upgraded; blocks for its
-    whole life, as the stock handler expects of the application."""
+    """Run one Pusher connection on the socket the stock handler upgraded (its 101 is sent):
+    the socket is detached from the handler and read by the event loop, as BunPulse's own
+    handler's are. Blocks until the connection is over, as the stock handler expects of the
+    application: its worker exits once no handler runs, which would cut clients off before
+    their 4200, and pywsgi closes the handler's socket when the handler returns."""
     note_stock_handler()
     stock = environ["wsgi.websocket"]
     handler = stock.handler
     stock.closed = True  # neither the stock handler nor its __del__ sends a close frame now
     _watch(core, handler.server)
-    sock = handler.socket
-    _no_delay(sock)
-    ws = PusherWebSocket(sock, _buffered_ahead(handler))
+    _no_delay(handler.socket)
+    ahead = _buffered_ahead(handler)
+    ws = PusherWebSocket(detach_socket(handler.socket), ahead)
     environ["wsgi.websocket"] = ws
-    admission = core.admit(api.request_path(environ), api.query_params(environ))
     try:
-        core.serve_websocket(ws, admission)
+        core.serve_websocket(ws, core.admit(api.request_path(environ),
+                                            api.query_params(environ)))
     finally:
-        session_over(ws)
+        if not ws.started:
+            ws.close(WsClose.GOING_AWAY, "Not served")
+            ws.start(None)
+    ws.wait()
 
 
 def stock_request(environ):

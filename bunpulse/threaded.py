@@ -5,8 +5,8 @@ The core runs in a gevent hub in a thread of its own (threads.HubThread). Each H
 body is read in the server's thread, exactly Content-Length bytes (Werkzeug's wsgi.input is the
 raw stream: reading past them would wait for the client), and the request is answered in the
 hub. A WebSocket upgrade gets its 101 here, written on the socket Werkzeug hands over
-(`werkzeug.socket`); the connection then runs on BunPulse's own transport in the hub, while the
-server's thread waits for it to end."""
+(`werkzeug.socket`); the connection then runs on BunPulse's own transport, read by the hub's
+event loop (on a duplicate of the socket), while the server's thread waits for it to end."""
 import io
 import logging
 import os
@@ -15,12 +15,12 @@ import threading
 
 import gevent
 import orjson
-from gevent import socket as gsocket
 from werkzeug.http import HTTP_STATUS_CODES
 
 from . import api
 from .errors import ApiError
-from .transport import PusherWebSocket, handshake_headers, handshake_refusal, session_over
+from .errors import WsClose
+from .transport import PusherWebSocket, handshake_headers, handshake_refusal
 from .threads import HubThread
 
 log = logging.getLogger("bunpulse")
@@ -94,28 +94,34 @@ class ThreadedDispatch:
         self.hub.spawn(self._session, os.dup(sock.fileno()), ahead, api.request_path(environ),
                        api.query_params(environ), ended)
         ended.wait()
+        try:  # the hub closed its duplicate: the connection ends with this one
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         # Werkzeug writes this status once the application returns (and logs it): the socket
         # is shut down by now, so the write fails as a dropped connection, quietly.
         start_response("101 Switching Protocols", [])
         return []
 
     def _session(self, fd, ahead, path, query, ended):
-        sock = gsocket.socket(fileno=fd)
+        """In the hub: the socket (a duplicate of Werkzeug's) is read by the hub's event loop,
+        as BunPulse's own handler's are; `ended` is set once the connection is over and the
+        duplicate closed. No greenlet waits meanwhile."""
+        raw = socket.socket(fileno=fd)
+        raw.setblocking(False)
         ws = None
         try:
-            ws = PusherWebSocket(sock, ahead)
+            ws = PusherWebSocket(raw, ahead)
+            ws.outbox.on_released = ended.set
             self._core.serve_websocket(ws, self._core.admit(path, query))
         except Exception:  # noqa: BLE001 - one connection's bug must not take the hub down
             log.exception("WebSocket session failed")
-        finally:
-            if ws is not None:
-                session_over(ws)
-            try:  # the server's thread then reads EOF, and its writes fail
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
-            ended.set()
+            if ws is None:
+                raw.close()
+                ended.set()
+            elif not ws.started:
+                ws.close(WsClose.GOING_AWAY, "Not served")
+                ws.start(None)
 
 
 def read_body(environ, max_body):

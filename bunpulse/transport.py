@@ -2,32 +2,47 @@
 
 It fixes what gevent-websocket 0.10.1 gets wrong for a Pusher server:
 close frames carry a real code, an oversized message is refused from its header (1009) before
-its payload is read, unmasking runs in C (wsaccel), invalid UTF-8 closes with 1007 and protocol
-errors with 1002, no stray close frame from `__del__`, and no per-address client table (which
-breaks on unix sockets). Frames are parsed by frames.FrameParser, which does no I/O. Every write
-goes through one Outbox per socket: a non-blocking send, and a bounded buffer drained by a
-writer greenlet that exists only while there is a backlog.
+its payload is read, invalid UTF-8 closes with 1007 and protocol errors with 1002 (frames.py
+parses, without I/O), and no per-address client table (which breaks on unix sockets).
 
-The seam: `PusherWebSocket(sock, ahead)` runs on any upgraded raw socket plus the bytes already
-read past the handshake; `BunPulse.serve_websocket(ws, admission)` then runs the connection.
+After the handshake no greenlet waits on a socket: the event loop reads it when it is readable
+(PusherWebSocket) and writes what did not fit when it is writable (Outbox), so an idle
+connection costs a few small objects. The seam: `PusherWebSocket(raw, ahead)` runs on any
+upgraded raw socket plus the bytes already read past the handshake: BunPulse's own handler's,
+gevent-websocket's stock handler's (stock.py) and flask run's, in its hub thread (threaded.py).
 """
 import base64
 import hashlib
+import io
 import logging
+import re
+import _socket
 import socket
 import ssl
+import time
+from wsgiref.handlers import format_date_time
+from urllib.parse import unquote
 
 import gevent
+import gevent.event
+from gevent import get_hub
+import httptools
 from geventwebsocket.handler import WebSocketHandler
-from geventwebsocket.websocket import WebSocket
 
 from .errors import ErrorCode, WsClose
-from .frames import (OP_BINARY, OP_TEXT, Close, FrameParser, PongDue, Violation, build_frame,
-                     close_frame)
-from .request_headers import RequestHeaders
+from .frames import (OP_BINARY, OP_TEXT, Close, FrameParser, PongDue, build_frame,
+                     close_frame, deflated)
+from .request_headers import MAX_HEAD, TOO_LARGE, RequestHeaders
 
 log = logging.getLogger("bunpulse.transport")
-client_log = logging.getLogger("bunpulse.clients")
+client_log = logging.getLogger("bunpulse.clients")  # clients' mistakes, at info
+
+CLOSE_LINGER = 3.0  # seconds to wait for the client's close frame before dropping the socket
+READ_SIZE = 16384   # bytes read per readiness: bounds the work one client causes at a time
+DISCARD_LIMIT = 1 << 20  # bytes of a refused frame dropped so that the close frame arrives
+HANDSHAKE_TIMEOUT = 10.0  # seconds a request head may take to arrive (--handshake-timeout)
+KEEPALIVE_TIMEOUT = 5.0   # seconds an idle keep-alive connection is kept (--keepalive-timeout)
+_EV_READ, _EV_WRITE = 1, 2
 
 
 class _ClientMistakes(logging.LoggerAdapter):
@@ -37,42 +52,35 @@ class _ClientMistakes(logging.LoggerAdapter):
     def warning(self, msg, *args, **kwargs):
         self.info(msg, *args, **kwargs)
 
-# An application may leave a callable here in the upgrade request's environ: the handler runs
-# it once the application has returned, outside its request context (see run_websocket).
-SESSION_KEY = "websocket.session"
-CLOSE_LINGER = 3.0  # seconds to wait for the client's close frame before dropping the socket
-
-
-class ConnectionLost(Exception):
-    """The peer went away (EOF or socket error)."""
-
 
 class Outbox:
     """The single writer of one socket.
 
-    `send` tries a non-blocking write; what does not fit is queued and a writer greenlet is
-    spawned to drain it, coalescing everything queued into one write. Past `limit` queued bytes
-    the peer is evicted (close 4100, so pusher-js backs off and reconnects).
-    """
+    `send` tries a non-blocking write; what does not fit is queued and written by a write
+    watcher of the event loop when the socket drains (no greenlet), coalesced into one write.
+    Past `limit` queued bytes the peer is evicted (close 4100, so pusher-js backs off and
+    reconnects). While corked, sends only queue: the frames answered to one read leave in one
+    write."""
 
-    __slots__ = ("_sock", "_raw_send", "_pending", "_pending_size", "_writer", "limit",
-                 "closed", "close_code", "close_info", "on_evict", "__weakref__")
+    __slots__ = ("_raw", "_pending", "_pending_size", "_watcher", "_corked", "limit",
+                 "closed", "close_code", "close_info", "_closing", "_release", "on_evict",
+                 "on_released", "deflate", "__weakref__")
 
-    def __init__(self, sock, limit, on_evict=None):
-        self._sock = sock
-        tls = getattr(sock, "_sslobj", None)
-        if tls is not None:
-            self._raw_send = _tls_send(tls.write)
-        else:  # the non-blocking socket under gevent's wrapper
-            self._raw_send = getattr(sock, "_sock", sock).send
-        self._pending = []
-        self._pending_size = 0
-        self._writer = None
+    def __init__(self, sock, limit, on_evict=None, head=None):
+        self._raw = getattr(sock, "_sock", sock)  # the non-blocking socket under gevent's
+        self._pending = [head] if head else []
+        self._pending_size = len(head) if head else 0
+        self._watcher = None
+        self._corked = bool(head)
         self.limit = limit
         self.closed = False
         self.close_code = None  # the code of the close frame this side sent first
-        self.on_evict = on_evict
         self.close_info = None  # (code, reason, who closed: "server", "client" or "evicted")
+        self._closing = False
+        self._release = False
+        self.on_evict = on_evict
+        self.on_released = None  # called once the socket is closed after `release`
+        self.deflate = False  # permessage-deflate: messages leave deflated (frames.deflated)
 
     @property
     def backlog(self):
@@ -81,14 +89,16 @@ class Outbox:
     def send(self, frame):
         if self.closed:
             return
-        if self._writer is not None:
+        if self.deflate:
+            frame = deflated(frame)
+        if self._pending or self._corked:
             self._pending.append(frame)
             self._pending_size += len(frame)
             if self._pending_size > self.limit:
                 self._evict()
             return
         try:
-            sent = self._raw_send(frame)
+            sent = self._raw.send(frame)
         except BlockingIOError:
             sent = 0
         except OSError:
@@ -97,30 +107,57 @@ class Outbox:
         if sent < len(frame):
             self._pending.append(frame[sent:])
             self._pending_size = len(frame) - sent
-            self._writer = gevent.spawn(self._drain)
+            self._watch()
 
-    def _drain(self):
+    def cork(self):
+        self._corked = True
+
+    def uncork(self):
+        self._corked = False
+        if self._pending and self._watcher is None:
+            self._flush()
+
+    def _watch(self):
+        if self._watcher is None:
+            self._watcher = get_hub().loop.io(self._raw.fileno(), _EV_WRITE)
+            self._watcher.start(self._flush)
+
+    def _flush(self):
         pending = self._pending
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
         try:
-            while pending and not self.closed:
-                data = pending[0] if len(pending) == 1 else b"".join(pending)
-                pending.clear()
-                self._pending_size = 0
-                self._sock.sendall(data)
+            sent = self._raw.send(data)
+        except BlockingIOError:
+            sent = 0
         except OSError:
             self._drop()
-        finally:
-            self._writer = None
+            return
+        pending.clear()
+        if sent < len(data):
+            pending.append(data[sent:])
+            self._pending_size = len(data) - sent
+            self._watch()
+            return
+        self._pending_size = 0
+        self._unwatch()
+        if self._release:
+            self._close_raw()
+        elif self._closing:
+            self._half_close()
+
+    def _unwatch(self):
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher.close()
+            self._watcher = None
 
     def _evict(self):
         log.info("evicting a client that stopped reading (%d bytes queued)", self._pending_size)
-        self._pending.clear()
-        self._pending_size = 0
-        self.closed = True
+        self._drop()
         self.close_code = ErrorCode.OVER_CAPACITY
         self.close_info = (ErrorCode.OVER_CAPACITY, "Client too slow", "evicted")
         try:  # best effort: the socket buffer is probably full
-            self._raw_send(close_frame(ErrorCode.OVER_CAPACITY, "Client too slow"))
+            self._raw.send(close_frame(ErrorCode.OVER_CAPACITY, "Client too slow"))
         except OSError:
             pass
         self.shutdown()
@@ -131,52 +168,282 @@ class Outbox:
         self.closed = True
         self._pending.clear()
         self._pending_size = 0
+        self._unwatch()
+        if self._release:
+            self._close_raw()
+
+    def _close_raw(self):
+        self._raw.close()
+        on_released, self.on_released = self.on_released, None
+        if on_released is not None:
+            on_released()
+
+    def release(self):
+        """The reader is done with the socket: close it once what is queued is written."""
+        self.closed = self._release = True
+        if not self._pending or self._raw.fileno() < 0:
+            self._drop()
+        elif not self._closing:  # a close frame's timer already bounds the wait
+            get_hub().loop.timer(CLOSE_LINGER).start(self.shutdown)
 
     def close(self, code, reason=""):
-        """Queue a close frame after what is pending, then half-close; the reader's linger
-        timer drops the socket if the client never answers."""
+        """Queue a close frame after what is pending, then half-close; the linger timer drops
+        the socket if the client never answers."""
         if self.closed:
             return
         self.send(close_frame(code, reason))
         self.closed = True
         self.close_code = code
         self.close_info = (code, reason, "server")
-        if self._writer is None:
+        self._closing = True
+        if not self._pending:
             self._half_close()
-        else:
-            self._writer.link(lambda _: self._half_close())
-        gevent.get_hub().loop.timer(CLOSE_LINGER).start(self.shutdown)
+        get_hub().loop.timer(CLOSE_LINGER).start(self.shutdown)
 
     def _half_close(self):
-        if getattr(self._sock, "_sslobj", None) is not None:
+        if isinstance(self._raw, _TlsSocket):
             return  # shutdown() would drop TLS for the reads still to come (the client's close)
         try:
-            self._sock.shutdown(socket.SHUT_WR)
+            self._raw.shutdown(socket.SHUT_WR)
         except OSError:
             pass
 
     def shutdown(self):
         """Drop the connection now: the reader sees EOF and cleans up."""
-        self.closed = True
+        release, self._release = self._release, False
+        self._drop()
+        if release:
+            self._close_raw()
+            return
         try:
-            self._sock.shutdown(socket.SHUT_RDWR)
+            self._raw.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
 
-def _tls_send(write):
-    """A TLS socket's send that never waits: its SSL object's write on the non-blocking socket
-    below. A record that does not fit now is written again from its start later, as OpenSSL
-    requires (the writer's next write begins with the same bytes)."""
-    def send(data):
+class _Ignore:
+    """The consumer of a socket nobody serves: it waits for the client's close frame."""
+
+    @staticmethod
+    def take(message):
+        return None
+
+    @staticmethod
+    def ping_frame():
+        pass
+
+    @staticmethod
+    def ended():
+        pass
+
+
+class PusherWebSocket:
+    """An upgraded socket read by the event loop: no greenlet waits on an idle one.
+
+    A readiness callback makes one bounded read (so a flooding client gets its turn like the
+    others and never holds the worker), feeds the frame parser, answers control frames, and
+    hands each message to the consumer's `take`, which handles it at once or returns work
+    that may block (Redis, hooks, a fan-out that yields). That work runs in a short-lived
+    greenlet, with the socket's reading paused so that its messages keep their order."""
+
+    __slots__ = ("_raw", "_watcher", "_parser", "outbox", "closed", "close_code", "_consumer",
+                 "started", "_discard", "_ahead", "__weakref__")
+
+    def __init__(self, raw, ahead=b"", head=None, deflate=False):
+        """`raw`: the upgraded non-blocking socket; `ahead`: the bytes already read past the
+        handshake; `head`: the handshake's answer, sent with the first frames; `deflate`:
+        permessage-deflate was negotiated."""
+        self._raw = raw
+        self._watcher = None
+        self._parser = FrameParser(inflate=deflate)
+        self._ahead = ahead  # parsed once the core has set the limits
+        self.outbox = Outbox(raw, 1 << 20, head=head)  # the core sets its limit (max_buffer)
+        self.outbox.deflate = deflate
+        self.closed = False      # a close frame was sent or received: messages are ignored
+        self.close_code = None   # the code of the client's close frame
+        self._consumer = None
+        self.started = False
+        self._discard = -1       # >= 0: refused midway, bytes still dropped before closing
+
+    @property
+    def max_message_size(self):
+        return self._parser.max_message_size
+
+    @max_message_size.setter
+    def max_message_size(self, size):
+        self._parser.max_message_size = size
+
+    # ---------------------------------------------------------------- reading
+
+    def start(self, consumer):
+        """Serve the socket from the event loop and return at once.
+
+        `consumer.take(message)` gets every message (str or bytes), in the event loop: it
+        returns None when done, or work for `consumer.run(work)` in a greenlet;
+        `consumer.ping_frame()` hears of each ping frame, which the transport answers;
+        `consumer.ended()` is called once, when the connection is over. The handshake's
+        answer and what was sent before this call leave now, in one write."""
+        self.started = True
+        self._consumer = consumer if consumer is not None else _Ignore
+        self._watcher = get_hub().loop.io(self._raw.fileno(), _EV_READ)
+        self._resume()
+        self._parser.receive_data(self._ahead)  # frames that came with the handshake
+        self._ahead = None
+        events = self._parser.events_received()
+        if events:
+            self._events(events)
+        else:
+            self.outbox.uncork()
+
+    def _resume(self):
+        self._watcher.start(self._readable)
+        pending = getattr(self._raw, "pending", None)
+        if pending is not None and pending():
+            get_hub().loop.run_callback(self._readable)  # TLS holds more: no readiness will say
+
+    def _readable(self):
+        if self._watcher is None or not self._watcher.active:
+            return  # ended, or paused for a message's work, since this read was scheduled
         try:
-            return write(data)
-        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
-            raise BlockingIOError() from None
-    return send
+            data = self._raw.recv(max(self._parser.missing, READ_SIZE))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        try:
+            if not data:
+                self._end()
+            elif self._discard >= 0:
+                self._discard -= len(data)
+                if self._discard < 0:
+                    self._end()
+            else:
+                self._parser.receive_data(data)
+                events = self._parser.events_received()
+                if events:
+                    self._events(events)
+                pending = getattr(self._raw, "pending", None)
+                if pending is not None and pending():
+                    get_hub().loop.run_callback(self._readable)  # TLS holds more: read on
+        except Exception:  # noqa: BLE001 - one socket's error must never reach the event loop
+            log.exception("error serving a WebSocket")
+            self.outbox.shutdown()
+            self._end()
 
+    def _events(self, events):
+        """Handle events in the event loop until one needs a greenlet."""
+        outbox = self.outbox
+        outbox.cork()  # what this read makes us answer leaves in one write
+        try:
+            for index, event in enumerate(events):
+                kind = type(event)
+                if kind is str or kind is bytes:
+                    if self.closed:
+                        continue  # closing: wait for the client's close frame
+                    work = self._consumer.take(event)
+                    if work is not None:
+                        self._watcher.stop()
+                        gevent.spawn_raw(self._work, work, events[index + 1:])
+                        return
+                elif not self._control(event):
+                    return
+        finally:
+            outbox.uncork()
 
-READ_SIZE = 4096  # bytes asked of the socket at once, unless a frame in progress needs more
+    def _work(self, work, rest):
+        consumer = self._consumer
+        try:
+            consumer.run(work)
+            for event in rest:
+                kind = type(event)
+                if kind is str or kind is bytes:
+                    if not self.closed:
+                        work = consumer.take(event)
+                        if work is not None:
+                            consumer.run(work)
+                elif not self._control(event):
+                    return
+        except Exception:  # noqa: BLE001 - logged; the connection goes on
+            log.exception("error handling a WebSocket message")
+        if self._watcher is not None:
+            self._resume()
+
+    def _control(self, event):
+        """Answer a ping, a close or a violation; False once reading is over."""
+        kind = type(event)
+        if kind is PongDue:
+            if self._consumer is not None:
+                self._consumer.ping_frame()  # counted like a message (the rate limit)
+            self.outbox.send(event.frame)
+            return True
+        if kind is Close:
+            self.close_code = event.code
+            if self.outbox.close_info is None:
+                self.outbox.close_info = (event.code, event.reason, "client")
+            if not self.closed:
+                self.closed = True
+                self.outbox.send(close_frame(event.reply_code))
+            self._end()
+            return False
+        # A violation: close with its code. A frame refused before its payload arrived is
+        # still coming: up to DISCARD_LIMIT bytes of it are dropped (or until the linger
+        # timer ends the socket), since closing with unread input resets the connection, and
+        # the reset can destroy the close frame (1009) before the client reads it.
+        self.close(event.code, event.reason)
+        if event.payload_unread:
+            self._discard = DISCARD_LIMIT
+            self._ended()  # the connection's cleanup first, then the draining
+            if self._watcher is not None and not self._watcher.active:
+                self._resume()  # paused by a message's work
+        else:
+            self._end()
+        return False
+
+    def _ended(self):
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            self.closed = True
+            try:
+                consumer.ended()
+            except Exception:  # noqa: BLE001
+                log.exception("error ending a WebSocket connection")
+
+    def _end(self):
+        """The connection is over: stop reading, tell the consumer, and close the socket once
+        what is queued for it is written (or the linger timer gives up)."""
+        self.closed = True
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher.close()
+            self._watcher = None
+        self._ended()
+        self.outbox.release()
+
+    def wait(self):
+        """Block the calling greenlet until the connection is over and its socket closed: for
+        a server whose handler must not return before then (gevent-websocket's stock handler:
+        gunicorn's stock worker exits once its handlers have returned)."""
+        if self._raw.fileno() < 0:
+            return
+        over = gevent.event.Event()
+        self.outbox.on_released = over.set
+        over.wait()
+
+    # ---------------------------------------------------------------- writing
+
+    def send_bytes(self, payload):
+        """Send one text message whose UTF-8 payload is already encoded."""
+        self.outbox.send(build_frame(payload))
+
+    def send(self, message, binary=None):
+        payload = message.encode() if isinstance(message, str) else bytes(message)
+        self.outbox.send(build_frame(payload, OP_BINARY if binary else OP_TEXT))
+
+    def close(self, code=WsClose.NORMAL, message=""):
+        if isinstance(message, bytes):
+            message = message.decode("utf-8", "replace")
+        self.closed = True
+        self.outbox.close(int(code), message or "")
 
 
 def _buffered_ahead(handler):
@@ -198,129 +465,218 @@ def _buffered_ahead(handler):
     return data or b""
 
 
-class PusherWebSocket(WebSocket):
-    """A server-side WebSocket on an upgraded socket: reads drive a FrameParser, and every
-    write goes through a single writer (`outbox`).
+class _HeadTooLarge(ValueError):
+    pass
 
-    `sock`: the raw socket once the handshake is answered; `ahead`: the bytes already read past
-    the handshake. Frames are read from the socket itself, not through a buffered reader: an
-    idle connection then holds no read buffer, only what a client sent ahead of what has been
-    parsed."""
 
-    __slots__ = ("outbox", "close_code", "_recv", "_ahead", "_parser", "_events",
-                 "refused_midway", "ping_listener")
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+              b"Connection: Upgrade\r\nSec-WebSocket-Accept: ")
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
 
-    def __init__(self, sock, ahead=b""):
-        self.environ = None
-        self.handler = None
-        self.stream = None
-        self.closed = False
-        self._recv = sock.recv
-        self._ahead = ahead
-        self._parser = FrameParser()
-        self._events = ()  # events parsed and not handled yet (none: no list held)
-        self.outbox = Outbox(sock, 1 << 20)  # the core sets its limit (max_buffer)
-        self.close_code = None
-        self.refused_midway = False  # a frame was refused before its payload was read
-        self.ping_listener = None  # its ping_frame() is called on each ping frame (rate limit)
 
-    def __del__(self):
-        pass  # never send a close frame from the garbage collector
+def _switching(accept, deflate):
+    """The handshake's answer."""
+    return b"".join((_SWITCHING, accept, _DEFLATE_ANSWER if deflate else b"", b"\r\n\r\n"))
 
-    @property
-    def max_message_size(self):
-        return self._parser.max_message_size
 
-    @max_message_size.setter
-    def max_message_size(self, size):
-        self._parser.max_message_size = size
+# Without context takeover on either side, one compression of an event serves every socket,
+# and no socket keeps a compressor's or decompressor's window.
+_DEFLATE_ANSWER = (b"\r\nSec-WebSocket-Extensions: permessage-deflate; "
+                   b"server_no_context_takeover; client_no_context_takeover")
 
-    # ---------------------------------------------------------------- reading
 
-    def _next_event(self):
-        events = self._events
-        while not events:
-            data = self._ahead or self._recv(max(self._parser.missing, READ_SIZE))
-            self._ahead = b""
-            if not data:
-                raise ConnectionLost()
-            self._parser.receive_data(data)
-            events = self._events = self._parser.events_received()
-        event = events.pop(0)
-        if not events:
-            self._events = ()
-        return event
+def _deflate_offered(offers):
+    """Whether the client's Sec-WebSocket-Extensions offers a permessage-deflate we can take:
+    any offer whose parameters allow a server window of 15 bits (compressed once per event,
+    the same bytes for every socket)."""
+    for offer in offers.split(","):
+        name, *params = [part.strip() for part in offer.split(";")]
+        if name != "permessage-deflate":
+            continue
+        for param in params:
+            key, _, value = param.partition("=")
+            key, value = key.strip(), value.strip().strip('"')
+            if key in ("server_no_context_takeover", "client_no_context_takeover"):
+                continue
+            if key == "client_max_window_bits" and (not value or value in _WINDOW_BITS):
+                continue
+            if key == "server_max_window_bits" and value == "15":
+                continue
+            break
+        else:
+            return True
+    return False
 
-    def receive(self):
-        """The next message: str (text) or bytes (binary); None once the connection is over."""
+
+_WINDOW_BITS = {str(bits) for bits in range(8, 16)}
+
+
+def _first_head(sock, data=b""):
+    """The bytes of a request head (and whatever came behind it), read until its end or
+    MAX_HEAD bytes; b"" if the client closed first."""
+    data = data or sock.recv(FIRST_READ)
+    if not data or _HEAD_END.search(data):
+        return data
+    # A head in many pieces: gathered in a bytearray and searched only where new bytes came,
+    # so that a client sending a byte at a time costs linear work, not quadratic.
+    buffer = bytearray(data)
+    while len(buffer) <= MAX_HEAD:
+        searched = max(0, len(buffer) - 3)
+        more = sock.recv(MAX_HEAD)
+        if not more:
+            return b""
+        buffer += more
+        if _HEAD_END.search(buffer, searched):
+            break
+    return bytes(buffer)
+
+
+FIRST_READ = 16384  # bytes asked of a new connection at first: a head is usually far smaller
+MAX_FAST_BODY = 1 << 20  # larger bodies go through pywsgi (and the application's own limit)
+_date = [0, ""]
+
+
+def _http_date():
+    """The Date header's value, formatted once a second."""
+    now = int(time.time())
+    if _date[0] != now:
+        _date[:] = now, format_date_time(now)
+    return _date[1]
+
+
+class _Request:
+    """httptools' callbacks: a request's target and headers."""
+
+    __slots__ = ("url", "headers")
+
+    def __init__(self):
+        self.url = b""
+        self.headers = {}
+
+    def on_url(self, url):
+        self.url += url
+
+    def on_header(self, name, value):
+        name = name.lower()
+        known = self.headers.get(name)
+        self.headers[name] = value if known is None else known + b"," + value  # as pywsgi
+
+    def environ(self, method, remote):
+        """The WSGI environ of the request, as far as the application reads it."""
+        target = self.url.decode("latin-1")
+        path, _, query = target.partition("?")
+        environ = {"REQUEST_METHOD": method, "PATH_INFO": unquote(path, "latin-1"),
+                   "QUERY_STRING": query, "RAW_URI": target, "SERVER_PROTOCOL": "HTTP/1.1",
+                   "REMOTE_ADDR": remote}
+        for name, value in self.headers.items():
+            key = name.decode("latin-1").upper().replace("-", "_")
+            if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                key = "HTTP_" + key
+            environ[key] = value.decode("latin-1")
+        return environ
+
+
+def _remote(address):
+    """REMOTE_ADDR as pywsgi gives it: the peer's host, or "" on a unix socket."""
+    return address[0] if isinstance(address, tuple) and address else ""
+
+
+def _ignore_response(status, headers, exc_info=None):
+    return None
+
+
+def _valid_key(key):
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except ValueError:
+        return False
+
+
+def detach_socket(sock):
+    """The raw non-blocking socket under gevent's wrapper, which lets go of it (and of its
+    two watchers): pywsgi would close it when the request ends. A TLS socket stays whole (its
+    TLS state lives in it), read and written through `_TlsSocket`."""
+    if getattr(sock, "_sslobj", None) is not None:
+        return _TlsSocket(sock)
+    raw = _socket.socket(fileno=sock.detach())
+    raw.setblocking(False)
+    return raw
+
+
+class _TlsSocket:
+    """A TLS socket as the event loop's reader and writer use a raw one: calls that never
+    wait (BlockingIOError when TLS would), on the non-blocking socket under gevent's."""
+
+    __slots__ = ("_sock", "_tls")
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._tls = sock._sslobj
+        # The server closes the socket when the request's handler returns; an open reference
+        # (as a makefile() holds) makes that close wait until `close` below.
+        sock._io_refs += 1
+
+    def fileno(self):
+        return self._sock.fileno()
+
+    def pending(self):
+        """Bytes TLS has decrypted and not handed out: no readiness will announce them."""
+        return self._tls.pending() if self._sock.fileno() >= 0 else 0
+
+    def recv(self, size):
         try:
-            while True:
-                event = self._next_event()
-                if type(event) is str or type(event) is bytes:
-                    return event
-                if type(event) is PongDue:
-                    if self.ping_listener is not None:
-                        self.ping_listener.ping_frame()
-                    self.outbox.send(event.frame)
-                elif type(event) is Close:
-                    self._answer_close(event)
-                    return None
-                elif type(event) is Violation:
-                    self.refused_midway = event.payload_unread
-                    self.close(event.code, event.reason)
-                    return None
-        except (ConnectionLost, OSError):
-            self.closed = True
-            self.outbox.closed = True
-        return None
+            return self._tls.read(size)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise BlockingIOError() from None
+        except ssl.SSLError:
+            return b""  # a broken TLS stream ends the connection
 
-    def drain(self, limit=1 << 20):
-        """Drop what the client still sends after a refusal, for at most CLOSE_LINGER seconds
-        and `limit` bytes: closing with unread input resets the connection, and the reset can
-        destroy our close frame (1009) before the client reads it."""
-        with gevent.Timeout(CLOSE_LINGER, False):
-            try:
-                while limit > 0:
-                    data = self._ahead or self._recv(min(limit, 65536))
-                    self._ahead = b""
-                    if not data:
-                        return
-                    limit -= len(data)
-            except OSError:
-                pass
+    def send(self, data):
+        # A record that does not fit now is written again from its start later, as OpenSSL
+        # requires: the outbox's next write begins with the same bytes.
+        try:
+            return self._tls.write(data)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            raise BlockingIOError() from None
 
-    def _answer_close(self, close):
-        self.close_code = close.code
-        if self.outbox.close_info is None:
-            self.outbox.close_info = (close.code, close.reason, "client")
-        if not self.closed:
-            self.closed = True
-            self.outbox.send(close_frame(close.reply_code))
-            self.outbox.closed = True
+    def shutdown(self, how):
+        self._sock._sock.shutdown(how)
 
-    # ---------------------------------------------------------------- writing
-
-    def send_bytes(self, payload):
-        """Send one text message whose UTF-8 payload is already encoded."""
-        self.outbox.send(build_frame(payload))
-
-    def send(self, message, binary=None):
-        payload = message.encode() if isinstance(message, str) else bytes(message)
-        self.outbox.send(build_frame(payload, OP_BINARY if binary else OP_TEXT))
-
-    def close(self, code=WsClose.NORMAL, message=""):
-        if isinstance(message, bytes):
-            message = message.decode("utf-8", "replace")
-        self.closed = True
-        self.outbox.close(int(code), message or "")
+    def close(self):
+        sock = self._sock
+        if sock._io_refs > 0:
+            sock._io_refs -= 1
+        sock.close()
 
 
-def session_over(ws):
-    """After a connection's session, whoever upgraded its socket: no more writes, and a client
-    refused in the middle of a frame is drained (after the connection's cleanup, not before)."""
-    ws.outbox.closed = True
-    if ws.refused_midway:
-        ws.drain()
+class _Prefixed(io.RawIOBase):
+    """A socket read as a file, starting with bytes already read from it."""
+
+    def __init__(self, data, sock):
+        self._data = data
+        self._sock = sock
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self._data:
+            n = min(len(buffer), len(self._data))
+            buffer[:n] = self._data[:n]
+            self._data = self._data[n:]
+            return n
+        return self._sock.recv_into(buffer)
+
+
+def _answer(status, message):
+    body = b'{"error":"%s"}' % message.encode()
+    return (b"HTTP/1.1 %s\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (status.encode(), len(body), body))
+
+
+_HEAD_TOO_LARGE = _answer("431 Request Header Fields Too Large", TOO_LARGE)
+_BAD_REQUEST = _answer("400 Bad Request", "Malformed request")
 
 
 WEBSOCKET_VERSIONS = WebSocketHandler.SUPPORTED_VERSIONS
@@ -351,27 +707,191 @@ def handshake_headers(environ):
 
 
 class PusherWebSocketHandler(WebSocketHandler):
-    """gevent-websocket's handler with our WebSocket and no per-address client table."""
+    """gevent-websocket's handler with our WebSocket, no per-address client table, and time
+    and size limits on request heads."""
 
-    logger = _ClientMistakes(client_log, {})
+    _served = False  # a request was served on this connection: the next one is keep-alive
+    logger = _ClientMistakes(client_log, {})  # gevent-websocket's upgrade warnings
+
+    def __init__(self, sock, address, server, rfile=None):
+        # pywsgi makes a buffered reader here; an upgrade read by `handle` never needs one.
+        self.socket, self.client_address, self.server, self.rfile = sock, address, server, rfile
 
     def handle(self):
         # pywsgi sends a response's headers and body in two writes: with Nagle on, the body
         # waits for the client's delayed ACK on every keep-alive HTTP API request.
-        if self.socket.family != socket.AF_UNIX:
+        sock = self.socket
+        if sock.family != socket.AF_UNIX:
             try:
-                self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+        app = self.server.application
+        timer = gevent.Timeout.start_new(getattr(app, "handshake_timeout", HANDSHAKE_TIMEOUT))
+        try:
+            data = _first_head(sock)
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            return  # silent or too slow: closed
+        except OSError:
+            return
+        finally:
+            timer.cancel()
+        while data:
+            if self._upgrade_at_once(app, data):
+                return
+            answered, data, keep_alive = self._answer_at_once(app, data)
+            if not answered:
+                break
+            if not keep_alive:
+                return
+            data = self._next_head(app, data)
+        if not data:
+            return
+        # Anything else goes through pywsgi, as it would have, starting with what was read.
+        self.rfile = io.BufferedReader(_Prefixed(data, sock))
         super().handle()
 
+    def _next_head(self, app, data):
+        """A keep-alive connection's next request head (after what was already read), or b""
+        once the client is gone or idle past the keep-alive timeout."""
+        if _HEAD_END.search(data) or len(data) > MAX_HEAD:
+            return data
+        timer = gevent.Timeout.start_new(getattr(app, "keepalive_timeout", KEEPALIVE_TIMEOUT))
+        try:
+            return _first_head(self.socket, data)
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            return b""
+        except OSError:
+            return b""
+        finally:
+            timer.cancel()
+
+    def _answer_at_once(self, app, data):
+        """Answer a request the application can serve from a small environ (`fast_answer`:
+        the publish calls) without pywsgi's machinery. Returns (whether it was answered, the
+        bytes read and not answered yet, whether to keep the connection): any other request
+        is left whole to pywsgi, with all that was read of it."""
+        fast = getattr(app, "fast_answer", None)
+        end = data.find(b"\r\n\r\n")
+        if fast is None or end < 0 or not data.startswith(b"POST "):
+            return False, data, True
+        request = _Request()
+        parser = httptools.HttpRequestParser(request)
+        try:
+            parser.feed_data(data[:end + 4])
+        except httptools.HttpParserError:
+            return False, data, True
+        headers = request.headers
+        length = headers.get(b"content-length", b"")
+        if (parser.get_http_version() != "1.1" or not length.isdigit()
+                or int(length) > MAX_FAST_BODY or b"transfer-encoding" in headers
+                or b"expect" in headers):
+            return False, data, True
+        end += 4 + int(length)
+        while len(data) < end:  # the body, as pywsgi would wait for it
+            more = self.socket.recv(max(end - len(data), 65536))
+            if not more:
+                return False, data, True
+            data += more
+        environ = request.environ("POST", _remote(self.client_address))
+        environ["wsgi.input"] = io.BytesIO(data[end - int(length):end])
+        response = []
+        body = fast(environ, lambda status, headers, exc_info=None: response.extend(
+            (status, headers)))
+        if body is None:
+            return False, data, True
+        status, response_headers = response
+        self.socket.sendall(b"".join([
+            b"HTTP/1.1 %s\r\n" % status.encode("latin-1"),
+            *(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1"))
+              for k, v in response_headers),
+            b"Date: %s\r\n\r\n" % _http_date().encode(), *body]))
+        return True, data[end:], parser.should_keep_alive()
+
+    def _upgrade_at_once(self, app, data):
+        """Serve a well-formed WebSocket upgrade without pywsgi's machinery (its request
+        objects, its full environ); False for any other request, and for an upgrade refused
+        in HTTP, whose answer pywsgi writes as before. The application gets the socket in an
+        environ that holds only what serving it needs."""
+        if not data.startswith(b"GET "):
+            return False
+        head = _Request()
+        parser = httptools.HttpRequestParser(head)
+        try:
+            parser.feed_data(data)
+            return False  # not an upgrade
+        except httptools.HttpParserUpgrade as upgrade:
+            ahead = data[upgrade.args[0]:]
+        except httptools.HttpParserError:
+            return False
+        headers = head.headers
+        key = headers.get(b"sec-websocket-key", b"").strip()
+        if (parser.get_http_version() != "1.1" or headers.get(b"upgrade", b"").lower() != b"websocket"
+                or b"upgrade" not in headers.get(b"connection", b"").lower()
+                or headers.get(b"sec-websocket-version") not in (b"13", b"8", b"7")
+                or len(key) != 24 or not _valid_key(key)):
+            return False
+        accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
+        deflate = getattr(app, "compression", False) and _deflate_offered(
+            headers.get(b"sec-websocket-extensions", b"").decode("latin-1"))
+        ws = PusherWebSocket(detach_socket(self.socket), ahead, _switching(accept, deflate),
+                             deflate)
+        environ = head.environ("GET", _remote(self.client_address))
+        environ["wsgi.websocket"] = ws
+        try:
+            app(environ, _ignore_response)
+        finally:
+            if not ws.started:
+                ws.close(WsClose.GOING_AWAY, "Not served")
+                ws.start(None)
+        return True
+
+    def handle_one_request(self):
+        # A request head must arrive in time, or the connection is closed: the first within
+        # the handshake timeout of the accept, a later one (keep-alive) within the keep-alive
+        # timeout of the last answer. Slow or silent clients then cannot hold sockets.
+        app = self.server.application
+        timer = self._head_timer = gevent.Timeout.start_new(
+            getattr(app, "keepalive_timeout", KEEPALIVE_TIMEOUT) if self._served else
+            getattr(app, "handshake_timeout", HANDSHAKE_TIMEOUT))
+        try:
+            return super().handle_one_request()
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            return None
+        finally:
+            timer.cancel()
+            self._served = True
+
+    def read_request(self, raw_requestline):
+        try:
+            return super().read_request(raw_requestline)
+        finally:
+            self._head_timer.cancel()  # the head is in: the application has its own limits
+
     def MessageClass(self, fp, *args):
-        return RequestHeaders.read(fp)
+        headers = RequestHeaders.read(fp, MAX_HEAD - len(self.requestline) - 2)
+        if headers.status == TOO_LARGE:
+            raise _HeadTooLarge(TOO_LARGE)
+        return headers
+
+    def _handle_client_error(self, ex):
+        # A client's mistake (pywsgi answers it): said at info level, without pywsgi's socket
+        # repr.
+        client_log.info("bad request from %s: %s", self.client_address or "a unix socket",
+                 str(ex)[:200])
+        if isinstance(ex, _HeadTooLarge):
+            return "431", _HEAD_TOO_LARGE
+        return "400", _BAD_REQUEST
 
     def get_environ(self):
         environ = super().get_environ()
         environ["RAW_URI"] = self.path  # as gunicorn does: the path before percent-decoding
-        environ[SESSION_KEY] = None     # says this handler runs a session the app leaves
         return environ
 
     def upgrade_connection(self):
@@ -380,34 +900,34 @@ class PusherWebSocketHandler(WebSocketHandler):
             status, headers, body = refusal
             self.start_response(status, headers)
             return [body]
-        self.websocket = PusherWebSocket(self.socket, _buffered_ahead(self))
-        self.environ["wsgi.websocket_version"] = self.environ["HTTP_SEC_WEBSOCKET_VERSION"]
-        self.environ["wsgi.websocket"] = self.websocket
-        self.start_response("101 Switching Protocols", handshake_headers(self.environ))
+        key = self.environ["HTTP_SEC_WEBSOCKET_KEY"].strip()
+        accept = base64.b64encode(hashlib.sha1((key + self.GUID).encode("latin-1")).digest())
+        # The answer waits in the outbox, corked: it leaves with the first frames the
+        # application sends (connection_established), in one write.
+        ahead = _buffered_ahead(self)
+        deflate = getattr(self.server.application, "compression", False) and _deflate_offered(
+            self.environ.get("HTTP_SEC_WEBSOCKET_EXTENSIONS", ""))
+        self.websocket = PusherWebSocket(detach_socket(self.socket), ahead,
+                                         _switching(accept, deflate), deflate)
+        self.environ.update({"wsgi.websocket_version": self.environ["HTTP_SEC_WEBSOCKET_VERSION"],
+                             "wsgi.websocket": self.websocket})
+        self.status = "101 Switching Protocols"
+        self.headers_sent = True
+        self.close_connection = True
         return None
 
     def run_websocket(self):
+        ws = self.websocket
         try:
+            # The application starts the socket (ws.start) and returns: the event loop reads
+            # it from then on, and this greenlet ends.
             list(self.application(self.environ, lambda status, headers, exc_info=None: []))
-            session = self.environ.get(SESSION_KEY)
-            if session is not None:
-                # The socket's long life, after the application returned. pywsgi would keep
-                # the request's environ, headers and request line and the handshake's
-                # response headers for all of it: freed first (the access log skips
-                # upgrades, so nothing reads them again).
-                self.environ = {"wsgi.websocket": self.websocket}
-                self.headers = self.websocket.environ = self.response_headers = None
-                self.requestline = self.path = ""
-                session()
         finally:
-            session_over(self.websocket)
+            if not ws.started:
+                ws.close(WsClose.GOING_AWAY, "Not served")
+                ws.start(None)
             self.environ["wsgi.websocket"] = None
             self.websocket = None
-
-    def log_error(self, msg, *args):
-        # pywsgi calls this only for a client's invalid request (it answers 400): the client's
-        # mistake, not the server's, so at info and without the socket's repr.
-        client_log.info(msg, *args)
 
     def log_request(self):
         pass  # the access log is BunPulse's own (--access-log): no query string, no signature

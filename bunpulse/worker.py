@@ -30,8 +30,11 @@ class PusherWorker(GeventWebSocketWorker):
     def run(self):
         self._servers = []
         self._addresses = [(s.family, s.getsockname()) for s in self.sockets]
-        gevent.spawn(self._stop_when_told)
+        stopping = gevent.spawn(self._stop_when_told)
         super().run()
+        # gunicorn's run returns once no request is in flight, and WebSockets are not
+        # requests once upgraded (the event loop serves them): their 4200 comes from here.
+        stopping.join(self.cfg.graceful_timeout)
 
     def server_class(self, *args, **kwargs):
         # gunicorn closes its servers up to a second after the worker was told to stop; they

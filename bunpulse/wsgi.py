@@ -21,7 +21,7 @@ from .core import BunPulse
 from .metrics import instrument
 from .stock import note_stock_handler, serve_stock_websocket, stock_request
 from .threaded import ThreadedDispatch
-from .transport import SESSION_KEY, PusherWebSocket
+from .transport import PusherWebSocket
 
 WEBSOCKET_ROUTE = "/app/<path:key>"
 
@@ -52,8 +52,10 @@ def create_app(settings=None, core=None):
     flask_wsgi_app = flask_app.wsgi_app
     shortcut = api.shortcut(core, max_body)
 
+    under_stock = monkey.is_module_patched("socket") and _under_the_stock_worker()
+
     def http(environ, start_response):
-        if SESSION_KEY not in environ:  # not BunPulse's own handler
+        if under_stock:
             stock_request(environ)
         answer = shortcut(environ, start_response)
         if answer is not None:
@@ -61,6 +63,14 @@ def create_app(settings=None, core=None):
         return flask_wsgi_app(environ, start_response)
 
     http = instrument(http, core.metrics, settings.access_log)
+    shortcut_only = instrument(shortcut, core.metrics, settings.access_log)
+
+    def fast_answer(environ, start_response):
+        # The publish calls, answered by the handler without pywsgi (see transport), counted
+        # and logged like every other request; None for any other request.
+        if not _is_shortcut(environ):
+            return None
+        return shortcut_only(environ, start_response)
 
     def dispatch(environ, start_response):
         ws = environ.get("wsgi.websocket")
@@ -76,7 +86,7 @@ def create_app(settings=None, core=None):
         core.metrics.start_flushing()  # in the hub that serves: create_app runs there
         flask_app.wsgi_app = dispatch
         flask_app.extensions["bunpulse.call"] = _call_here
-        if _under_the_stock_worker():
+        if under_stock:
             note_stock_handler()
     else:  # threads, not greenlets, may serve it (flask run): see threaded.py
         if settings.redis_url:
@@ -85,8 +95,12 @@ def create_app(settings=None, core=None):
                               "hub otherwise")
         flask_app.wsgi_app = ThreadedDispatch(dispatch, core, max_body)
         flask_app.extensions["bunpulse.call"] = flask_app.wsgi_app.call
+    flask_app.fast_answer = fast_answer  # read by BunPulse's own handler only
     flask_app.on_worker_draining = core.drain
     flask_app.on_worker_stop = core.shutdown
+    flask_app.handshake_timeout = settings.handshake_timeout / 1000  # read by the handler
+    flask_app.keepalive_timeout = settings.keepalive_timeout / 1000
+    flask_app.compression = settings.compression
     return flask_app
 
 
@@ -114,22 +128,16 @@ def _under_the_stock_worker():
 
 
 def _serve_socket(core, environ):
-    # Admitted here, so that the socket's long life keeps neither its path nor its query.
-    admission = core.admit(api.request_path(environ), api.query_params(environ))
-    address = core.address_of(environ)
-    ws = environ["wsgi.websocket"]
+    # Returns at once: the event loop serves the socket from then on. Admitted here, so that
+    # the socket's long life keeps neither its path nor its query.
+    core.serve_websocket(environ["wsgi.websocket"], core.admit(
+        api.request_path(environ), api.query_params(environ)), core.address_of(environ))
 
-    if address is None:
-        def session():  # not functools.partial: a call through C deepens the greenlet's C
-            core.serve_websocket(ws, admission)  # stack, saved on every switch
-    else:  # a closure of its own: without the option, no connection holds an address cell
-        def session():
-            core.serve_websocket(ws, admission, address)
 
-    if SESSION_KEY in environ:
-        environ[SESSION_KEY] = session  # our handler runs it after the application returns
-    else:
-        session()  # another handler: the application blocks for the socket's whole life
+def _is_shortcut(environ):
+    path = api.request_path(environ)
+    return any(pattern.match(path) for pattern, _ in api.SHORTCUTS.get(
+        environ["REQUEST_METHOD"], ()))
 
 
 def _websocket_endpoint(key):

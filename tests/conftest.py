@@ -561,33 +561,169 @@ def webhook_receiver():
 
 # ------------------------------------------------------------------------ redis
 
+def redis_answers(port, command=b"PING", expect=b"+PONG"):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+            sock.sendall(command + b"\r\n")
+            return expect in sock.recv(4096)
+    except OSError:
+        return False
+
+
+def start_redis(port, *options):
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (scripts/test installs it)")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", *options],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: redis_answers(port), 5, message="redis-server")
+    return proc
+
+
+def redis_cli(port, *args):
+    return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True,
+                          text=True, timeout=10).stdout
+
+
+def stop_redis(proc, sig=signal.SIGTERM):
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        proc.wait(5)
+
+
 class RedisServer:
+    """One redis-server. `env` is what a BunPulse node needs to use it."""
+    cluster = False
+
     def __init__(self, port=None):
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.env = {"BUNPULSE_REDIS_URL": self.url}
         self.start()
 
     def start(self):
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed (scripts/test installs it)")
-        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(self._answers, 5, message="redis-server")
-
-    def _answers(self):
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
+        self.proc = start_redis(self.port)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(5)
+        stop_redis(self.proc)
+
+    def cli(self, *args):
+        return redis_cli(self.port, *args)
+
+    def listeners(self, channel):
+        """How many connections are subscribed to a pub/sub channel."""
+        return int(self.cli("pubsub", "numsub", channel).split()[1])
+
+
+class RedisClusterServer:
+    """A Redis Cluster of three masters and one replica (of the first master), each a
+    redis-server in cluster mode; a BunPulse node gets the first master as its seed."""
+    cluster = True
+    NODE_TIMEOUT_MS = 1000  # how long a master may be silent before its replica takes over
+
+    def __init__(self):
+        if redis_server_version() < (7, 0):
+            pytest.skip("Redis Cluster's sharded pub/sub needs redis-server 7.0 or later")
+        self.dir = tempfile.mkdtemp(prefix="bunpulse-cluster-")
+        self.ports = []
+        while len(self.ports) < 4:
+            port = free_port()  # each node also listens on port + 10000, its cluster bus
+            if port < 55000 and port not in self.ports and _port_free(port + 10000):
+                self.ports.append(port)
+        self.procs = {}
+        try:
+            self._create()
+        except BaseException:
+            self.close()
+            raise
+
+    def _create(self):
+        for port in self.ports:
+            self._start(port)
+        masters = [f"127.0.0.1:{port}" for port in self.ports[:3]]
+        subprocess.run(["redis-cli", "--cluster", "create", *masters, "--cluster-yes"],
+                       check=True, capture_output=True, timeout=30)
+        self.wait_ok(self.ports[:3])
+        master_id = self.cli(self.ports[0], "cluster", "myid").strip()
+        subprocess.run(["redis-cli", "--cluster", "add-node", f"127.0.0.1:{self.ports[3]}",
+                        masters[0], "--cluster-slave", "--cluster-master-id", master_id],
+                       check=True, capture_output=True, timeout=30)
+        wait_until(lambda: "master_link_status:up" in self.cli(self.ports[3], "info",
+                                                               "replication"),
+                   15, interval=0.1, message="the replica in sync")
+        self.wait_ok()
+        self.url = f"redis://127.0.0.1:{self.ports[0]}/0"
+        self.env = {"BUNPULSE_REDIS_URL": self.url, "BUNPULSE_REDIS_CLUSTER": "true"}
+
+    def _start(self, port):
+        self.procs[port] = start_redis(
+            port, "--cluster-enabled", "yes", "--dir", self.dir,
+            "--cluster-config-file", f"nodes-{port}.conf",
+            "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS))
+
+    def cli(self, port, *args):
+        return redis_cli(port, *args)
+
+    def listeners(self, channel):
+        """How many connections are subscribed to a sharded pub/sub channel."""
+        return int(self.cli(self.master_of(channel), "pubsub", "shardnumsub",
+                            channel).split()[1])
+
+    def wait_ok(self, ports=None, timeout=20):
+        for port in ports or [p for p, proc in self.procs.items() if proc.poll() is None]:
+            wait_until(lambda: "cluster_state:ok" in self.cli(port, "cluster", "info"),
+                       timeout, interval=0.1, message=f"cluster state ok on {port}")
+
+    def master_of(self, key):
+        """The port of the master that owns key's slot."""
+        slot = int(self.cli(self.ports[0], "cluster", "keyslot", key))
+        for line in self.cli(self.ports[0], "cluster", "nodes").splitlines():
+            fields = line.split()
+            if "master" in fields[2] and "fail" not in fields[2]:
+                for span in fields[8:]:
+                    low, _, high = span.partition("-")
+                    if low.isdigit() and int(low) <= slot <= int(high or low):
+                        return int(fields[1].split(":")[1].split("@")[0])
+        raise AssertionError(f"no master owns {key}")
+
+    def flush(self):
+        for port, proc in self.procs.items():
+            if proc.poll() is None and "role:master" in self.cli(port, "info", "replication"):
+                self.cli(port, "flushall")
+
+    def kill(self, port):
+        stop_redis(self.procs[port], signal.SIGKILL)
+
+    def start(self):
+        """Start every stopped node again (the cluster's layout is kept in its files)."""
+        for port, proc in self.procs.items():
+            if proc.poll() is not None:
+                self._start(port)
+        self.wait_ok()
+
+    def stop(self):
+        for proc in self.procs.values():
+            stop_redis(proc)
+
+    def close(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _port_free(port):
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def redis_server_version():
+    out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
+    version = out.split("v=")[1].split()[0]
+    return tuple(int(part) for part in version.split(".")[:2])
 
 
 @pytest.fixture

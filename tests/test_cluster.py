@@ -1,7 +1,8 @@
-"""Several processes on one Redis behave as one server (the scale-out issue).
+"""Several processes on one Redis, or on a Redis Cluster, behave as one server.
 
 Two `python -m bunpulse` nodes on two ports, and gunicorn with two workers, share a real
-redis-server; pusher-js and the official libraries see one deployment."""
+redis-server (or a cluster of three masters and a replica, started once for the module);
+pusher-js and the official libraries see one deployment. Every test runs on both."""
 import itertools
 import json
 import signal
@@ -10,11 +11,33 @@ import time
 
 import pytest
 
-from conftest import KEY, connected, pusher_api, wait_until
+from conftest import (KEY, RedisClusterServer, RedisServer, connected, pusher_api,
+                      wait_until)
+
+
+@pytest.fixture(scope="module")
+def redis_cluster():
+    cluster = RedisClusterServer()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def redis_server(request):
+    """One redis-server per test, or the module's cluster, emptied for the test."""
+    if request.param == "redis":
+        server = RedisServer()
+        yield server
+        server.stop()
+        return
+    cluster = request.getfixturevalue("redis_cluster")
+    cluster.start()  # whatever an earlier test stopped
+    cluster.flush()
+    yield cluster
 
 
 def cluster_env(redis_server, receiver=None, **extra):
-    env = {"BUNPULSE_REDIS_URL": redis_server.url, "BUNPULSE_WEBHOOK_BATCH_MS": "0",
+    env = {**redis_server.env, "BUNPULSE_WEBHOOK_BATCH_MS": "0",
            "BUNPULSE_WEBHOOK_DELAY_MS": "0"}
     if receiver is not None:
         env["BUNPULSE_WEBHOOK_URL"] = receiver.url
@@ -75,6 +98,26 @@ def test_publish_on_one_node_reaches_subscribers_of_both_once(nodes, node_for):
     assert sorted(e["data"]["n"] for e in client_b.events("b", "headline")) == [1, 2]
 
 
+def test_a_node_listens_only_to_channels_it_has_subscribers_for(nodes, node_for,
+                                                               redis_server):
+    from bunpulse.adapters.redis.scripts import Keys
+    a, b = nodes
+    client_a, client_b = node_for(a), node_for(b)
+    client_a.connect("a")
+    client_b.connect("b")
+    events = Keys.events("1", "interest")
+    client_a.subscribe("a", "interest")
+    assert redis_server.listeners(events) == 1  # node a only: b has nobody there
+    client_b.subscribe("b", "interest")
+    assert redis_server.listeners(events) == 2
+    pusher_api(a).trigger("interest", "hi", {})
+    client_b.wait_event("b", "hi")
+    client_b.call("unsubscribe", id="b", channel="interest")
+    wait_until(lambda: redis_server.listeners(events) == 1, message="node b unsubscribed")
+    client_a.call("disconnect", id="a")
+    wait_until(lambda: redis_server.listeners(events) == 0, message="node a unsubscribed")
+
+
 def test_socket_id_exclusion_and_client_events_cross_nodes(nodes, node_for):
     a, b = nodes
     client_a, client_b = node_for(a), node_for(b)
@@ -90,6 +133,35 @@ def test_socket_id_exclusion_and_client_events_cross_nodes(nodes, node_for):
         after_marker(node, "private-room", (client_a, "a"), (client_b, "b"))
     assert client_a.events("a", "skip-a") == []
     assert client_a.events("a", "client-hi") == []
+
+
+def test_a_burst_crosses_nodes_in_order_with_its_exclusions(nodes, raw):
+    """Events that reach a node together go out joined per channel: none lost, reordered or
+    sent to the socket it excludes."""
+    a, b = nodes
+    clients = [raw(target=b), raw(target=b)]
+    socket_ids = [connected(client) for client in clients]
+    for client in clients:
+        client.send({"event": "pusher:subscribe", "data": {"channel": "burst"}})
+        client.recv_event("pusher_internal:subscription_succeeded")
+    api = pusher_api(a)
+    for start in range(0, 60, 10):
+        api.trigger_batch([{"channel": "burst", "name": "n", "data": json.dumps({"n": n}),
+                            **({"socket_id": socket_ids[0]} if n % 3 == 0 else {})}
+                           for n in range(start, start + 10)])
+    api.trigger("burst", "end", {})
+
+    def received(client):
+        seen = []
+        while True:
+            message = client.recv()
+            if message.get("event") == "end":
+                return seen
+            if message.get("event") == "n":
+                seen.append(json.loads(message["data"])["n"])
+
+    assert received(clients[0]) == [n for n in range(60) if n % 3]
+    assert received(clients[1]) == list(range(60))
 
 
 def test_presence_is_deployment_wide(nodes, node_for, webhook_receiver):
@@ -322,3 +394,66 @@ def test_presence_member_limit_holds_across_nodes(start_server, redis_server, ra
     assert refused["event"] == "pusher:subscription_error"
     assert refused["data"]["status"] == 403
     assert join(a, "1")["event"] == "pusher_internal:subscription_succeeded"  # a known user
+
+
+# Last in the module: it leaves the cluster with a master and its replica swapped.
+FAILOVER_WINDOW = 6.0  # seconds: the test cluster's node timeout (1 s), the replica's
+#                        election, and a node's reconnection (at most 1 s apart)
+
+
+def test_master_failover_loses_no_event_beyond_the_window(redis_cluster, start_server, raw):
+    """A master dies while events flow through its slot: its replica takes over, and the
+    events lost are those published within one window of the failure, none after."""
+    import threading
+    from bunpulse.adapters.redis.scripts import Keys
+    cluster = redis_cluster
+    cluster.start()
+    cluster.flush()
+    master = int(cluster.cli(cluster.ports[3], "info", "replication")
+                 .split("master_port:")[1].split()[0])  # the master with a replica
+    channel = next(f"failover-{n}" for n in range(1000)
+                   if cluster.master_of(Keys.events("1", f"failover-{n}")) == master)
+    env = cluster_env(cluster)
+    a, b = start_server(env=env), start_server(env=env)
+    subscriber = raw(target=b)
+    connected(subscriber)
+    subscriber.send({"event": "pusher:subscribe", "data": {"channel": channel}})
+    subscriber.recv_event("pusher_internal:subscription_succeeded")
+
+    received, sent, stop = [], [], threading.Event()
+
+    def receive():
+        while not stop.is_set() or len(received) < len(sent):
+            try:
+                message = subscriber.recv()
+            except Exception:  # noqa: BLE001 - the socket's timeout: nothing more came
+                return
+            if isinstance(message, dict) and message.get("event") == "tick":
+                received.append(json.loads(message["data"])["n"])
+
+    reader = threading.Thread(target=receive, daemon=True)
+    reader.start()
+    api = pusher_api(a)
+
+    def publish(seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            sent.append(time.monotonic())
+            api.trigger(channel, "tick", {"n": len(sent) - 1})
+            time.sleep(0.02)
+
+    publish(1.0)
+    killed_at = time.monotonic()
+    cluster.kill(master)
+    publish(FAILOVER_WINDOW + 2)
+    stop.set()
+    reader.join(10)
+
+    assert received == sorted(set(received)), "events duplicated or out of order"
+    before = [n for n in range(len(sent)) if sent[n] < killed_at]
+    assert set(before) <= set(received), "an event published before the failure was lost"
+    lost = sorted(set(range(len(sent))) - set(received))
+    assert lost, "the failure cost nothing: was the master the channel's?"
+    assert lost == list(range(lost[0], lost[-1] + 1)), f"lost events are not one run: {lost}"
+    assert sent[lost[-1]] - killed_at < FAILOVER_WINDOW
+    assert lost[-1] < len(sent) - 1 and received[-1] == len(sent) - 1

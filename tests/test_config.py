@@ -102,6 +102,8 @@ def test_library_overrides_beat_everything(tmp_path):
     (["--heartbeat-interval", "5000", "--heartbeat-timeout", "5000"], {}, "--heartbeat-interval"),
     (["--app-id", "1"], {}, "PUSHER_APP_KEY"),
     (["--workers", "2"], {}, "BUNPULSE_WORKERS"),
+    ([], {"BUNPULSE_REDIS_CLUSTER": "true"}, "--redis-cluster"),
+    (["--redis-cluster", "maybe"], {}, "--redis-cluster"),
 ])
 def test_invalid_values_name_the_option(argv, environ, named, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

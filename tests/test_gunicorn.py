@@ -1,8 +1,11 @@
 """`gunicorn -c gunicorn.conf.py` with one worker: pusher-js, the HTTP API, and SIGTERM telling
 every client to reconnect (4200)."""
+import json
 import os
 import signal
+import socket
 import sys
+import time
 
 import pytest
 
@@ -31,6 +34,7 @@ def test_serves_pusher_js_and_the_http_api(gunicorn, node_for):
     assert node.wait_event("a", "client-x")["data"] == {"c": 1}
     assert api.channel_info("presence-gunicorn", ["user_count"])["user_count"] == 1
     assert "worker" in gunicorn.log().lower()
+    assert "POST /apps" not in gunicorn.log()  # no access log line: accesslog is off
     # An idle keep-alive HTTP connection would hold the worker's shutdown for its
     # graceful_timeout: close the library's session.
     api._pusher_client.http.session.close()
@@ -55,3 +59,26 @@ def test_sigterm_closes_every_client_with_4200(gunicorn, target):
         for client in clients:
             client.close()
     assert gunicorn.proc.wait(10) == 0, gunicorn.log()
+
+
+def test_the_worker_closes_silent_clients_and_answers_431(start_server):
+    server = start_server(command=GUNICORN, env={"BUNPULSE_WORKERS": "1",
+                                                 "BUNPULSE_HANDSHAKE_TIMEOUT": "500"})
+    silent = socket.create_connection((server.host, server.port), timeout=5)
+    start = time.monotonic()
+    assert silent.recv(100) == b""  # closed by the worker, not by our timeout
+    assert time.monotonic() - start < 3
+    silent.close()
+    big = socket.create_connection((server.host, server.port), timeout=5)
+    big.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n" + b" b\r\n" * 20000)
+    assert big.recv(100).startswith(b"HTTP/1.1 431")
+    big.close()
+    client = RawClient(server.ws_url + f"/app/{KEY}?protocol=7", timeout=10)
+    try:
+        assert connected(client)  # the upgraded socket is served after its handler returned
+        client.send({"event": "pusher:subscribe", "data": {"channel": "after"}})
+        assert client.recv_event("pusher_internal:subscription_succeeded")
+        pusher_api(server).trigger("after", "ev", {"n": 1})
+        assert json.loads(client.recv_event("ev")["data"]) == {"n": 1}
+    finally:
+        client.close()

@@ -32,7 +32,7 @@ class Adapter(ABC):
 
     @abstractmethod
     def remove_connection(self, conn):
-        """Returns ([(channel, vacated, removed user_id)], user_id gone offline or None)."""
+        """Returns ([hub.Left], user_id gone offline or None)."""
 
     # ---------------------------------------------------------------- delivery
 
@@ -59,7 +59,7 @@ class Adapter(ABC):
 
     @abstractmethod
     def unsubscribe(self, conn, channel):
-        """Returns None or (channel, vacated, removed user_id or None)."""
+        """Returns None or a hub.Left (channel, vacated, removed user_id or None)."""
 
     @abstractmethod
     def sign_in(self, conn, user_id):

@@ -1,0 +1,116 @@
+"""Every Redis key, pub/sub channel and Lua script BunPulse uses, each kind declared once.
+
+The part of a key in braces is its Redis Cluster hash tag: a channel's keys share one slot, an
+app's keys another, the deployment's own a third. No script touches keys of two tags, so every
+script runs on one slot of a cluster as on a single Redis.
+"""
+import hashlib
+
+SEP = "\x1f"  # joins the parts of a node's ownership fields (app id, channel, user id)
+
+
+class Keys:
+    # the deployment's
+    NODES = "bp:{bp}:nodes"        # sorted set: node -> time of its last heartbeat
+    CONTROL = "bp:{bp}:control"    # pub/sub: watchlist events and terminations, for every node
+
+    @staticmethod
+    def reap_lock(node):           # held by the one node that reaps a dead one
+        return f"bp:{{bp}}:reap:{node}"
+
+    # an app's
+    @staticmethod
+    def connections(app_id):       # hash: node -> its connections
+        return f"bp:{{{app_id}}}:conns"
+
+    @staticmethod
+    def users(app_id):             # hash: user -> signed-in connections in the deployment
+        return f"bp:{{{app_id}}}:users"
+
+    @staticmethod
+    def node_users(app_id, node):  # hash: user -> signed-in connections on node
+        return f"bp:{{{app_id}}}:users:{node}"
+
+    @staticmethod
+    def occupied(app_id, node):    # set: the channels node has subscribers in
+        return f"bp:{{{app_id}}}:occupied:{node}"
+
+    # a channel's
+    @staticmethod
+    def subscriptions(app_id, channel):        # hash: node -> its subscriptions
+        return f"bp:{{{app_id}:{channel}}}:subs"
+
+    @staticmethod
+    def members(app_id, channel):              # hash: user -> connections in the deployment
+        return f"bp:{{{app_id}:{channel}}}:members"
+
+    @staticmethod
+    def node_members(app_id, channel, node):   # hash: user -> connections on node
+        return f"bp:{{{app_id}:{channel}}}:members:{node}"
+
+    @staticmethod
+    def member_infos(app_id, channel):         # hash: user -> user_info (JSON)
+        return f"bp:{{{app_id}:{channel}}}:infos"
+
+    @staticmethod
+    def cache(app_id, channel):                # string: the last event, with the cache TTL
+        return f"bp:{{{app_id}:{channel}}}:cache"
+
+    @staticmethod
+    def cache_miss(app_id, channel):           # string: the miss was reported once
+        return f"bp:{{{app_id}:{channel}}}:miss"
+
+    @staticmethod
+    def events(app_id, channel):               # pub/sub: the channel's events, between nodes
+        return f"bp:{{{app_id}:{channel}}}:events"
+
+
+# Each script changes a count and reports the deployment-wide total in one atomic step, so
+# each transition (occupied, vacated, member added or removed, online, offline) and its
+# webhook happens exactly once.
+_LIB = """
+-- Change a node's share of a counter split by node (hash node -> n); return the total.
+local function counter(counts, node, delta)
+  if redis.call('HINCRBY', counts, node, delta) <= 0 then redis.call('HDEL', counts, node) end
+  local total = 0
+  for _, v in ipairs(redis.call('HVALS', counts)) do total = total + tonumber(v) end
+  return total
+end
+-- A user's connections (in a presence channel, or signed in): totals is user -> n in the
+-- deployment, mine user -> n on the node, infos (optional) user -> user_info. Returns the
+-- user's total.
+local function member(totals, mine, infos, user, delta, info)
+  if redis.call('HINCRBY', mine, user, delta) <= 0 then redis.call('HDEL', mine, user) end
+  local c = redis.call('HINCRBY', totals, user, delta)
+  if c <= 0 then
+    redis.call('HDEL', totals, user)
+    if infos then redis.call('HDEL', infos, user) end
+  elseif infos and delta > 0 and c == delta then
+    redis.call('HSET', infos, user, info)
+  end
+  return c
+end
+"""
+
+_SOURCES = {
+    # KEYS: counts. ARGV: node, delta.
+    "counter": "return counter(KEYS[1], ARGV[1], tonumber(ARGV[2]))",
+    # KEYS: totals, mine[, infos]. ARGV: user, delta, info.
+    "member": "return member(KEYS[1], KEYS[2], KEYS[3], ARGV[1], tonumber(ARGV[2]), ARGV[3])",
+    # A presence join in one round trip, limit and roster included: {-1} when the channel is
+    # full, else {channel total, user total, roster as HGETALL}. KEYS: subscriptions,
+    # members, node members, infos. ARGV: node, user, info, limit.
+    "join": """
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 and
+   redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[4]) then return {-1} end
+local total = counter(KEYS[1], ARGV[1], 1)
+return {total, member(KEYS[2], KEYS[3], KEYS[4], ARGV[2], 1, ARGV[3]),
+        redis.call('HGETALL', KEYS[4])}""",
+    # A presence leave: {channel total, user total}. KEYS and ARGV: as join's, without
+    # info and limit.
+    "leave": """
+return {counter(KEYS[1], ARGV[1], -1), member(KEYS[2], KEYS[3], KEYS[4], ARGV[2], -1, '')}""",
+}
+
+SCRIPTS = {name: (_LIB + body, hashlib.sha1((_LIB + body).encode()).hexdigest())
+           for name, body in _SOURCES.items()}
