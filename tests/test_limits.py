@@ -80,6 +80,28 @@ def test_websocket_ping_frames_count_too(limited):
     flooder.close()
 
 
+def test_messages_served_in_a_greenlet_count_as_those_served_in_the_event_loop(limited):
+    # pusher:ping is answered in the event loop; an unknown event's answer comes from the
+    # greenlet that messages which may wait get: the two count toward one allowance.
+    flooder = connect(limited)
+    connected(flooder)
+    for n in range(400):
+        flooder.ws.send(json.dumps({"event": "pusher:ping" if n % 2 else "no-such-event",
+                                    "data": {}}))
+    answers, unsupported = 0, 0
+    while True:
+        message = flooder.recv()
+        if isinstance(message, tuple):
+            break
+        if message["event"] == "pusher:error" and message["data"]["code"] == 4100:
+            continue
+        answers += 1
+        unsupported += "Unsupported event" in json.dumps(message)
+    assert message[:2] == ("close", 4100)
+    assert 100 <= answers < 150 and 40 <= unsupported <= answers - 40
+    flooder.close()
+
+
 def test_a_client_within_the_rate_is_never_refused(limited):
     client = connect(limited)
     connected(client)
@@ -152,13 +174,15 @@ def test_forwarded_addresses_are_ignored_unless_the_proxy_is_trusted(limited):
         client.close()
 
 
-def test_behind_a_trusted_proxy_each_forwarded_address_has_its_own_quota(start_server):
+# A folded header line sends the upgrade through pywsgi instead of the httptools fast path.
+@pytest.mark.parametrize("fold", [[], ["X-Folded: a\r\n b"]], ids=["fast path", "pywsgi"])
+def test_behind_a_trusted_proxy_each_forwarded_address_has_its_own_quota(start_server, fold):
     server = start_server(env={"BUNPULSE_MAX_CONNECTIONS_PER_IP": "1",
                                "BUNPULSE_TRUST_PROXY": "127.0.0.0/8, ::1"})
-    first = connect(server, ["X-Forwarded-For: 203.0.113.7"])
-    second = connect(server, ["Forwarded: for=198.51.100.2;proto=http"])
+    first = connect(server, ["X-Forwarded-For: 203.0.113.7", *fold])
+    second = connect(server, ["Forwarded: for=198.51.100.2;proto=http", *fold])
     connected(first), connected(second)
-    again = connect(server, ["X-Forwarded-For: 192.0.2.1, 203.0.113.7"])  # last hop counts
+    again = connect(server, ["X-Forwarded-For: 192.0.2.1, 203.0.113.7", *fold])  # last hop
     assert again.recv_event("pusher:error")["data"]["code"] == 4004
     for client in (first, second, again):
         client.close()
