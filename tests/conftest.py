@@ -181,6 +181,12 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.signal(signal.SIGKILL)
                 self.proc.wait(5)
+        # The rest of its session too, even when the first process is gone already: a gunicorn
+        # master started by USR2 would otherwise outlive the test and keep its port.
+        try:
+            self.signal(signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.log_file.close()
 
 
