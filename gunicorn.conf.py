@@ -70,6 +70,9 @@ def on_starting(server):
 
 def when_ready(server):
     if _settings.metrics_port is not None:
+        # Workers forked while the listener's thread runs cannot import a codec: gevent's
+        # resolver (Redis connects through it) needs idna, so the master loads it first.
+        import encodings.idna  # noqa: F401
         from bunpulse import metrics
         metrics.set_worker_pids(lambda: list(server.WORKERS))
         metrics.serve_in_thread(_settings.metrics_host, _settings.metrics_port)

@@ -103,10 +103,11 @@ def test_one_scrape_covers_every_gunicorn_worker_and_reloads(start_server, redis
     server = start_server(command=GUNICORN, metrics=True, env={
         "BUNPULSE_WORKERS": "2", "BUNPULSE_REDIS_URL": redis_server.url})
     clients, workers = [], set()
-    deadline = time.monotonic() + 30  # the second worker may still be booting
+    # Connections on both workers where the kernel spreads them within 10 s; the scrape must
+    # cover both workers (their process metrics below) wherever the connections landed.
+    deadline = time.monotonic() + 10
     try:
-        while len(workers) < 2 or len(clients) < 6:  # the kernel spreads connections
-            assert time.monotonic() < deadline, "every connection went to one worker"
+        while len(clients) < 6 or (len(workers) < 2 and time.monotonic() < deadline):
             client = RawClient(server.ws_url + f"/app/{KEY}?protocol=7", timeout=10)
             clients.append(client)
             workers.add(worker_of(connected(client)))
