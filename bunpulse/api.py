@@ -82,19 +82,22 @@ class ApiRequest:
     def body(self):
         """The body, read once; a body past the bound is refused before it is read."""
         if self._body is None:
-            too_large = ApiError(413, f"Request body is larger than {self.max_body} bytes")
             # pywsgi has already answered 400 to a Content-Length that is not a number.
             if int(self.environ.get("CONTENT_LENGTH") or 0) > self.max_body:
-                raise too_large
+                raise self._too_large()
             stream = self.environ.get("wsgi.input")
             try:
                 body = stream.read(self.max_body + 1) if stream is not None else b""
             except OSError:  # the client closed early, or sent a broken chunked body
                 raise ApiError(400, "Incomplete request body") from None
             if len(body) > self.max_body:  # a chunked body says its size only as it comes
-                raise too_large
+                raise self._too_large()
             self._body = body
         return self._body
+
+
+    def _too_large(self):
+        return ApiError(413, f"Request body is larger than {self.max_body} bytes")
 
 
 def _json_body(req):

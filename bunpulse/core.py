@@ -141,6 +141,12 @@ class BunPulse:
         ws.close(refusal.code, refusal.message)
         ws.start(None)  # waits for the client's close frame
 
+    def requests_at_once(self):
+        """Whether a WebSocket upgrade or a publish call can be served in the event loop,
+        where nothing may wait: the local adapter, no hook on connections, nobody watching
+        the dashboard."""
+        return self._local and not self.watching and not self.hooks.wanted("connection")
+
     def serves_at_once(self, app, event, data):
         """Whether a subscribe or unsubscribe can be served in the event loop, where nothing
         may wait: the local adapter, no hook for it, no webhook for the app, and a channel

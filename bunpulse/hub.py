@@ -185,6 +185,16 @@ class Hub:
         if channel.sending:
             return len(subscribers)
         channel.sending = True
+        if gevent.getcurrent() is gevent.get_hub():
+            # Called in the event loop (a publish served there: reception.py), which must
+            # not yield: the fan-out goes on in a greenlet.
+            gevent.spawn_raw(self._drain, channel, subscribers, queue)
+        else:
+            self._drain(channel, subscribers, queue)
+        return len(subscribers)
+
+    @staticmethod
+    def _drain(channel, subscribers, queue):
         try:
             while queue:
                 # Frames queued during the last pass go out together: one send per socket
@@ -209,7 +219,6 @@ class Hub:
                         gevent.sleep(0)
         finally:
             channel.sending = False
-        return len(subscribers)
 
     # ---------------------------------------------------------------- users
 

@@ -14,7 +14,8 @@ from .accept import PausingAccept
 from .config import ConfigError, listen_host, load_settings
 from .core import BunPulse
 from .metrics import serve_in_gevent
-from .startup import log_startup
+from .reception import LoopAccept
+from .startup import log_startup, tune_gc
 from .threads import HubThread
 from .tls import server_context
 from .transport import PusherWebSocketHandler
@@ -41,8 +42,9 @@ def _log_startup(settings, core, address):
                 address if isinstance(address, str) else f"{address[0]}:{address[1]}")
 
 
-class PusherWSGIServer(PausingAccept, WSGIServer):
-    """pywsgi's server, quiet and paused at the file-descriptor limit."""
+class PusherWSGIServer(PausingAccept, LoopAccept, WSGIServer):
+    """pywsgi's server, quiet, paused at the file-descriptor limit, and reading new
+    connections in the event loop."""
 
 
 def make_wsgi_server(settings, core=None):
@@ -156,6 +158,7 @@ def serve_forever(settings):
     """The embedded server of `python -m bunpulse` (the process is already monkey-patched)."""
     server, core = make_wsgi_server(settings)
     server.start()
+    tune_gc()
     metrics = start_metrics(settings)
     _log_startup(settings, core, server.address)
     stop = gevent.event.Event()

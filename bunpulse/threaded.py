@@ -15,6 +15,7 @@ import threading
 
 import gevent
 import orjson
+from gevent.hub import Hub
 from werkzeug.http import HTTP_STATUS_CODES
 
 from . import api
@@ -28,8 +29,9 @@ log = logging.getLogger("bunpulse")
 
 def in_a_hub():
     """Whether this request runs in a greenlet of a running gevent hub (a gevent server: the
-    embedded one, gunicorn's workers), rather than in a plain thread."""
-    return isinstance(gevent.getcurrent(), gevent.Greenlet)
+    embedded one, gunicorn's workers) or in the hub's event loop itself (reception.py),
+    rather than in a plain thread."""
+    return isinstance(gevent.getcurrent(), (gevent.Greenlet, Hub))
 
 
 class ThreadedDispatch:

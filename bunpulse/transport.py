@@ -56,9 +56,11 @@ class _ClientMistakes(logging.LoggerAdapter):
 class Outbox:
     """The single writer of one socket.
 
-    `send` tries a non-blocking write; what does not fit is queued and written by a write
-    watcher of the event loop when the socket drains (no greenlet), coalesced into one write.
-    Past `limit` queued bytes the peer is evicted (close 4100, so pusher-js backs off and
+    `send` queues; what was sent in one turn of the event loop leaves in one non-blocking
+    write when the turn ends (the events of every publish served in that turn: one syscall per
+    socket, not one per event). What does not fit is written by a write watcher of the event
+    loop when the socket drains (no greenlet), coalesced into one write. Past `limit` bytes
+    that the socket would not take the peer is evicted (close 4100, so pusher-js backs off and
     reconnects). While corked, sends only queue: the frames answered to one read leave in one
     write."""
 
@@ -95,19 +97,20 @@ class Outbox:
             self._pending.append(frame)
             self._pending_size += len(frame)
             if self._pending_size > self.limit:
-                self._evict()
+                if self._watcher is None and not self._corked:
+                    self._flush()  # nothing was tried yet this turn: what fits leaves now
+                if self._pending_size > self.limit:
+                    self._evict()
             return
-        try:
-            sent = self._raw.send(frame)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._drop()
-            return
-        if sent < len(frame):
-            self._pending.append(frame[sent:])
-            self._pending_size = len(frame) - sent
-            self._watch()
+        # Written once this turn of the event loop is done, with whatever else it sends this
+        # socket (the events of every publish the loop serves in one turn): one write.
+        self._pending.append(frame)
+        self._pending_size = len(frame)
+        get_hub().loop.run_callback(self._flush_queued)
+
+    def _flush_queued(self):
+        if self._pending and self._watcher is None and not self._corked:
+            self._flush()
 
     def cork(self):
         self._corked = True
@@ -546,9 +549,10 @@ def _http_date():
 
 
 class _Request:
-    """httptools' callbacks: a request's target and headers."""
+    """httptools' callbacks: a request's target and headers; for a publish request, where its
+    head and body end and whether the connection is kept."""
 
-    __slots__ = ("url", "headers")
+    __slots__ = ("url", "headers", "head_end", "body_end", "keep_alive")
 
     def __init__(self):
         self.url = b""
@@ -570,11 +574,129 @@ class _Request:
                    "QUERY_STRING": query, "RAW_URI": target, "SERVER_PROTOCOL": "HTTP/1.1",
                    "REMOTE_ADDR": remote}
         for name, value in self.headers.items():
-            key = name.decode("latin-1").upper().replace("-", "_")
-            if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-                key = "HTTP_" + key
+            key = _ENVIRON_KEYS.get(name)
+            if key is None:
+                key = name.decode("latin-1").upper().replace("-", "_")
+                if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                    key = "HTTP_" + key
             environ[key] = value.decode("latin-1")
         return environ
+
+
+# The environ keys of the headers every publish and upgrade carries.
+_ENVIRON_KEYS = {name.encode(): ("" if name.startswith("content-") else "HTTP_")
+                 + name.upper().replace("-", "_")
+                 for name in ("host", "content-type", "content-length", "connection", "upgrade",
+                              "user-agent", "accept", "accept-encoding", "origin",
+                              "sec-websocket-key", "sec-websocket-version",
+                              "sec-websocket-extensions", "x-pusher-library")}
+
+
+# ------------------------------------------------------------ requests served at once
+
+def set_nodelay(sock):
+    # A response's headers and body may leave in two writes (pywsgi): with Nagle on, the body
+    # would wait for the client's delayed ACK on every keep-alive HTTP API request.
+    if sock.family != socket.AF_UNIX:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def upgrade_at_once(app, data, take_socket, address):
+    """Serve a well-formed WebSocket upgrade in `data` (a whole request head, perhaps with
+    frames behind it) without pywsgi's machinery (its request objects, its full environ):
+    `take_socket()` gives the upgraded raw socket. False for any other request, and for an
+    upgrade refused in HTTP, whose answer pywsgi writes as before. The application gets the
+    socket in an environ that holds only what serving it needs."""
+    if not data.startswith(b"GET "):
+        return False
+    head = _Request()
+    parser = httptools.HttpRequestParser(head)
+    try:
+        parser.feed_data(data)
+        return False  # not an upgrade
+    except httptools.HttpParserUpgrade as upgrade:
+        ahead = data[upgrade.args[0]:]
+    except httptools.HttpParserError:
+        return False
+    headers = head.headers
+    key = headers.get(b"sec-websocket-key", b"").strip()
+    if (parser.get_http_version() != "1.1" or headers.get(b"upgrade", b"").lower() != b"websocket"
+            or b"upgrade" not in headers.get(b"connection", b"").lower()
+            or headers.get(b"sec-websocket-version") not in (b"13", b"8", b"7")
+            or len(key) != 24 or not _valid_key(key)):
+        return False
+    accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
+    offers = headers.get(b"sec-websocket-extensions")
+    deflate = offers is not None and getattr(app, "compression", False) and _deflate_offered(
+        offers.decode("latin-1"))
+    ws = PusherWebSocket(take_socket(), ahead, _switching(accept, deflate), deflate)
+    environ = head.environ("GET", _remote(address))
+    environ["wsgi.websocket"] = ws
+    try:
+        app(environ, _ignore_response)
+    finally:
+        if not ws.started:
+            ws.close(WsClose.GOING_AWAY, "Not served")
+            ws.start(None)
+    return True
+
+
+def publish_request(app, data):
+    """The head of a request in `data` that may be a publish call the application answers at
+    once (`fast_answer`), or None for any other request (pywsgi's then, with all that was
+    read): HTTP/1.1 POST, whole head, a body of known and modest length."""
+    if not data.startswith(b"POST ") or getattr(app, "fast_answer", None) is None:
+        return None
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    request = _Request()
+    parser = httptools.HttpRequestParser(request)
+    try:
+        parser.feed_data(data[:end + 4])
+    except httptools.HttpParserError:
+        return None
+    headers = request.headers
+    length = headers.get(b"content-length", b"")
+    if (parser.get_http_version() != "1.1" or not length.isdigit()
+            or int(length) > MAX_FAST_BODY or b"transfer-encoding" in headers
+            or b"expect" in headers):
+        return None
+    request.head_end = end + 4
+    request.body_end = end + 4 + int(length)
+    request.keep_alive = parser.should_keep_alive()
+    return request
+
+
+def answer_publish(app, request, data, address):
+    """The whole HTTP answer to a publish request whose body `data` holds, or None when the
+    application does not answer it at once (not a publish call: pywsgi's then)."""
+    environ = request.environ("POST", _remote(address))
+    environ["wsgi.input"] = io.BytesIO(data[request.head_end:request.body_end])
+    response = []
+    body = app.fast_answer(environ, lambda status, headers, exc_info=None: response.extend(
+        (status, headers)))
+    if body is None:
+        return None
+    status, headers = response
+    return b"".join([b"HTTP/1.1 %s\r\n" % status.encode("latin-1"),
+                     *(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1"))
+                       for k, v in headers),
+                     b"Date: %s\r\n\r\n" % _http_date().encode(), *body])
+
+
+def _read_body(sock, data, end):
+    """`data` read on until it holds `end` bytes (a request's body, as pywsgi would wait for
+    it), or until the client stops sending."""
+    while len(data) < end:
+        more = sock.recv(max(end - len(data), 65536))
+        if not more:
+            break
+        data += more
+    return data
 
 
 def _remote(address):
@@ -717,41 +839,62 @@ class PusherWebSocketHandler(WebSocketHandler):
         # pywsgi makes a buffered reader here; an upgrade read by `handle` never needs one.
         self.socket, self.client_address, self.server, self.rfile = sock, address, server, rfile
 
+    ahead = b""    # bytes of the first request already read (by the event loop: reception.py)
+    unsent = b""   # an answer's end that the event loop could not write at once
+
     def handle(self):
-        # pywsgi sends a response's headers and body in two writes: with Nagle on, the body
-        # waits for the client's delayed ACK on every keep-alive HTTP API request.
         sock = self.socket
-        if sock.family != socket.AF_UNIX:
+        set_nodelay(sock)
+        if self.unsent:
             try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.sendall(self.unsent)
             except OSError:
-                pass
+                return
         app = self.server.application
-        timer = gevent.Timeout.start_new(getattr(app, "handshake_timeout", HANDSHAKE_TIMEOUT))
-        try:
-            data = _first_head(sock)
-        except gevent.Timeout as exc:
-            if exc is not timer:
-                raise
-            return  # silent or too slow: closed
-        except OSError:
-            return
-        finally:
-            timer.cancel()
+        data = self.ahead
+        if not data or not _HEAD_END.search(data):
+            timer = gevent.Timeout.start_new(getattr(app, "handshake_timeout",
+                                                     HANDSHAKE_TIMEOUT))
+            try:
+                data = _first_head(sock, data)
+            except gevent.Timeout as exc:
+                if exc is not timer:
+                    raise
+                return  # silent or too slow: closed
+            except OSError:
+                return
+            finally:
+                timer.cancel()
         while data:
-            if self._upgrade_at_once(app, data):
+            if upgrade_at_once(app, data, self._detach, self.client_address):
                 return
-            answered, data, keep_alive = self._answer_at_once(app, data)
-            if not answered:
+            request = publish_request(app, data)
+            if request is None:
                 break
-            if not keep_alive:
+            try:
+                data = _read_body(sock, data, request.body_end)
+            except OSError:
                 return
-            data = self._next_head(app, data)
+            if len(data) < request.body_end:
+                break  # the client stopped short: pywsgi answers (400)
+            response = answer_publish(app, request, data, self.client_address)
+            if response is None:
+                break
+            try:
+                sock.sendall(response)
+            except OSError:
+                return
+            if not request.keep_alive:
+                return
+            data = self._next_head(app, data[request.body_end:])
         if not data:
             return
         # Anything else goes through pywsgi, as it would have, starting with what was read.
         self.rfile = io.BufferedReader(_Prefixed(data, sock))
         super().handle()
+
+    def _detach(self):
+        return detach_socket(self.socket)
 
     def _next_head(self, app, data):
         """A keep-alive connection's next request head (after what was already read), or b""
@@ -769,86 +912,6 @@ class PusherWebSocketHandler(WebSocketHandler):
             return b""
         finally:
             timer.cancel()
-
-    def _answer_at_once(self, app, data):
-        """Answer a request the application can serve from a small environ (`fast_answer`:
-        the publish calls) without pywsgi's machinery. Returns (whether it was answered, the
-        bytes read and not answered yet, whether to keep the connection): any other request
-        is left whole to pywsgi, with all that was read of it."""
-        fast = getattr(app, "fast_answer", None)
-        end = data.find(b"\r\n\r\n")
-        if fast is None or end < 0 or not data.startswith(b"POST "):
-            return False, data, True
-        request = _Request()
-        parser = httptools.HttpRequestParser(request)
-        try:
-            parser.feed_data(data[:end + 4])
-        except httptools.HttpParserError:
-            return False, data, True
-        headers = request.headers
-        length = headers.get(b"content-length", b"")
-        if (parser.get_http_version() != "1.1" or not length.isdigit()
-                or int(length) > MAX_FAST_BODY or b"transfer-encoding" in headers
-                or b"expect" in headers):
-            return False, data, True
-        end += 4 + int(length)
-        while len(data) < end:  # the body, as pywsgi would wait for it
-            more = self.socket.recv(max(end - len(data), 65536))
-            if not more:
-                return False, data, True
-            data += more
-        environ = request.environ("POST", _remote(self.client_address))
-        environ["wsgi.input"] = io.BytesIO(data[end - int(length):end])
-        response = []
-        body = fast(environ, lambda status, headers, exc_info=None: response.extend(
-            (status, headers)))
-        if body is None:
-            return False, data, True
-        status, response_headers = response
-        self.socket.sendall(b"".join([
-            b"HTTP/1.1 %s\r\n" % status.encode("latin-1"),
-            *(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1"))
-              for k, v in response_headers),
-            b"Date: %s\r\n\r\n" % _http_date().encode(), *body]))
-        return True, data[end:], parser.should_keep_alive()
-
-    def _upgrade_at_once(self, app, data):
-        """Serve a well-formed WebSocket upgrade without pywsgi's machinery (its request
-        objects, its full environ); False for any other request, and for an upgrade refused
-        in HTTP, whose answer pywsgi writes as before. The application gets the socket in an
-        environ that holds only what serving it needs."""
-        if not data.startswith(b"GET "):
-            return False
-        head = _Request()
-        parser = httptools.HttpRequestParser(head)
-        try:
-            parser.feed_data(data)
-            return False  # not an upgrade
-        except httptools.HttpParserUpgrade as upgrade:
-            ahead = data[upgrade.args[0]:]
-        except httptools.HttpParserError:
-            return False
-        headers = head.headers
-        key = headers.get(b"sec-websocket-key", b"").strip()
-        if (parser.get_http_version() != "1.1" or headers.get(b"upgrade", b"").lower() != b"websocket"
-                or b"upgrade" not in headers.get(b"connection", b"").lower()
-                or headers.get(b"sec-websocket-version") not in (b"13", b"8", b"7")
-                or len(key) != 24 or not _valid_key(key)):
-            return False
-        accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
-        deflate = getattr(app, "compression", False) and _deflate_offered(
-            headers.get(b"sec-websocket-extensions", b"").decode("latin-1"))
-        ws = PusherWebSocket(detach_socket(self.socket), ahead, _switching(accept, deflate),
-                             deflate)
-        environ = head.environ("GET", _remote(self.client_address))
-        environ["wsgi.websocket"] = ws
-        try:
-            app(environ, _ignore_response)
-        finally:
-            if not ws.started:
-                ws.close(WsClose.GOING_AWAY, "Not served")
-                ws.start(None)
-        return True
 
     def handle_one_request(self):
         # A request head must arrive in time, or the connection is closed: the first within

@@ -10,13 +10,16 @@ from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
 from gunicorn.workers.ggevent import PyWSGIServer
 
 from .accept import PausingAccept
+from .reception import LoopAccept
+from .startup import tune_gc
 from .transport import PusherWebSocketHandler
 
 log = logging.getLogger("bunpulse.worker")
 
 
-class PusherPyWSGIServer(PausingAccept, PyWSGIServer):
-    """gunicorn's server, paused at the file-descriptor limit."""
+class PusherPyWSGIServer(PausingAccept, LoopAccept, PyWSGIServer):
+    """gunicorn's server, paused at the file-descriptor limit, reading new connections in
+    the event loop."""
 
 
 class PusherWorker(GeventWebSocketWorker):
@@ -28,6 +31,7 @@ class PusherWorker(GeventWebSocketWorker):
     wsgi_handler = PusherWebSocketHandler
 
     def run(self):
+        tune_gc()
         self._servers = []
         self._addresses = [(s.family, s.getsockname()) for s in self.sockets]
         stopping = gevent.spawn(self._stop_when_told)

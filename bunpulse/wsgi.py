@@ -72,6 +72,9 @@ def create_app(settings=None, core=None):
             return None
         return shortcut_only(environ, start_response)
 
+    if shortcut_only is shortcut:  # nothing counts or logs requests: no need to look first
+        fast_answer = shortcut
+
     def dispatch(environ, start_response):
         ws = environ.get("wsgi.websocket")
         if ws is not None:
@@ -96,6 +99,7 @@ def create_app(settings=None, core=None):
         flask_app.wsgi_app = ThreadedDispatch(dispatch, core, max_body)
         flask_app.extensions["bunpulse.call"] = flask_app.wsgi_app.call
     flask_app.fast_answer = fast_answer  # read by BunPulse's own handler only
+    flask_app.serves_at_once = core.requests_at_once  # read by reception.py
     flask_app.on_worker_draining = core.drain
     flask_app.on_worker_stop = core.shutdown
     flask_app.handshake_timeout = settings.handshake_timeout / 1000  # read by the handler

@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import struct
+import threading
 import time
 import urllib.parse
 
@@ -213,3 +214,41 @@ def test_another_post_whose_body_comes_late_reaches_pywsgi_whole(server):
     answer = sock.recv(65536)
     sock.close()
     assert answer.startswith(b"HTTP/1.1 401"), answer  # unsigned: refused, but answered
+
+
+def test_pipelined_publishes_whose_answers_overflow_the_socket_are_all_answered(server):
+    """Served in the event loop, a keep-alive connection's pipelined publishes are answered
+    while the answers fit the socket; once a client that is not reading fills it (past the
+    4 MB a loopback socket's buffer may grow to), the rest is written by a greenlet as the
+    client reads: every answer arrives, whole and in order."""
+    count = 300  # each answer lists 100 long channel names: about 17 KB, 5 MB in all
+    requests_ = []
+    for n in range(count):
+        channels = [f"overflow-{n}-{c}-".ljust(150, "x") for c in range(100)]
+        requests_.append((channels, publish_request(EVENTS, event(
+            channels=channels, info="subscription_count", data=str(n)))))
+    sock = socket.create_connection((server.host, server.port), timeout=20)
+    sender = threading.Thread(target=sock.sendall, args=(b"".join(
+        head + b"\r\n" + body for _, (head, body) in requests_),))
+    try:
+        sender.start()
+        time.sleep(1)  # not reading: the server fills the socket meanwhile
+        data = b""
+        answered = []
+        while len(answered) < count:
+            chunk = sock.recv(1 << 20)
+            assert chunk, f"closed after {len(answered)} answers"
+            data += chunk
+            while b"\r\n\r\n" in data:
+                top, _, rest = data.partition(b"\r\n\r\n")
+                length = int(dict(line.split(b": ", 1) for line in top.split(b"\r\n")[1:])[
+                    b"Content-Length"])
+                if len(rest) < length:
+                    break
+                answered.append((top.split()[1], json.loads(rest[:length])))
+                data = rest[length:]
+        sender.join(10)
+    finally:
+        sock.close()
+    for (status, body), (channels, _) in zip(answered, requests_):
+        assert status == b"200" and list(body["channels"]) == channels

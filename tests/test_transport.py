@@ -109,3 +109,34 @@ def test_a_client_that_stops_reading_is_evicted_and_others_keep_up(start_server,
     assert ended
     info = requests.get(server.url + "/health")
     assert info.status_code == 200
+
+
+class _CountingSocket:
+    """A real socket whose writes are counted."""
+
+    def __init__(self, sock):
+        self._inner, self.writes = sock, 0
+
+    def fileno(self):
+        return self._inner.fileno()
+
+    def send(self, data):
+        self.writes += 1
+        return self._inner.send(data)
+
+
+def test_frames_sent_in_one_turn_of_the_event_loop_leave_in_one_write():
+    left, right = gevent.socket.socketpair()
+    counting = _CountingSocket(left._sock)
+    outbox = Outbox(counting, limit=1 << 20)
+    frames = [build_frame(b'{"n":%d}' % n) for n in range(3)]
+    for frame in frames:  # e.g. three publishes served in one turn, to one subscriber
+        outbox.send(frame)
+    assert counting.writes == 0 and outbox.backlog == sum(map(len, frames))
+    gevent.sleep(0)  # the turn ends
+    assert counting.writes == 1 and outbox.backlog == 0
+    with gevent.Timeout(5):
+        assert right.recv(65536) == b"".join(frames)
+    outbox.send(frames[0])  # the next turn's frame leaves in the next write
+    gevent.sleep(0)
+    assert counting.writes == 2
