@@ -6,13 +6,12 @@ already holds past the handshake, and runs its own transport on it: close codes,
 limits are then those of BunPulse's own worker. What stays the stock handler's is STOCK_LIMITS.
 """
 import logging
-import socket
 
 import gevent
 
 from . import api
 from .errors import WsClose
-from .transport import PusherWebSocket, _buffered_ahead, detach_socket
+from .transport import PusherWebSocket, _buffered_ahead, detach_socket, set_nodelay
 
 log = logging.getLogger("bunpulse")
 
@@ -47,7 +46,7 @@ def serve_stock_websocket(core, environ):
     handler = stock.handler
     stock.closed = True  # neither the stock handler nor its __del__ sends a close frame now
     _watch(core, handler.server)
-    _no_delay(handler.socket)
+    set_nodelay(handler.socket)
     ahead = _buffered_ahead(handler)
     ws = PusherWebSocket(detach_socket(handler.socket), ahead)
     environ["wsgi.websocket"] = ws
@@ -67,15 +66,8 @@ def stock_request(environ):
     would wait for the client's delayed ACK). pywsgi's request body knows the socket."""
     sock = getattr(environ.get("wsgi.input"), "socket", None)
     if sock is not None:
-        _no_delay(sock)
+        set_nodelay(sock)
 
-
-def _no_delay(sock):
-    if sock.family != socket.AF_UNIX:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
 
 class _ClientTable(dict):

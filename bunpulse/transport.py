@@ -25,7 +25,8 @@ from urllib.parse import unquote
 
 import gevent
 import gevent.event
-from gevent import get_hub
+from gevent import get_hub, getcurrent
+from gevent.hub import Hub
 import httptools
 from geventwebsocket.handler import WebSocketHandler
 
@@ -56,10 +57,11 @@ class _ClientMistakes(logging.LoggerAdapter):
 class Outbox:
     """The single writer of one socket.
 
-    `send` queues; what was sent in one turn of the event loop leaves in one non-blocking
-    write when the turn ends (the events of every publish served in that turn: one syscall per
-    socket, not one per event). What does not fit is written by a write watcher of the event
-    loop when the socket drains (no greenlet), coalesced into one write. Past `limit` bytes
+    `send` from a greenlet tries a non-blocking write at once; what the event loop itself sends
+    in one turn leaves in one write when the turn ends (the events of every publish served in
+    that turn: one syscall per socket, not one per event). What does not fit is written by a
+    write watcher of the event loop when the socket drains (no greenlet), coalesced into one
+    write. Past `limit` bytes
     that the socket would not take the peer is evicted (close 4100, so pusher-js backs off and
     reconnects). While corked, sends only queue: the frames answered to one read leave in one
     write."""
@@ -102,11 +104,25 @@ class Outbox:
                 if self._pending_size > self.limit:
                     self._evict()
             return
-        # Written once this turn of the event loop is done, with whatever else it sends this
-        # socket (the events of every publish the loop serves in one turn): one write.
-        self._pending.append(frame)
-        self._pending_size = len(frame)
-        get_hub().loop.run_callback(self._flush_queued)
+        if type(getcurrent()) is Hub:
+            # Sent by the event loop itself (a publish or a subscription served in its
+            # callback): written once this turn of the loop is done, with whatever else the
+            # turn sends this socket (the events of every publish it serves): one write.
+            self._pending.append(frame)
+            self._pending_size = len(frame)
+            get_hub().loop.run_callback(self._flush_queued)
+            return
+        try:  # from a greenlet (a big fan-out, Redis, a hook): at once
+            sent = self._raw.send(frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._drop()
+            return
+        if sent < len(frame):
+            self._pending.append(frame[sent:])
+            self._pending_size = len(frame) - sent
+            self._watch()
 
     def _flush_queued(self):
         if self._pending and self._watcher is None and not self._corked:
