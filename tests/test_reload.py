@@ -17,8 +17,9 @@ from conftest import KEY, RawClient, pusher_api, wait_until
 # `python -m gunicorn` finds gunicorn's own `http` package first on its path and fails.
 GUNICORN = [os.path.join(os.path.dirname(sys.executable), "gunicorn"), "-c", "gunicorn.conf.py"]
 RATE = 200           # events a second, published through the reload
-MAX_MISSED = 25      # what is published between a client's 4200 and its resubscription (measured:
-                     # 0 to 8, docs/benchmarks.md)
+MAX_MISSED = 80      # what is published between a client's 4200 and its resubscription (measured:
+                     # 0 to 16, once 63 while the whole suite loaded the machine; before the
+                     # reload change 136 to 190: docs/benchmarks.md)
 
 
 class Publisher(threading.Thread):
