@@ -188,13 +188,15 @@ class Hub:
         if gevent.getcurrent() is gevent.get_hub():
             # Called in the event loop (a publish served there: reception.py), which must
             # not yield: the fan-out goes on in a greenlet.
-            gevent.spawn_raw(self._drain, channel, subscribers, queue)
+            gevent.spawn_raw(self._drain, channel)
         else:
-            self._drain(channel, subscribers, queue)
+            self._drain(channel)
         return len(subscribers)
 
     @staticmethod
-    def _drain(channel, subscribers, queue):
+    def _drain(channel):
+        """Send the channel's queued frames to its subscribers, yielding as it goes."""
+        subscribers, queue = channel.subscribers, channel.queue
         try:
             while queue:
                 # Frames queued during the last pass go out together: one send per socket

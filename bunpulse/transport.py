@@ -61,10 +61,9 @@ class Outbox:
     in one turn leaves in one write when the turn ends (the events of every publish served in
     that turn: one syscall per socket, not one per event). What does not fit is written by a
     write watcher of the event loop when the socket drains (no greenlet), coalesced into one
-    write. Past `limit` bytes
-    that the socket would not take the peer is evicted (close 4100, so pusher-js backs off and
-    reconnects). While corked, sends only queue: the frames answered to one read leave in one
-    write."""
+    write. Past `limit` bytes that the socket would not take the peer is evicted (close 4100,
+    so pusher-js backs off and reconnects). While corked, sends only queue: the frames
+    answered to one read leave in one write."""
 
     __slots__ = ("_raw", "_pending", "_pending_size", "_watcher", "_corked", "limit",
                  "closed", "close_code", "close_info", "_closing", "_release", "on_evict",
