@@ -176,7 +176,7 @@ def test_redis_up_and_ready_follow_redis(start_server, redis_server):
 def test_the_readme_table_and_the_dashboard_name_every_metric():
     from bunpulse.metrics import METRICS
     names = {"bunpulse_" + name for name, *_ in METRICS}
-    with open(os.path.join(ROOT, "README.md")) as handle:
+    with open(os.path.join(ROOT, "docs", "operations.md")) as handle:
         readme = set(re.findall(r"^\| `(bunpulse_\w+)` \|", handle.read(), re.M))
     assert readme == names
     with open(os.path.join(ROOT, "docs", "grafana-dashboard.json")) as handle:
