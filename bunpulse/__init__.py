@@ -4,8 +4,8 @@ __version__ = "0.1.0"
 
 
 def start_bunpulse(port=6001, **options):
-    """Start a server and return it; see bunpulse.run.start_bunpulse."""
-    from .run import start_bunpulse as start
+    """Start a server and return it; see bunpulse.serving.embedded.start_bunpulse."""
+    from .serving.embedded import start_bunpulse as start
     return start(port=port, **options)
 
 

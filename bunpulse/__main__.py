@@ -14,7 +14,7 @@ def main(argv=None):
     try:
         settings = load_settings(argv)
         from .logs import configure
-        from .run import serve_forever
+        from .serving.embedded import serve_forever
         configure(settings.log_level, settings.log_format)
         serve_forever(settings)
     except ConfigError as exc:

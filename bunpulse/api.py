@@ -222,7 +222,16 @@ def _path_pattern(rule):
 
 
 def _core():
-    return current_app.extensions["bunpulse"]
+    return current_app.extensions["bunpulse"].core
+
+
+def refusal(start_response, error, close=False):
+    """A WSGI answer for an ApiError raised before any handler ran (a body refused)."""
+    body = orjson.dumps({"error": error.message})
+    start_response(f"{error.status} {HTTP_STATUS_CODES[error.status].upper()}",
+                   [JSON_HEADER, ("Content-Length", str(len(body)))]
+                   + ([("Connection", "close")] if close else []))
+    return [body]
 
 
 def answer(handler, core, req, route_args):

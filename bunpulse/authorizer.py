@@ -118,8 +118,8 @@ def signing_app(source, app_id=None):
     app, server or core, whose first app (or `app_id`) is taken."""
     if hasattr(source, "key") and hasattr(source, "secret"):
         return source
-    core = getattr(source, "extensions", {}).get("bunpulse") or getattr(source, "core", None) \
-        or source
+    holder = getattr(source, "extensions", {}).get("bunpulse") or source  # its ServerContext
+    core = getattr(holder, "core", holder)
     apps = core.apps
     app = next(iter(apps)) if app_id is None else apps.by_id(app_id)
     if app is None:

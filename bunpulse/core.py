@@ -1,10 +1,7 @@
 """The server core of one worker (`BunPulse`): what every connection, the HTTP API and the
-library call; plus its callbacks (`Hooks`) and socket ids (`SocketIds`)."""
+library call. Its callbacks and socket ids are in hooks.py."""
 import logging
-import os
 import re
-import secrets
-from itertools import count
 
 import gevent
 
@@ -16,6 +13,7 @@ from .apps import load_apps
 from .connection import Connection
 from .errors import (ClientError, ConnectionRefused, ErrorCode, PresenceFull,
                      SubscriptionError)
+from .hooks import Hooks, SocketIds
 from .hub import YIELD_EVERY, Hub
 from .logs import Throttled
 from .metrics import Metrics
@@ -26,42 +24,6 @@ from .webhooks import WebhookSender
 log = logging.getLogger("bunpulse")
 
 APP_PATH = re.compile(r"^/app/([^/]+)/?$")
-
-
-class SocketIds:
-    """`<process>.<counter>` ids: the random process part keeps them unique across workers and
-    machines, and is drawn anew after a fork."""
-
-    def __init__(self):
-        self._pid = None
-
-    def __call__(self):
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._prefix = str(secrets.randbelow(9 * 10 ** 9) + 10 ** 9)
-            self._counter = count(1)
-        return f"{self._prefix}.{next(self._counter)}"
-
-
-class Hooks:
-    """`server.on(event, callback)`: callbacks get (connection, data); errors are logged."""
-
-    def __init__(self):
-        self._callbacks = {}
-
-    def on(self, event, callback):
-        self._callbacks.setdefault(event, []).append(callback)
-        return callback
-
-    def wanted(self, event):
-        return event in self._callbacks
-
-    def emit(self, event, conn, data):
-        for callback in self._callbacks.get(event, ()):
-            try:
-                callback(conn, data)
-            except Exception:  # noqa: BLE001 - a user callback never takes the server down
-                log.exception("callback for %r failed", event)
 
 
 class BunPulse:

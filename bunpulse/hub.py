@@ -10,6 +10,7 @@ from collections import deque, namedtuple
 import gevent
 
 from .metrics import Metrics
+from .outbox import in_the_loop
 
 YIELD_EVERY = 256  # sockets served between two yields while fanning out to a big channel
 
@@ -185,7 +186,7 @@ class Hub:
         if channel.sending:
             return len(subscribers)
         channel.sending = True
-        if gevent.getcurrent() is gevent.get_hub():
+        if in_the_loop():
             # Called in the event loop (a publish served there: reception.py), which must
             # not yield: the fan-out goes on in a greenlet.
             gevent.spawn_raw(self._drain, channel)

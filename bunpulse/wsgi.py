@@ -7,21 +7,27 @@ and the routes api.py declares with `shortcut=True` (the publish calls).
 
 Whoever serves it: under gevent (BunPulse's worker and embedded server, gunicorn's stock
 gevent-websocket worker) requests run in the hub's greenlets, and an upgrade arrives as
-BunPulse's WebSocket or as the stock handler's, whose socket is taken over (stock.py); in a
-process gevent does not patch (`flask run`), requests are handed to a hub thread (threaded.py)."""
+BunPulse's WebSocket or as the stock handler's, whose socket is taken over
+(serving/stock_worker.py); in a process gevent does not patch (`flask run`), requests are
+handed to a hub thread (serving/flask_run.py). Either way the connection is served by
+websocket.serve_upgraded, and every driver finds the settings in the one ServerContext
+(context.py), kept in `extensions["bunpulse"]`."""
 import sys
 
+import gevent
 from flask import Flask, jsonify, request
 from gevent import monkey
 from werkzeug.exceptions import HTTPException, NotFound
 
 from . import api
 from .config import ConfigError, load_settings
+from .context import ServerContext, register
 from .core import BunPulse
+from .errors import ApiError
 from .metrics import instrument
-from .stock import note_stock_handler, serve_stock_websocket, stock_request
-from .threaded import ThreadedDispatch
-from .transport import PusherWebSocket
+from .serving.flask_run import ThreadedDispatch
+from .serving.stock_worker import note_stock_handler, serve_stock_websocket, stock_request
+from .websocket import PusherWebSocket, serve_upgraded
 
 WEBSOCKET_ROUTE = "/app/<path:key>"
 
@@ -35,7 +41,6 @@ def create_app(settings=None, core=None):
     # A doubled slash is a bad path, answered in JSON like any other (404, or 400 for a channel
     # name), not a redirect with an HTML body (found by tests/test_fuzz.py).
     flask_app.url_map.merge_slashes = False
-    flask_app.extensions["bunpulse"] = core
     # No API body needs more than a full batch of the largest events allowed: refuse bigger
     # ones (413) before reading them, rather than hold them in memory.
     max_body = 256 * 1024 + 2 * max(
@@ -56,7 +61,13 @@ def create_app(settings=None, core=None):
 
     def http(environ, start_response):
         if under_stock:
-            stock_request(environ)
+            try:
+                stock_request(context, environ)
+            except ApiError as exc:
+                return api.refusal(start_response, exc)
+            except gevent.Timeout:
+                return api.refusal(start_response, ApiError(408, "Request body not complete "
+                                                                 "in time"), close=True)
         answer = shortcut(environ, start_response)
         if answer is not None:
             return answer
@@ -79,32 +90,31 @@ def create_app(settings=None, core=None):
         ws = environ.get("wsgi.websocket")
         if ws is not None:
             if type(ws) is PusherWebSocket:
-                _serve_socket(core, environ)
+                serve_upgraded(context, ws, environ)  # returns at once: the loop reads it
             else:
-                serve_stock_websocket(core, environ)
+                serve_stock_websocket(context, environ)
             return []
         return http(environ, start_response)
 
+    context = ServerContext(settings, core, max_body, fast_answer, _call_here)
     if monkey.is_module_patched("socket"):
         core.metrics.start_flushing()  # in the hub that serves: create_app runs there
         flask_app.wsgi_app = dispatch
-        flask_app.extensions["bunpulse.call"] = _call_here
         if under_stock:
             note_stock_handler()
-    else:  # threads, not greenlets, may serve it (flask run): see threaded.py
+    else:  # threads, not greenlets, may serve it (flask run): see serving/flask_run.py
         if settings.redis_url:
             raise ConfigError("redis_url needs a gevent-patched process (gunicorn's gevent "
                               "workers, python -m bunpulse): redis-py would block BunPulse's "
                               "hub otherwise")
-        flask_app.wsgi_app = ThreadedDispatch(dispatch, core, max_body)
-        flask_app.extensions["bunpulse.call"] = flask_app.wsgi_app.call
-    flask_app.fast_answer = fast_answer  # read by BunPulse's own handler only
-    flask_app.serves_at_once = core.requests_at_once  # read by reception.py
-    flask_app.on_worker_draining = core.drain
-    flask_app.on_worker_stop = core.shutdown
-    flask_app.handshake_timeout = settings.handshake_timeout / 1000  # read by the handler
-    flask_app.keepalive_timeout = settings.keepalive_timeout / 1000
-    flask_app.compression = settings.compression
+        flask_app.wsgi_app = ThreadedDispatch(dispatch, context)
+        context.call = flask_app.wsgi_app.call
+    context.application = flask_app
+    flask_app.extensions["bunpulse"] = context
+    register(context)
+    # Host applications written for 0.1 copied this line; nothing reads it any more (the
+    # gunicorn worker finds the context itself). Removed in 1.0.
+    flask_app.on_worker_stop = context.stop
     return flask_app
 
 
@@ -113,12 +123,13 @@ def publish(realtime, channels, event, data, socket_id=None, app_id=None):
     the clients of this process and, with Redis, of every worker and node. `realtime`: what
     create_app returned; `channels`: a name or a list; `data`: a string, sent as is, or any
     JSON value; `app_id`: the app, when there are several."""
-    core = realtime.extensions["bunpulse"]
+    context = realtime.extensions["bunpulse"]
+    core = context.core
     app = next(iter(core.apps)) if app_id is None else core.apps.by_id(str(app_id))
     if app is None:
         raise ValueError(f"no app with id {app_id}")
     channels = [channels] if isinstance(channels, str) else list(channels)
-    realtime.extensions["bunpulse.call"](core.trigger, app, channels, event, data, socket_id)
+    context.call(core.trigger, app, channels, event, data, socket_id)
 
 
 def _call_here(func, *args):
@@ -129,13 +140,6 @@ def _under_the_stock_worker():
     """gunicorn imported gevent-websocket's worker to run this process, not BunPulse's."""
     return "geventwebsocket.gunicorn.workers" in sys.modules and \
         "bunpulse.worker" not in sys.modules
-
-
-def _serve_socket(core, environ):
-    # Returns at once: the event loop serves the socket from then on. Admitted here, so that
-    # the socket's long life keeps neither its path nor its query.
-    core.serve_websocket(environ["wsgi.websocket"], core.admit(
-        api.request_path(environ), api.query_params(environ)), core.address_of(environ))
 
 
 def _is_shortcut(environ):

@@ -42,7 +42,7 @@ def configure(flask_app, core):
 
 
 def _core():
-    return current_app.extensions["bunpulse"]
+    return current_app.extensions["bunpulse"].core
 
 
 def _feed():

@@ -1,5 +1,6 @@
-"""Running BunPulse: the embedded gevent server (`serve_forever`, `python -m bunpulse`), the
-library API (`start_bunpulse`, `BunPulseServer`) and the start-up log, shared with gunicorn."""
+"""The embedded gevent server: `python -m bunpulse` (`serve_forever`) and the library API
+(`start_bunpulse`, `BunPulseServer`). pywsgi's server accepts; serving/loop.py and
+serving/handler.py read and serve."""
 import logging
 import os
 import signal
@@ -10,16 +11,16 @@ from gevent import monkey
 from gevent import socket as gsocket
 from gevent.pywsgi import WSGIServer
 
+from ..config import ConfigError, listen_host, load_settings
+from ..core import BunPulse
+from ..metrics import serve_in_gevent
+from ..startup import log_startup, tune_gc
+from ..tls import server_context
+from ..wsgi import create_app
 from .accept import PausingAccept
-from .config import ConfigError, listen_host, load_settings
-from .core import BunPulse
-from .metrics import serve_in_gevent
-from .reception import LoopAccept
-from .startup import log_startup, tune_gc
-from .threads import HubThread
-from .tls import server_context
-from .transport import PusherWebSocketHandler
-from .wsgi import create_app
+from .handler import RequestHandler
+from .hub_thread import HubThread
+from .loop import LoopAccept
 
 log = logging.getLogger("bunpulse")
 
@@ -55,7 +56,7 @@ def make_wsgi_server(settings, core=None):
     backlog = None if hasattr(listener, "accept") else settings.backlog  # a unix socket listens
     tls = {"ssl_context": context} if context is not None else {}
     server = PusherWSGIServer(listener, app, backlog=backlog,
-                              handler_class=PusherWebSocketHandler, log=None,
+                              handler_class=RequestHandler, log=None,
                               error_log=logging.getLogger("bunpulse.wsgi"), **tls)
     return server, core
 

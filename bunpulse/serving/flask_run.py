@@ -1,5 +1,6 @@
 """BunPulse under a WSGI server that runs threads, not greenlets: Werkzeug's development server
-(`flask --app bunpulse run`, with or without --debug and its reloader).
+(`flask --app bunpulse run`, with or without --debug and its reloader). Werkzeug reads each
+request's head itself: no deadline and no 64 KiB cap apply to it (the README says so).
 
 The core runs in a gevent hub in a thread of its own (threads.HubThread). Each HTTP request's
 body is read in the server's thread, exactly Content-Length bytes (Werkzeug's wsgi.input is the
@@ -18,11 +19,12 @@ import orjson
 from gevent.hub import Hub
 from werkzeug.http import HTTP_STATUS_CODES
 
-from . import api
-from .errors import ApiError
-from .errors import WsClose
-from .transport import PusherWebSocket, handshake_headers, handshake_refusal
-from .threads import HubThread
+from .. import api
+from ..errors import ApiError
+from ..handshake import Refusal, accept_environ
+from ..websocket import PusherWebSocket, serve_upgraded
+from .body import read_body
+from .hub_thread import HubThread
 
 log = logging.getLogger("bunpulse")
 
@@ -38,10 +40,10 @@ class ThreadedDispatch:
     """The WSGI callable for a process that gevent does not patch: requests that arrive in a
     hub's greenlets go straight to `dispatch`, the others are handed to the core's hub."""
 
-    def __init__(self, dispatch, core, max_body):
+    def __init__(self, dispatch, context):
         self._dispatch = dispatch
-        self._core = core
-        self._max_body = max_body
+        self._context = context
+        self._core = context.core
         self._hub = None
         self._lock = threading.Lock()
 
@@ -65,10 +67,17 @@ class ThreadedDispatch:
             return self._dispatch(environ, start_response)
         if environ.get("HTTP_UPGRADE", "").lower() == "websocket":
             return self._upgrade(environ, start_response)
+        sock = environ.get("werkzeug.socket")
+        timeout = sock.gettimeout() if sock is not None else None
         try:
-            body = read_body(environ, self._max_body)
+            if sock is not None:  # the body within the handshake timeout, as on every way
+                sock.settimeout(self._context.handshake_timeout)
+            body = read_body(environ, self._context.max_body)
         except ApiError as exc:
             return _refuse(start_response, exc.status, exc.message)
+        finally:
+            if sock is not None:
+                sock.settimeout(timeout)
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
         environ.pop("wsgi.input_terminated", None)
@@ -83,18 +92,14 @@ class ThreadedDispatch:
             return _refuse(start_response, 400, "Not a WebSocket upgrade this server can "
                                                 "hand over: use GET with Connection: Upgrade "
                                                 "under flask run, gunicorn or python -m bunpulse")
-        refusal = handshake_refusal(environ)
-        if refusal is not None:
-            status, headers, body = refusal
-            start_response(status, headers + [("Content-Length", str(len(body)))])
-            return [body]
+        handshake = accept_environ(environ, self._context.compression)
+        if isinstance(handshake, Refusal):
+            start_response(f"{handshake.status} {HTTP_STATUS_CODES[handshake.status].upper()}",
+                           [api.JSON_HEADER, *handshake.headers])
+            return [orjson.dumps({"error": handshake.message})]
         ahead = _buffered_ahead(environ["wsgi.input"], sock)
-        sock.sendall(b"".join([b"HTTP/1.1 101 Switching Protocols\r\n"] + [
-            f"{name}: {value}\r\n".encode("latin-1") for name, value in
-            handshake_headers(environ)] + [b"\r\n"]))
         ended = threading.Event()
-        self.hub.spawn(self._session, os.dup(sock.fileno()), ahead, api.request_path(environ),
-                       api.query_params(environ), ended)
+        self.hub.spawn(self._session, os.dup(sock.fileno()), ahead, handshake, environ, ended)
         ended.wait()
         try:  # the hub closed its duplicate: the connection ends with this one
             sock.shutdown(socket.SHUT_RDWR)
@@ -105,54 +110,23 @@ class ThreadedDispatch:
         start_response("101 Switching Protocols", [])
         return []
 
-    def _session(self, fd, ahead, path, query, ended):
-        """In the hub: the socket (a duplicate of Werkzeug's) is read by the hub's event loop,
-        as BunPulse's own handler's are; `ended` is set once the connection is over and the
-        duplicate closed. No greenlet waits meanwhile."""
+    def _session(self, fd, ahead, handshake, environ, ended):
+        """In the hub: the socket (a duplicate of Werkzeug's) is served by
+        websocket.serve_upgraded, as every driver's are, its 101 sent with the first frames;
+        `ended` is set once the connection is over and the duplicate closed. No greenlet
+        waits meanwhile."""
         raw = socket.socket(fileno=fd)
         raw.setblocking(False)
         ws = None
         try:
-            ws = PusherWebSocket(raw, ahead)
+            ws = PusherWebSocket(raw, ahead, handshake.answer, handshake.deflate)
             ws.outbox.on_released = ended.set
-            self._core.serve_websocket(ws, self._core.admit(path, query))
+            serve_upgraded(self._context, ws, environ)
         except Exception:  # noqa: BLE001 - one connection's bug must not take the hub down
             log.exception("WebSocket session failed")
             if ws is None:
                 raw.close()
                 ended.set()
-            elif not ws.started:
-                ws.close(WsClose.GOING_AWAY, "Not served")
-                ws.start(None)
-
-
-def read_body(environ, max_body):
-    """The request body, exactly Content-Length bytes (or a chunked body up to max_body);
-    ApiError 400 or 413 (before reading) when it cannot be had."""
-    stream = environ.get("wsgi.input")
-    if environ.get("wsgi.input_terminated"):  # chunked: the server ends the stream
-        try:
-            body = stream.read(max_body + 1)
-        except OSError:
-            raise ApiError(400, "Incomplete request body") from None
-        if len(body) > max_body:
-            raise ApiError(413, f"Request body is larger than {max_body} bytes")
-        return body
-    length = environ.get("CONTENT_LENGTH", "").strip()
-    if not length:
-        return b""
-    if not length.isdigit():
-        raise ApiError(400, "Invalid Content-Length")
-    length = int(length)
-    if length > max_body:
-        raise ApiError(413, f"Request body is larger than {max_body} bytes")
-    try:
-        body = stream.read(length) if length else b""
-    except OSError:
-        raise ApiError(400, "Incomplete request body") from None
-    if len(body) < length:
-        raise ApiError(400, "Incomplete request body")
-    return body
 
 
 def _buffered_ahead(rfile, sock):

@@ -1,0 +1,345 @@
+"""HTTP requests read without I/O: bytes in, a complete request or a refusal out.
+
+Every request BunPulse reads itself (the event loop's reception and the handler greenlet of
+`python -m bunpulse` and of its gunicorn worker) goes through `RequestReader`, so each limit is
+written once: the head's size (431), the body's size (413, before the body is read), folded
+header lines, bare line feeds and ambiguous framing (400: llhttp refuses them, and a request
+two parsers could read two ways is how requests are smuggled), and the one deadline from accept
+to a complete request (head, body and, on a TLS port, the TLS handshake before them).
+The caller passes the clock in (`now`) and arms a timer for `deadline`; nothing here waits.
+"""
+import time
+from urllib.parse import unquote
+from wsgiref.handlers import format_date_time
+
+import httptools
+
+MAX_HEAD = 65536  # bytes of a request head, request line included; past it, 431
+HEAD_TOO_LARGE = "Request head larger than 64 KiB"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Refusal:
+    """A request answered with an error, after which the connection closes."""
+
+    __slots__ = ("status", "message", "headers")
+
+    def __init__(self, status, message, headers=()):
+        self.status, self.message, self.headers = status, message, tuple(headers)
+
+    def answer(self):
+        body = b'{"error":"%s"}' % self.message.replace('"', "'").encode("latin-1", "replace")
+        return http_answer(self.status, [("Content-Type", "application/json"),
+                                         *self.headers], body, keep_alive=False)
+
+    def __repr__(self):
+        return f"Refusal({self.status}, {self.message!r})"
+
+
+class Request:
+    """A complete request: its head, its whole body, and for an upgrade the bytes that came
+    behind the head (the first WebSocket frames)."""
+
+    __slots__ = ("method", "url", "version", "headers", "body", "keep_alive", "upgrade", "ahead",
+                 "_parts")
+
+    def __init__(self):
+        self.method = ""
+        self.url = b""
+        self.version = "1.1"
+        self.headers = {}  # lower-case name -> value (bytes); repeated ones joined with ","
+        self.body = b""
+        self.keep_alive = False
+        self.upgrade = False
+        self.ahead = b""
+        self._parts = []
+
+    def header(self, name, default=b""):
+        return self.headers.get(name, default)
+
+    @property
+    def target(self):
+        return self.url.decode("latin-1")
+
+    def environ(self, remote="", base=None):
+        """The WSGI environ of the request; `base`: the server's own keys (SERVER_NAME, ...),
+        `remote`: the peer's address ("" on a unix socket)."""
+        target = self.target
+        path, _, query = target.partition("?")
+        environ = dict(base) if base else {}
+        environ.update({
+            "REQUEST_METHOD": self.method, "PATH_INFO": unquote(path, "latin-1"),
+            "SCRIPT_NAME": "", "QUERY_STRING": query, "RAW_URI": target,
+            "REQUEST_URI": target, "SERVER_PROTOCOL": "HTTP/" + self.version,
+            "REMOTE_ADDR": remote})
+        for name, value in self.headers.items():
+            key = _ENVIRON_KEYS.get(name)
+            if key is None:
+                key = name.decode("latin-1").upper().replace("-", "_")
+                if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                    key = "HTTP_" + key
+            environ[key] = value.decode("latin-1")
+        return environ
+
+
+# The environ keys of the headers every publish and upgrade carries.
+_ENVIRON_KEYS = {name.encode(): ("" if name.startswith("content-") else "HTTP_")
+                 + name.upper().replace("-", "_")
+                 for name in ("host", "content-type", "content-length", "connection", "upgrade",
+                              "user-agent", "accept", "accept-encoding", "origin",
+                              "sec-websocket-key", "sec-websocket-version",
+                              "sec-websocket-extensions", "x-pusher-library")}
+
+
+class _Refused(Exception):
+    pass
+
+
+_CHUNKED = object()  # a body whose end the parser finds
+
+
+class RequestReader:
+    """One connection's requests, read from the bytes given to `receive_data`.
+
+    `next_event()` returns the next complete `Request`, a `Refusal` (answer it and close), or
+    None while more bytes are needed. `deadline` is when the current request must be complete:
+    `handshake_timeout` seconds from the accept for the first, and for a later one (keep-alive)
+    `keepalive_timeout` seconds from the last answer until its first byte, then
+    `handshake_timeout` seconds from that byte. `data_to_send()` is what the reader itself
+    answers before the request is complete (100 Continue)."""
+
+    __slots__ = ("max_body", "handshake_timeout", "keepalive_timeout", "deadline", "_parser",
+                 "_current", "_ready", "_refusal", "_body_left", "_buffer",
+                 "_searched", "_body_size", "_to_send", "_waiting", "_ended", "_upgrade")
+
+    def __init__(self, max_body, handshake_timeout, keepalive_timeout, now=None):
+        self.max_body = max_body
+        self.handshake_timeout = handshake_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.deadline = (time.monotonic() if now is None else now) + handshake_timeout
+        self._parser = httptools.HttpRequestParser(self)
+        self._current = None
+        self._ready = []        # complete requests not yet taken
+        self._refusal = None
+        # The parser is fed one part of a request at a time, never past its end, so that each
+        # head is measured exactly: None while a head is read, then the body's bytes still to
+        # come, or _CHUNKED.
+        self._body_left = None
+        self._buffer = bytearray()  # bytes received and not yet fed
+        self._searched = 0      # where the search for the head's end goes on
+        self._body_size = 0
+        self._to_send = b""
+        self._waiting = False   # between requests on a kept-alive connection
+        self._ended = False
+        self._upgrade = None    # the upgrade request, once its head is read
+
+    # ---------------------------------------------------------------- input
+
+    def receive_data(self, data, now=None):
+        if self._upgrade is not None:  # the new protocol's bytes, for whoever takes them
+            self._upgrade.ahead += data
+            return
+        if self._refusal is not None or self._ended or not data:
+            return
+        if self._waiting:  # the next request's first byte: its own time starts now
+            self._waiting = False
+            self.deadline = (time.monotonic() if now is None else now) + self.handshake_timeout
+        self._buffer += data  # a bytearray: a head sent a byte at a time costs linear work
+        while self._buffer and self._refusal is None and not self._ended:
+            if not self._feed_next():
+                return
+
+    def _feed_next(self):
+        """Feed the parser the next part of a request: a whole head, or body bytes up to the
+        request's end. False when more bytes are needed."""
+        buffer, left = self._buffer, self._body_left
+        if left is None:  # a head: fed whole once its end is here
+            if buffer[:1] in (b"\r", b"\n"):  # empty lines before a request are ignored
+                blank = len(buffer) - len(buffer.lstrip(b"\r\n"))
+                del buffer[:blank]
+                self._searched = 0
+                return bool(buffer)
+            searched = self._searched
+            end = buffer.find(b"\r\n\r\n", searched)
+            if end < 0:
+                if len(buffer) > MAX_HEAD:
+                    self._refuse(431, HEAD_TOO_LARGE)
+                elif buffer.find(b"\n\n", searched) >= 0:  # a head's end in bare line feeds
+                    self._refuse(400, "Malformed request: lines end with CRLF")
+                else:
+                    self._searched = max(0, len(buffer) - 3)
+                return False
+            if end + 4 > MAX_HEAD:
+                self._refuse(431, HEAD_TOO_LARGE)
+                return False
+            cut = end + 4
+        elif left is _CHUNKED:  # up to each blank line: a chunked body can only end at one
+            end = buffer.find(b"\r\n\r\n", self._searched)
+            if end < 0:
+                cut = len(buffer) - 3
+                if cut <= 0:
+                    return False
+            else:
+                cut = end + 4
+        else:
+            cut = left
+        piece = bytes(buffer[:cut])
+        del buffer[:cut]
+        self._searched = 0
+        if left is not None and left is not _CHUNKED:
+            self._body_left = left - len(piece)
+        try:
+            self._parser.feed_data(piece)
+        except httptools.HttpParserUpgrade:
+            self._upgraded(bytes(self._buffer))
+        except httptools.HttpParserCallbackError as error:
+            if self._refusal is None:  # an error of ours, not a refusal
+                raise error.__context__ or error
+        except httptools.HttpParserError as error:
+            self._refuse(400, f"Malformed request: {_reason(error)}")
+        return True
+
+    def receive_eof(self):
+        """The client closed its side: a request it left unfinished is refused (400)."""
+        self._ended = True
+        if self.started and self._refusal is None:
+            in_body = self._current is not None and self._body_left is not None
+            self._refuse(400, "Incomplete request body" if in_body else "Incomplete request")
+
+    def next_event(self):
+        if self._ready:
+            return self._ready.pop(0)
+        return self._refusal
+
+    def data_to_send(self):
+        data, self._to_send = self._to_send, b""
+        return data
+
+    def answered(self, now=None):
+        """The last request was answered on a connection kept alive: the next one's first
+        byte is due within the keep-alive timeout."""
+        if not self._ready and self._current is None:
+            self._waiting = True
+            self.deadline = (time.monotonic() if now is None else now) + self.keepalive_timeout
+
+    @property
+    def started(self):
+        """Bytes of a request not yet complete have arrived."""
+        return self._current is not None or bool(self._buffer)
+
+    @property
+    def ended(self):
+        return self._ended
+
+    def _refuse(self, status, message, headers=()):
+        if self._refusal is None:
+            self._refusal = Refusal(status, message, headers)
+        self._current = None
+
+    # ---------------------------------------------------------------- httptools' callbacks
+
+    def on_message_begin(self):
+        self._current = Request()
+        self._body_size = 0
+
+    def on_url(self, url):
+        self._current.url += url
+
+    def on_header(self, name, value):
+        headers = self._current.headers
+        name = name.lower()
+        known = headers.get(name)
+        headers[name] = value if known is None else known + b"," + value
+
+    def on_headers_complete(self):
+        request, parser = self._current, self._parser
+        request.method = parser.get_method().decode("latin-1")
+        request.version = parser.get_http_version()
+        request.keep_alive = parser.should_keep_alive()
+        length = request.headers.get(b"content-length")
+        if length is not None and int(length) > self.max_body:
+            self._refuse(413, f"Request body is larger than {self.max_body} bytes")
+            raise _Refused()
+        chunked = b"chunked" in request.headers.get(b"transfer-encoding", b"").lower()
+        self._body_left = _CHUNKED if chunked else int(length or 0)
+        if request.headers.get(b"expect", b"").lower() == b"100-continue" and length != b"0" \
+                and request.version == "1.1":
+            self._to_send = CONTINUE  # curl waits for it before sending a body
+
+    def on_body(self, body):
+        self._body_size += len(body)
+        if self._body_size > self.max_body:  # chunked: the size is known only as it comes
+            self._refuse(413, f"Request body is larger than {self.max_body} bytes")
+            raise _Refused()
+        self._current._parts.append(body)
+
+    def on_message_complete(self):
+        self._body_left = None  # the next request's head
+        request, self._current = self._current, None
+        if request is None:
+            return
+        parts = request._parts
+        request.body = parts[0] if len(parts) == 1 else b"".join(parts)
+        request._parts = None
+        self._ready.append(request)
+
+    def _upgraded(self, ahead):
+        """An upgrade's head is complete: what follows is the new protocol's."""
+        request = self._current
+        if request is None and self._ready:  # complete already (a GET without a body)
+            request = self._ready.pop()
+        if request is None:
+            self._refuse(400, "Malformed request")
+            return
+        self._current = None
+        request.upgrade = True
+        request.ahead = ahead
+        self._buffer = bytearray()
+        self._upgrade = request
+        request.keep_alive = False
+        if request._parts is not None:
+            request.body, request._parts = b"".join(request._parts), None
+        self._ready.append(request)
+        self._ended = True  # nothing more is HTTP on this connection
+
+
+def _reason(error):
+    text = str(error)
+    return text[:100] if text else type(error).__name__
+
+
+# ---------------------------------------------------------------- answers
+
+_date = [0, b""]
+
+
+def http_date():
+    """The Date header's value, formatted once a second."""
+    now = int(time.time())
+    if _date[0] != now:
+        _date[:] = now, format_date_time(now).encode()
+    return _date[1]
+
+
+_REASONS = {100: "Continue", 101: "Switching Protocols", 200: "OK", 400: "Bad Request",
+            403: "Forbidden", 404: "Not Found", 408: "Request Timeout",
+            413: "Request Entity Too Large", 426: "Upgrade Required",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error",
+            503: "Service Unavailable"}
+
+
+def status_line(status):
+    """`status`: an int or a WSGI status string ("200 OK")."""
+    if isinstance(status, int):
+        status = f"{status} {_REASONS.get(status, 'Unknown')}"
+    return b"HTTP/1.1 %s\r\n" % status.encode("latin-1")
+
+
+def http_answer(status, headers, body=b"", keep_alive=True):
+    """A whole HTTP/1.1 answer with a Content-Length."""
+    return b"".join([status_line(status),
+                     *(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1"))
+                       for k, v in headers),
+                     b"Content-Length: %d\r\n" % len(body),
+                     b"" if keep_alive else b"Connection: close\r\n",
+                     b"Date: %s\r\n\r\n" % http_date(), body])

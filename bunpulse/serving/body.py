@@ -1,0 +1,35 @@
+"""A request body read from another server's `wsgi.input` (gevent-websocket's stock worker,
+Werkzeug's `flask run`), where BunPulse did not read the request itself: exactly Content-Length
+bytes (Werkzeug's stream is the raw socket: reading past them would wait for the client), a
+chunked body up to the limit, 413 before reading past `max_body`, 400 when it stops short.
+The caller bounds the time (serving/stock_worker.py, serving/flask_run.py)."""
+from ..errors import ApiError
+
+
+def read_body(environ, max_body):
+    """The request body; ApiError 400 or 413 (before reading) when it cannot be had."""
+    stream = environ.get("wsgi.input")
+    length = environ.get("CONTENT_LENGTH", "").strip()
+    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+    if chunked or (not length and environ.get("wsgi.input_terminated")):  # the server ends it
+        try:
+            body = stream.read(max_body + 1)
+        except (OSError, ValueError):
+            raise ApiError(400, "Incomplete request body") from None
+        if len(body) > max_body:
+            raise ApiError(413, f"Request body is larger than {max_body} bytes")
+        return body
+    if not length:
+        return b""
+    if not length.isdigit():
+        raise ApiError(400, "Invalid Content-Length")
+    length = int(length)
+    if length > max_body:
+        raise ApiError(413, f"Request body is larger than {max_body} bytes")
+    try:
+        body = stream.read(length) if length else b""
+    except (OSError, ValueError):
+        raise ApiError(400, "Incomplete request body") from None
+    if len(body) < length:
+        raise ApiError(400, "Incomplete request body")
+    return body

@@ -1,0 +1,117 @@
+"""gevent-websocket's stock handler (`gunicorn -k geventwebsocket.gunicorn.workers.
+GeventWebSocketWorker "bunpulse:create_app()"`): it upgrades the socket and hands the application
+its own WebSocket, which gets close codes, limits and closing wrong for a Pusher server (see
+websocket.py). BunPulse takes the socket over, with whatever the handler's buffered reader
+already holds past the handshake, and runs its own transport on it: close codes, heartbeats and
+limits are then those of BunPulse's own worker. What stays the stock handler's is STOCK_LIMITS.
+"""
+import io
+import logging
+
+import gevent
+
+from ..errors import ApiError
+from ..websocket import PusherWebSocket, detach_socket, serve_upgraded
+from .body import read_body
+from .loop import set_nodelay
+
+log = logging.getLogger("bunpulse")
+
+STOCK_LIMITS = (
+    "BunPulse is served by gevent-websocket's stock handler: it takes over each upgraded "
+    "socket, so close codes, heartbeats and limits are its own, but the stock handler still "
+    "reads request heads (no deadline for a head, no 64 KiB cap: pywsgi's own bounds), answers "
+    "the handshake (WebSocket versions 7, 8 and 13, no check of Sec-WebSocket-Key, no "
+    "permessage-deflate), parses request headers with the slower email parser and keeps each "
+    "connection's request for its whole life (more memory per idle connection); use "
+    "BunPulse's own worker (-k bunpulse.worker.PusherWorker) in production")
+
+_noted = False
+_watched = set()
+
+
+def note_stock_handler():
+    """Say once per process what the stock handler keeps (STOCK_LIMITS)."""
+    global _noted
+    if not _noted:
+        _noted = True
+        log.warning(STOCK_LIMITS)
+
+
+def serve_stock_websocket(context, environ):
+    """Run one Pusher connection on the socket the stock handler upgraded (its 101 is sent):
+    the socket is detached from the handler and served by websocket.serve_upgraded, as every
+    driver's are. Blocks until the connection is over, as the stock handler expects of the
+    application: its worker exits once no handler runs, which would cut clients off before
+    their 4200, and pywsgi closes the handler's socket when the handler returns."""
+    note_stock_handler()
+    stock = environ["wsgi.websocket"]
+    handler = stock.handler
+    stock.closed = True  # neither the stock handler nor its __del__ sends a close frame now
+    _watch(context, handler.server)
+    set_nodelay(handler.socket)
+    ahead = _buffered_ahead(handler)
+    ws = environ["wsgi.websocket"] = PusherWebSocket(detach_socket(handler.socket), ahead)
+    serve_upgraded(context, ws, environ)
+    ws.wait()
+
+
+def stock_request(context, environ):
+    """An HTTP request the stock handler read the head of: Nagle off on its socket (pywsgi
+    writes headers and body apart: on a keep-alive connection the body would wait for the
+    client's delayed ACK), and its body read here, within the handshake timeout and the body
+    limit, so that a client that stops sending holds nothing for long. An ApiError (400, 413)
+    when it cannot be had, or a gevent.Timeout when it comes too slowly."""
+    stream = environ.get("wsgi.input")
+    sock = getattr(stream, "socket", None)
+    if sock is not None:
+        set_nodelay(sock)
+    with gevent.Timeout(context.handshake_timeout):
+        body = read_body(environ, context.max_body)
+    environ["wsgi.input"] = io.BytesIO(body)
+    environ["CONTENT_LENGTH"] = str(len(body)) if body else ""
+    environ["wsgi.input_terminated"] = True
+
+
+def _buffered_ahead(handler):
+    """What the handler's buffered reader already holds past the handshake (a client may send
+    frames right behind it), taken without waiting for more; then the reader is closed, which
+    frees its buffer and leaves the socket open."""
+    sock = handler.socket
+    timeout = sock.gettimeout()
+    sock.settimeout(0)
+    try:
+        data = handler.rfile.read1(1 << 16)
+    except OSError:  # nothing buffered and nothing on the socket yet
+        data = b""
+    finally:
+        sock.settimeout(timeout)
+    body = handler.wsgi_input
+    if body is None or not (body.content_length or body.chunked_input):
+        handler.rfile.close()  # pywsgi reads it again only to discard a request body
+    return data or b""
+
+
+class _ClientTable(dict):
+    """The stock handler's table of connections, keyed by peer address: every unix-socket
+    peer has the same one, so a second connection's end would find its entry gone."""
+
+    def __delitem__(self, key):
+        self.pop(key, None)
+
+
+def _watch(context, server):
+    """Once per listening server: tolerate shared peer addresses, and when the worker stops
+    (it closes the server: the stock worker tells the application nothing), tell every client
+    to reconnect at once (4200), as BunPulse's own worker does."""
+    if id(server) in _watched:
+        return
+    _watched.add(id(server))
+    server.clients = _ClientTable(getattr(server, "clients", {}))
+
+    def stop_when_closed():
+        while not server.closed:
+            gevent.sleep(0.2)
+        context.stop()
+
+    gevent.spawn(stop_when_closed)
