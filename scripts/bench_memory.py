@@ -103,7 +103,7 @@ def main():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, args.connections * 2 + 512), hard))
     from bunpulse.config import load_settings
-    from bunpulse.run import make_wsgi_server
+    from bunpulse.serving.embedded import make_wsgi_server
 
     settings = load_settings([], environ={"PUSHER_APP_ID": "1", "PUSHER_APP_KEY": "mem-key",
                                           "PUSHER_APP_SECRET": "mem-secret",

@@ -1,9 +1,8 @@
-"""The two ways a request is served give the same answers: a well-formed upgrade, and the
-publish calls, are read with httptools and served without pywsgi's request machinery; anything
-else (here forced by a folded header line, which httptools refuses) goes through pywsgi as
-before. Each request below is sent both ways and the answers compared: for an upgrade the
-status line, the messages and the close code that follow; for a publish the whole answer but
-its Date."""
+"""The two places a request is served give the same answers: a request that arrives in a few
+reads is served by the event loop's callback (serving/loop.py); one that arrives in many pieces
+is handed, with the one reader (request.py), to a greenlet (serving/handler.py). Each request
+below is sent both ways and the answers compared: for an upgrade the status line, the messages
+and the close code that follow; for a publish the whole answer but its Date."""
 import base64
 import hashlib
 import json
@@ -20,6 +19,18 @@ from bunpulse.signatures import sign_api_request
 from conftest import APP_ID, KEY, SECRET, RawClient, connected, raw_subscribe
 
 FOLD = b"X-Folded: a\r\n b\r\n"
+PIECES = 12  # more reads than the event loop gathers (loop.MAX_PIECES): the greenlet's then
+
+
+def send(sock, data, slow=False):
+    """Send `data` at once, or (slow) in PIECES pieces a little apart."""
+    if not slow:
+        sock.sendall(data)
+        return
+    step = max(1, -(-len(data) // PIECES))
+    for at in range(0, len(data), step):
+        sock.sendall(data[at:at + step])
+        time.sleep(0.01)
 
 
 def _key():
@@ -52,11 +63,12 @@ def masked(payload):
     return bytes((0x81, 0x80 | len(payload))) + b"\0\0\0\0" + payload
 
 
-def exchange(server, request, behind=b""):
+def exchange(server, request, behind=b"", slow=False):
     """What the server answers: (status line, [messages], close code or None)."""
     sock = socket.create_connection((server.host, server.port), timeout=5)
     try:
-        sock.sendall(request + b"\r\n" + behind)
+        send(sock, request + b"\r\n", slow)
+        sock.sendall(behind)
         data = b""
         while b"\r\n\r\n" not in data:
             chunk = sock.recv(65536)
@@ -98,13 +110,20 @@ def exchange(server, request, behind=b""):
 def test_both_paths_answer_alike(server, name):
     behind = masked(SUBSCRIBE) if "subscribe" in name else b""
     fast = exchange(server, REQUESTS[name], behind)
-    slow = exchange(server, REQUESTS[name] + FOLD, behind)
+    slow = exchange(server, REQUESTS[name], behind, slow=True)
     assert fast == slow
     if name.startswith("good") or name == "percent-encoded key":
         assert fast[0].startswith(b"HTTP/1.1 101") and fast[2] is None
         assert fast[1][0]["event"] == "pusher:connection_established"
     if behind:
         assert fast[1][1]["event"] == "pusher_internal:subscription_succeeded"
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_a_folded_header_line_is_refused_on_both_paths(server, slow):
+    """Obsolete line folding is refused (400), as RFC 9112 allows: one reader, one answer."""
+    status, _, _ = exchange(server, REQUESTS["good"] + FOLD, slow=slow)
+    assert status == b"HTTP/1.1 400 Bad Request"
 
 
 # ---------------------------------------------------------------- publishes
@@ -119,14 +138,14 @@ def publish_request(path, body, secret=SECRET, extra=b"", version="HTTP/1.1", **
         extra, raw
 
 
-def answers(server, requests_):
+def answers(server, requests_, slow=False):
     """The answers to requests sent one after the other on one keep-alive connection."""
     sock = socket.create_connection((server.host, server.port), timeout=5)
     out = []
     data = b""
     try:
         for head, body in requests_:
-            sock.sendall(head + b"\r\n" + body)
+            send(sock, head + b"\r\n" + body, slow)
             while b"\r\n\r\n" not in data:
                 data += sock.recv(65536)
             top, _, data = data.partition(b"\r\n\r\n")
@@ -166,7 +185,7 @@ def test_publishes_answer_alike_and_keep_the_connection(server):
     raw_subscribe(listener, connected(listener), "paths-http")
     listener.recv_event("pusher_internal:subscription_succeeded")
     fast = answers(server, [publish_request(p, b, **kw) for p, b, kw in PUBLISHES])
-    slow = answers(server, [publish_request(p, b, extra=FOLD, **kw) for p, b, kw in PUBLISHES])
+    slow = answers(server, [publish_request(p, b, **kw) for p, b, kw in PUBLISHES], slow=True)
     assert fast == slow
     assert [status.split()[1] for status, _, _ in fast] == [
         b"200", b"200", b"401", b"400", b"400", b"413", b"404", b"400", b"200"]
@@ -182,12 +201,12 @@ def test_headers_reach_the_application_either_way(server):
     for token, status in ((SECRET, b"200"), ("wrong", b"401")):
         head = (f"POST {EVENTS} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n").encode()
-        fast, slow = answers(server, [(head, body)]), answers(server, [(head + FOLD, body)])
+        fast, slow = answers(server, [(head, body)]), answers(server, [(head, body)], slow=True)
         assert fast == slow and fast[0][0].split()[1] == status
 
 
 def test_a_publish_then_another_route_on_one_connection(server):
-    """The fast path hands a keep-alive connection over to pywsgi mid-way."""
+    """The event loop hands a keep-alive connection over to a greenlet mid-way."""
     head, body = publish_request(EVENTS, event())
     sock = socket.create_connection((server.host, server.port), timeout=5)
     sock.sendall(head + b"\r\n" + body + b"GET /health HTTP/1.1\r\nHost: x\r\n"
@@ -202,9 +221,9 @@ def test_a_publish_then_another_route_on_one_connection(server):
     assert data.count(b"HTTP/1.1 200") == 2, data
 
 
-def test_another_post_whose_body_comes_late_reaches_pywsgi_whole(server):
-    """A POST that is not a publish, its body sent after its head: the fast path reads the
-    body, finds the route is not its own and hands pywsgi the head and the body."""
+def test_another_post_whose_body_comes_late_reaches_the_application_whole(server):
+    """A POST that is not a publish, its body sent after its head: the loop reads the body,
+    finds the route is not a publish and hands the request to a greenlet, whole."""
     sock = socket.create_connection((server.host, server.port), timeout=5)
     sock.sendall(f"POST /apps/{APP_ID}/users/u/terminate_connections HTTP/1.1\r\nHost: x\r\n"
                  "Content-Type: application/json\r\nContent-Length: 2\r\n"

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from bunpulse.config import load_settings
 from bunpulse.errors import ClientError
 from bunpulse.protocol import parse_client_frame
-from bunpulse.request_headers import MAX_HEADERS, RequestHeaders
+from bunpulse.request import Refusal, RequestReader
 from conftest import APP_ID, KEY, SECRET
 
 # Modest example counts: the whole file runs in seconds. No example database on disk.
@@ -142,32 +142,55 @@ values = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7e),
     lambda v: v.strip(" \t"))
 
 
+def _read_all(chunks):
+    """Every event the reader gives for these chunks (Request or Refusal), in order."""
+    reader = RequestReader(4096, 10.0, 5.0, now=0.0)
+    out = []
+    for chunk in chunks:
+        reader.receive_data(chunk, now=0.0)
+        while True:
+            event = reader.next_event()
+            if event is None or (out and event is out[-1]):
+                break
+            out.append(event)
+            if isinstance(event, Refusal):
+                break
+    return out
+
+
+def _summary(events):
+    return [("refused", e.status) if isinstance(e, Refusal) else
+            (e.method, e.url, sorted(e.headers.items()), e.body) for e in events]
+
+
 @FAST
 @given(st.lists(st.binary(max_size=80), max_size=12),
-       st.sampled_from((b"\r\n", b"\n")), st.booleans())
-def test_any_head_is_read_or_refused_never_raises(lines, newline, ended):
+       st.sampled_from((b"\r\n", b"\n")), st.booleans(), st.integers(1, 7))
+def test_any_head_is_read_or_refused_never_raises_split_or_whole(lines, newline, ended, step):
     head = newline.join(lines) + (newline * 2 if ended else b"")
-    headers = RequestHeaders.read(io.BytesIO(head))
-    if headers.status:
-        return
-    items = headers.items()
-    assert len(items) <= MAX_HEADERS
-    assert all(TOKEN.match(name) for name, _ in items)
-    assert all("\r" not in value and "\n" not in value for _, value in items)
+    whole = _read_all([head])
+    split = _read_all([head[i:i + step] for i in range(0, len(head), step)])
+    assert _summary(whole) == _summary(split)
+    for event in whole:
+        if isinstance(event, Refusal):
+            assert event.status in (400, 413, 431)
+        else:
+            assert all(TOKEN.match(name.decode("latin-1")) for name in event.headers)
+            assert all(b"\r" not in value and b"\n" not in value
+                       for value in event.headers.values())
 
 
 @FAST
-@given(st.lists(st.tuples(names, values, st.lists(values, max_size=2)), max_size=20))
-def test_well_formed_heads_are_read_exactly_folded_or_not(headers):
-    lines, expected = [], []
-    for name, value, continuations in headers:
-        lines.append(f"{name}: {value}")
-        lines.extend(f" {more}" for more in continuations)  # obsolete line folding
-        expected.append((name, " ".join(v for v in [value, *continuations] if v).strip()))
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    read = RequestHeaders.read(io.BytesIO(head))
-    assert read.status == ""
-    assert [(n, " ".join(v.split())) for n, v in read.items()] == [
-        (n, " ".join(v.split())) for n, v in expected]
-    for name, value in expected[:1]:
-        assert " ".join(read.get(name.upper()).split()) == " ".join(value.split())
+@given(st.lists(st.tuples(names, values), max_size=20), st.binary(max_size=100),
+       st.integers(1, 9))
+def test_well_formed_requests_are_read_exactly_split_or_whole(headers, body, step):
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers
+                   if name.lower() not in ("content-length", "transfer-encoding", "upgrade",
+                                           "connection", "expect"))
+    data = (f"POST /x HTTP/1.1\r\n{head}Content-Length: {len(body)}\r\n\r\n").encode(
+        "latin-1") + body
+    whole = _read_all([data])
+    split = _read_all([data[i:i + step] for i in range(0, len(data), step)])
+    assert _summary(whole) == _summary(split)
+    assert len(whole) == 1 and not isinstance(whole[0], Refusal), whole
+    assert whole[0].body == body

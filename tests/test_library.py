@@ -219,7 +219,7 @@ def test_connections_live_outside_the_flask_request_context(library_server):
 def test_importing_the_package_is_cheap_and_the_library_never_imports_gunicorn():
     code = ("import sys, bunpulse\n"
             "assert 'flask' not in sys.modules and 'gevent' not in sys.modules\n"
-            "import bunpulse.run, bunpulse.server\n"
+            "import bunpulse.serving.embedded, bunpulse.server\n"
             "assert not [m for m in sys.modules if m.startswith('gunicorn')]\n"
             "import bunpulse.worker\n"
             "assert 'gunicorn' in sys.modules\n")

@@ -12,7 +12,7 @@ import weakref
 import pytest
 
 from bunpulse import start_bunpulse
-from bunpulse.transport import PusherWebSocket
+from bunpulse.websocket import PusherWebSocket
 from conftest import APP_ID, KEY, SECRET, RawClient, connected, wait_until
 
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")

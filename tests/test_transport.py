@@ -9,7 +9,7 @@ import requests
 
 from bunpulse.errors import ErrorCode
 from bunpulse.frames import build_frame, close_frame
-from bunpulse.transport import Outbox
+from bunpulse.outbox import Outbox
 from conftest import APP_ID, connected, signed_request, wait_until
 
 

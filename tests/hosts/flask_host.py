@@ -33,4 +33,4 @@ def notify():
 
 
 app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {"/realtime": realtime})
-app.on_worker_stop = realtime.on_worker_stop  # BunPulse's worker: clients get 4200 on a stop
+

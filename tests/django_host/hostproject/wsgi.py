@@ -9,4 +9,4 @@ from werkzeug.middleware.dispatcher import DispatcherMiddleware  # noqa: E402
 from hostproject.realtime import realtime  # noqa: E402
 
 application = DispatcherMiddleware(get_wsgi_application(), {"/realtime": realtime})
-application.on_worker_stop = realtime.on_worker_stop  # BunPulse's worker: 4200 on a stop
+
