@@ -8,6 +8,8 @@ the socket would not take, the peer is evicted (close 4100).
 import logging
 import socket
 import ssl
+from bisect import bisect_right
+from itertools import accumulate
 
 from gevent import get_hub, getcurrent
 from gevent.hub import Hub
@@ -38,14 +40,17 @@ class Outbox:
     so pusher-js backs off and reconnects). While corked, sends only queue: the frames
     answered to one read leave in one write."""
 
-    __slots__ = ("_raw", "_pending", "_pending_size", "_watcher", "_corked", "limit",
-                 "closed", "close_code", "close_info", "_closing", "_release", "on_evict",
-                 "on_released", "deflate", "__weakref__")
+    __slots__ = ("_raw", "_pending", "_pending_size", "_partial", "_watcher", "_corked",
+                 "limit", "closed", "close_code", "close_info", "_closing", "_release",
+                 "on_evict", "on_released", "deflate", "__weakref__")
 
     def __init__(self, sock, limit, on_evict=None, head=None):
         self._raw = getattr(sock, "_sock", sock)  # the non-blocking socket under gevent's
         self._pending = [head] if head else []
         self._pending_size = len(head) if head else 0
+        # The frames waiting, whole, except the first when `_partial`: the end of a frame
+        # the socket took the start of (an eviction must finish it before its close frame).
+        self._partial = False
         self._watcher = None
         self._corked = bool(head)
         self.limit = limit
@@ -94,6 +99,7 @@ class Outbox:
         if sent < len(frame):
             self._pending.append(frame[sent:])
             self._pending_size = len(frame) - sent
+            self._partial = sent > 0
             self._watch()
 
     def _flush_queued(self):
@@ -123,12 +129,21 @@ class Outbox:
         except OSError:
             self._drop()
             return
-        pending.clear()
         if sent < len(data):
-            pending.append(data[sent:])
+            if len(pending) == 1:
+                pending[0] = data[sent:]
+                self._partial = self._partial or sent > 0
+            else:  # frames kept whole: the one `sent` ends in, and those after it
+                ends = list(accumulate(map(len, pending)))
+                at = bisect_right(ends, sent)
+                into = sent - (ends[at - 1] if at else 0)
+                self._partial = into > 0 or (at == 0 and self._partial)
+                pending[:at + 1] = [pending[at][into:]]
             self._pending_size = len(data) - sent
             self._watch()
             return
+        pending.clear()
+        self._partial = False
         self._pending_size = 0
         self._unwatch()
         if self._release:
@@ -143,15 +158,20 @@ class Outbox:
             self._watcher = None
 
     def _evict(self):
+        """Drop what is queued, but the end of a frame already begun, and close with 4100
+        behind it: a client that reads again within CLOSE_LINGER sees the code (pusher-js
+        then backs off); one that does not is dropped when the linger timer fires."""
         log.info("evicting a client that stopped reading (%d bytes queued)", self._pending_size)
-        self._drop()
+        pending = self._pending
+        del pending[1 if self._partial else 0:]
+        pending.append(close_frame(ErrorCode.OVER_CAPACITY, "Client too slow"))
+        self._pending_size = sum(map(len, pending))
+        self.closed = self._closing = True
         self.close_code = ErrorCode.OVER_CAPACITY
         self.close_info = (ErrorCode.OVER_CAPACITY, "Client too slow", "evicted")
-        try:  # best effort: the socket buffer is probably full
-            self._raw.send(close_frame(ErrorCode.OVER_CAPACITY, "Client too slow"))
-        except OSError:
-            pass
-        self.shutdown()
+        if self._watcher is None and not self._corked:
+            self._flush()
+        get_hub().loop.timer(CLOSE_LINGER).start(self.shutdown)
         if self.on_evict is not None:
             self.on_evict()
 
@@ -159,6 +179,7 @@ class Outbox:
         self.closed = True
         self._pending.clear()
         self._pending_size = 0
+        self._partial = False
         self._unwatch()
         if self._release:
             self._close_raw()
