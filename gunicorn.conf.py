@@ -13,6 +13,7 @@ import tempfile
 
 from bunpulse.apps import load_apps
 from bunpulse.config import ConfigError, listen_host, load_settings
+from bunpulse.devapp import REFUSED, DevAppGuard
 from bunpulse.logs import gunicorn_logconfig
 from bunpulse.startup import log_startup
 
@@ -63,6 +64,10 @@ def on_starting(server):
         apps = load_apps(_settings)
     except ConfigError as exc:
         sys.exit(f"bunpulse: configuration error: {exc}")
+    hosts = [bind.rpartition(":")[0] if not bind.startswith("unix:") else bind
+             for bind in server.cfg.bind]
+    if not DevAppGuard(_settings).bound_to(hosts):
+        sys.exit(f"bunpulse: configuration error: {', '.join(server.cfg.bind)}: {REFUSED}")
     # What gunicorn will do, command-line flags included (-b, -w override this file).
     log_startup(_settings, apps, ", ".join(server.cfg.bind), server.log,
                 workers=server.cfg.workers)

@@ -14,6 +14,7 @@ from flask import Blueprint, current_app, request
 from werkzeug.http import HTTP_STATUS_CODES
 
 from . import protocol
+from .devapp import REFUSED
 from .errors import ApiError
 from .protocol import channel_kind
 from .signatures import bearer_ok, verify_api_request
@@ -238,6 +239,8 @@ def answer(handler, core, req, route_args):
     """Run a handler: (status, JSON body). A refusal is its ApiError's answer; a bug is logged
     and answered 500, and the server goes on."""
     try:
+        if "app_id" in route_args and core.dev_app.refuses(req.environ):
+            raise ApiError(403, REFUSED)
         payload = handler(core, req, **route_args)
         status, payload = payload if isinstance(payload, tuple) else (200, payload)
     except ApiError as exc:

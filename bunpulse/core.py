@@ -11,6 +11,7 @@ from .adapters.local import LocalAdapter
 from .addresses import TrustedProxies, client_address
 from .apps import load_apps
 from .connection import Connection
+from .devapp import DevAppGuard
 from .errors import (ClientError, ConnectionRefused, ErrorCode, PresenceFull,
                      SubscriptionError)
 from .hooks import Hooks, SocketIds
@@ -46,6 +47,7 @@ class BunPulse:
         seconds = min(120, settings.heartbeat_interval / 1000)
         self.activity_timeout = int(seconds) if seconds >= 1 else seconds
         self.trusted_proxies = TrustedProxies(settings.trust_proxy)
+        self.dev_app = DevAppGuard(settings)  # served on loopback only
         self._per_address = {}  # client address -> its open connections (with the option only)
         self._local = type(self.adapter) is LocalAdapter  # nothing it does can wait
         # The debug dashboard (bunpulse.dashboard), when enabled: `watching` holds the ids of

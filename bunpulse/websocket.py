@@ -15,7 +15,9 @@ import gevent
 import gevent.event
 from gevent import get_hub
 
-from .errors import WsClose
+from . import api
+from .devapp import REFUSED
+from .errors import ConnectionRefused, ErrorCode, WsClose
 from .frames import OP_BINARY, OP_TEXT, Close, FrameParser, PongDue, build_frame, close_frame
 from .outbox import Outbox, TlsSocket
 
@@ -256,12 +258,12 @@ def serve_upgraded(context, ws, environ):
     queued in its outbox), for the request in `environ` (its path, query and client address);
     returns at once. Every driver ends here: the same admission, per-address limit, limits
     and heartbeat whichever server accepted the socket."""
-    from . import api  # the request's path and query, read as the HTTP API reads them
     core = context.core
     try:
-        core.serve_websocket(ws, core.admit(api.request_path(environ),
-                                            api.query_params(environ)),
-                             core.address_of(environ))
+        admission = ConnectionRefused(ErrorCode.UNAUTHORIZED, REFUSED) \
+            if core.dev_app.refuses(environ) else \
+            core.admit(api.request_path(environ), api.query_params(environ))
+        core.serve_websocket(ws, admission, core.address_of(environ))
     finally:
         not_served(ws)
 

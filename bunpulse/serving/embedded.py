@@ -58,6 +58,7 @@ def make_wsgi_server(settings, core=None):
     server = PusherWSGIServer(listener, app, backlog=backlog,
                               handler_class=RequestHandler, log=None,
                               error_log=logging.getLogger("bunpulse.wsgi"), **tls)
+    core.dev_app.bound_to([listen_host(settings)])  # a public host was refused by config.py
     return server, core
 
 

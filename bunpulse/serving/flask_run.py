@@ -8,10 +8,13 @@ raw stream: reading past them would wait for the client), and the request is ans
 hub. A WebSocket upgrade gets its 101 here, written on the socket Werkzeug hands over
 (`werkzeug.socket`); the connection then runs on BunPulse's own transport, read by the hub's
 event loop (on a duplicate of the socket), while the server's thread waits for it to end."""
+import atexit
 import io
 import logging
 import os
+import signal
 import socket
+import sys
 import threading
 
 import gevent
@@ -44,6 +47,7 @@ class ThreadedDispatch:
         self._dispatch = dispatch
         self._context = context
         self._core = context.core
+        _exit_on_sigterm()
         self._hub = None
         self._lock = threading.Lock()
 
@@ -54,7 +58,16 @@ class ThreadedDispatch:
                 if self._hub is None:
                     self._hub = HubThread(name="bunpulse-hub",
                                           setup=self._core.metrics.start_flushing)
+                    atexit.register(self._stop)
         return self._hub
+
+    def _stop(self):
+        """At exit (SIGTERM included, see _exit_on_sigterm): clients are told 4200, as every
+        other way tells them when it stops."""
+        try:
+            self._hub.call(self._context.stop, timeout=5)
+        except Exception:  # noqa: BLE001 - exiting regardless
+            log.exception("stopping BunPulse failed")
 
     def call(self, func, *args):
         """func(*args) in the core's hub, from any thread; its result."""
@@ -127,6 +140,15 @@ class ThreadedDispatch:
             if ws is None:
                 raw.close()
                 ended.set()
+
+
+def _exit_on_sigterm():
+    """Werkzeug's server dies of SIGTERM at once (its reloader's child excepted, which exits):
+    as that child does, make SIGTERM an exit, so that the exit tells clients 4200. Only in
+    the main thread of a program that left SIGTERM alone."""
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda *args: sys.exit(0))
 
 
 def _buffered_ahead(rfile, sock):

@@ -4,19 +4,23 @@ accepts; serving/loop.py and serving/handler.py read and serve; the stop is the 
 import logging
 import socket
 import ssl
+import sys
 import time
 
 import gevent
 from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
+from gunicorn.arbiter import Arbiter
 from gunicorn.workers.ggevent import PyWSGIServer
 
 from ..context import context_of
+from ..devapp import REFUSED
 from ..startup import tune_gc
 from .accept import PausingAccept
 from .handler import RequestHandler
 from .loop import LoopAccept
 
 log = logging.getLogger("bunpulse.worker")
+WORKER_BOOT_ERROR = Arbiter.WORKER_BOOT_ERROR
 
 
 class PusherPyWSGIServer(PausingAccept, LoopAccept, PyWSGIServer):
@@ -33,6 +37,12 @@ class PusherWorker(GeventWebSocketWorker):
     wsgi_handler = RequestHandler
 
     def run(self):
+        context = context_of(self.wsgi)
+        hosts = [s.getsockname()[0] if s.family != socket.AF_UNIX else "" for s in self.sockets]
+        if context is not None and not context.core.dev_app.bound_to(hosts):
+            log.error("bunpulse: configuration error: %s listens on %s: %s", self.cfg.bind,
+                      ", ".join(map(str, hosts)), REFUSED)
+            sys.exit(WORKER_BOOT_ERROR)  # gunicorn's master stops rather than respawn it
         tune_gc()
         self._servers = []
         self._addresses = [(s.family, s.getsockname()) for s in self.sockets]
