@@ -15,7 +15,6 @@ import gevent
 import gevent.event
 from gevent import get_hub
 
-from . import api
 from .devapp import REFUSED
 from .errors import ConnectionRefused, ErrorCode, WsClose
 from .frames import OP_BINARY, OP_TEXT, Close, FrameParser, PongDue, build_frame, close_frame
@@ -258,6 +257,10 @@ def serve_upgraded(context, ws, environ):
     queued in its outbox), for the request in `environ` (its path, query and client address);
     returns at once. Every driver ends here: the same admission, per-address limit, limits
     and heartbeat whichever server accepted the socket."""
+    # Imported here, not at the top: gunicorn's master imports the worker class (and so this
+    # module) before its workers patch gevent, and Flask imported that early leaves a lock
+    # that breaks the worker's exit (a traceback at every stop).
+    from . import api
     core = context.core
     try:
         admission = ConnectionRefused(ErrorCode.UNAUTHORIZED, REFUSED) \

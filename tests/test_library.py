@@ -224,3 +224,7 @@ def test_importing_the_package_is_cheap_and_the_library_never_imports_gunicorn()
             "import bunpulse.worker\n"
             "assert 'gunicorn' in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    # gunicorn's master imports the worker class before gevent patches its workers: Flask
+    # imported then leaves a lock that breaks every worker's exit (a traceback at each stop).
+    code = "import sys, bunpulse.worker\nassert 'flask' not in sys.modules, 'Flask imported'\n"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
