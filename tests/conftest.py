@@ -1,5 +1,6 @@
 """Shared fixtures: real servers in subprocesses, the official clients, raw sockets, a real
 webhook receiver and a real redis-server. No mocks."""
+import contextlib
 import hashlib
 import json
 import os
@@ -203,6 +204,64 @@ def start_server():
     yield start
     for server in started:
         server.stop()
+
+
+# ------------------------------------------------------------------------ gunicorn workers
+
+def _stat(pid):
+    """(state letter, parent pid) of a process from /proc, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = _stat(entry)
+            if stat is not None and stat[1] == pid and stat[0] != "Z":
+                found.append(int(entry))
+    return sorted(found)
+
+
+def gunicorn_workers(server, count=2, timeout=15):
+    """The pids of the `count` workers of a gunicorn master (a ServerProcess), once it has
+    forked them all; they may still be booting."""
+    return wait_until(lambda: len(pids := _children(server.proc.pid)) == count and pids,
+                      timeout, 0.05, f"{count} gunicorn workers")
+
+
+@contextlib.contextmanager
+def only_worker(server, pid, timeout=20):
+    """While the block runs, gunicorn's worker `pid` is the only one that accepts on the
+    listener its siblings share: they are stopped (SIGSTOP, SIGCONT after), so every new
+    connection reaches that worker, where the kernel would otherwise hand it to any of them.
+    The worker has answered `server.health` when the block starts (one still booting is
+    waited for). Keep blocks short: the master replaces a worker silent for its timeout."""
+    siblings = _children(server.proc.pid)
+    assert pid in siblings, f"{pid} is not a worker of {server.proc.pid}"
+    siblings.remove(pid)
+    stopped = []
+    try:
+        for sibling in siblings:
+            os.kill(sibling, signal.SIGSTOP)
+            stopped.append(sibling)
+        for sibling in siblings:  # stopped, not merely signalled, before anything connects
+            wait_until(lambda s=sibling: (_stat(s) or ("T",))[0] == "T", 5, 0.01,
+                       f"worker {sibling} stopped")
+        answer = requests.get(server.url + server.health, timeout=timeout, verify=server.ca or True)
+        assert answer.status_code == 200, answer.text
+        yield
+    finally:
+        for sibling in stopped:
+            try:
+                os.kill(sibling, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.fixture(scope="module")

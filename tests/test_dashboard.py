@@ -16,8 +16,8 @@ import pytest
 import requests
 from playwright import sync_api as playwright_api
 
-from conftest import (APP_ID, KEY, SECRET, RawClient, ServerProcess, connected, pusher_api,
-                      raw_subscribe, wait_until)
+from conftest import (APP_ID, KEY, SECRET, RawClient, ServerProcess, connected,
+                      gunicorn_workers, only_worker, pusher_api, raw_subscribe, wait_until)
 
 CHROMIUM = "/usr/bin/chromium"
 DASHBOARD_ENV = {"BUNPULSE_DASHBOARD": "true", "BUNPULSE_WEBHOOK_DELAY_MS": "0"}
@@ -273,6 +273,10 @@ def test_shows_the_whole_deployment_under_gunicorn_with_two_workers(
         browser, start_server, redis_server, node_for):
     env = dict(DASHBOARD_ENV, BUNPULSE_REDIS_URL=redis_server.url, BUNPULSE_WORKERS="2")
     server = start_server(env=env, command=GUNICORN)
+    workers = gunicorn_workers(server)
+    for worker in workers:  # both booted before the viewer signs in, so both hear of it
+        with only_worker(server, worker):
+            pass
     context = browser.new_context(viewport={"width": 1280, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(10000)
@@ -281,14 +285,15 @@ def test_shows_the_whole_deployment_under_gunicorn_with_two_workers(
         wait_live(page)
         node = node_for(server)
         socket_ids = []
-        # Connections until both workers hold some (the kernel spreads them).
-        deadline = time.monotonic() + 30  # the second worker may still be booting
-        while len(socket_ids) < 4 or len({s.split(".")[0] for s in socket_ids}) < 2:
-            assert time.monotonic() < deadline, "every connection went to one worker"
-            name = f"c{len(socket_ids)}"
-            socket_ids.append(node.connect(name, presence={
-                "user_id": name, "user_info": {"seat": len(socket_ids)}}))
+        for n in range(4):  # two connections on each worker, reached on purpose
+            name = f"c{n}"
+            with only_worker(server, workers[n % 2]):
+                socket_ids.append(node.connect(name, presence={
+                    "user_id": name, "user_info": {"seat": n}}))
             node.subscribe(name, "presence-hall")
+        # A socket id is `<its worker's own prefix>.<a counter>`: each landed where sent.
+        prefixes = [socket_id.split(".")[0] for socket_id in socket_ids]
+        assert prefixes[0] != prefixes[1] and prefixes == prefixes[:2] * 2, socket_ids
         total = len(socket_ids)
         for socket_id in socket_ids:  # records from both workers reach the page
             wait_log(page, rf"connection\s+socket {re.escape(socket_id)}")
@@ -300,11 +305,20 @@ def test_shows_the_whole_deployment_under_gunicorn_with_two_workers(
         wait_until(lambda: page.locator("#now-connections").inner_text() == f"now {total}",
                    8, 0.2, "both workers' samples summed in the chart")
         screenshot(page, "cluster")
-        # Whichever worker serves the page: reloads agree.
+        # Whichever worker serves the page: reloads agree, and each worker, asked on
+        # purpose, counts the whole deployment.
         for _ in range(3):
             page.reload()
             wait_live(page)
             playwright_api.expect(row.locator("td").first).to_have_text(str(total))
+        cookies = {c["name"]: c["value"] for c in context.cookies()}
+        for worker in workers:
+            with only_worker(server, worker):
+                answer = requests.get(server.url + "/dashboard/api/channels", cookies=cookies,
+                                      timeout=5).json()
+            assert answer["connections"] == total
+            assert [(c["name"], c["subscription_count"], c["user_count"])
+                    for c in answer["channels"]] == [("presence-hall", total, total)]
         page.get_by_label("Channel", exact=True).fill("presence-hall")
         page.get_by_label("Event", exact=True).fill("everyone")
         page.get_by_label("Data", exact=True).fill('{"n": 1}')
@@ -313,13 +327,13 @@ def test_shows_the_whole_deployment_under_gunicorn_with_two_workers(
         for n in range(total):
             node.wait_event(f"c{n}", "everyone")
         wait_log(page, r"api_message\s+channels presence-hall · event everyone")
-        # Signing out revokes the session in every worker, whichever serves the next request.
-        cookies = {c["name"]: c["value"] for c in context.cookies()}
+        # Signing out revokes the session in every worker, each asked on purpose.
         page.get_by_role("button", name="Sign out").click()
         playwright_api.expect(page.get_by_role("button", name="Sign in")).to_be_visible()
-        for _ in range(6):
-            assert requests.get(server.url + "/dashboard/api/channels", cookies=cookies,
-                                timeout=5).status_code == 401
+        for worker in workers:
+            with only_worker(server, worker):
+                assert requests.get(server.url + "/dashboard/api/channels", cookies=cookies,
+                                    timeout=5).status_code == 401
     finally:
         context.close()
 
