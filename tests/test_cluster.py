@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from conftest import (KEY, RedisClusterServer, RedisServer, connected, pusher_api,
-                      wait_until)
+from conftest import (KEY, RedisClusterServer, RedisServer, connected, gunicorn_workers,
+                      only_worker, pusher_api, wait_until)
 
 
 @pytest.fixture(scope="module")
@@ -316,9 +316,11 @@ def test_gunicorn_two_workers_on_redis(start_server, redis_server, node_for):
     server = start_server(env=env, command=[sys.executable, "-m", "gunicorn", "-c",
                                             "gunicorn.conf.py"])
     clients = [node_for(server) for _ in range(2)]
+    workers = gunicorn_workers(server)
     for n, client in enumerate(clients):
-        for i in range(3):  # several connections: the kernel spreads them over the workers
-            client.connect(f"c{n}{i}", presence={"user_id": f"u{n}{i}", "user_info": {}})
+        for i in range(3):  # connections on both workers, reached on purpose
+            with only_worker(server, workers[(n + i) % 2]):
+                client.connect(f"c{n}{i}", presence={"user_id": f"u{n}{i}", "user_info": {}})
             client.subscribe(f"c{n}{i}", "presence-all")
     pusher_api(server).trigger("presence-all", "hello", {})
     for n, client in enumerate(clients):

@@ -25,7 +25,8 @@ from werkzeug.serving import make_server
 from bunpulse.apps import App
 from bunpulse.authorizer import auth_blueprint
 from conftest import (APP_ID, KEY, MASTER_KEY, ROOT, SECRET, NodeDriver, RawClient,
-                      ServerProcess, free_port, raw_signin, read_json_answer, signed_query)
+                      ServerProcess, free_port, gunicorn_workers, only_worker, raw_signin,
+                      read_json_answer, signed_query)
 
 STOCK = "geventwebsocket.gunicorn.workers.GeventWebSocketWorker"
 OWN = "bunpulse.worker.PusherWorker"
@@ -330,18 +331,17 @@ def test_host_publish_reaches_clients_on_every_worker(name, redis_server):
     server = start_way(name, env={"BUNPULSE_WORKERS": "2", "BUNPULSE_REDIS_URL": redis_server.url})
     clients = []
     try:
-        workers = set()
-        deadline = time.monotonic() + 30  # until the second worker has booted and accepted
-        while len(workers) < 2 and time.monotonic() < deadline:
-            client = RawClient(server.ws_url + PREFIX + f"/app/{KEY}?protocol=7", timeout=10)
-            clients.append(client)
-            socket_id = json.loads(client.recv_event("pusher:connection_established")["data"])[
-                "socket_id"]
-            workers.add(socket_id.split(".")[0])  # the worker's own part of the id
-            client.send({"event": "pusher:subscribe", "data": {"channel": "public-all"}})
-            client.recv_event("pusher_internal:subscription_succeeded")
-            time.sleep(0.05)
-        assert len(workers) == 2
+        prefixes = []
+        for worker in gunicorn_workers(server):  # a client on each worker, reached on purpose
+            with only_worker(server, worker):
+                clients.append(RawClient(server.ws_url + PREFIX + f"/app/{KEY}?protocol=7",
+                                         timeout=10))
+                socket_id = json.loads(clients[-1].recv_event(
+                    "pusher:connection_established")["data"])["socket_id"]
+            prefixes.append(socket_id.split(".")[0])  # the worker's own part of the id
+            clients[-1].send({"event": "pusher:subscribe", "data": {"channel": "public-all"}})
+            clients[-1].recv_event("pusher_internal:subscription_succeeded")
+        assert len(set(prefixes)) == 2
         for n in range(2):
             answer = requests.post(server.url + "/notify", json={
                 "channel": "public-all", "event": "everywhere", "data": {"n": n}}, timeout=10)

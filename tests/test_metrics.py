@@ -6,11 +6,11 @@ import re
 import signal
 import socket
 import sys
-import time
 
 import requests
 
-from conftest import APP_ID, KEY, ROOT, RawClient, connected, pusher_api, wait_until
+from conftest import (APP_ID, KEY, ROOT, RawClient, connected, gunicorn_workers, only_worker,
+                      pusher_api, wait_until)
 
 GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
 
@@ -102,18 +102,16 @@ def worker_of(socket_id):
 def test_one_scrape_covers_every_gunicorn_worker_and_reloads(start_server, redis_server):
     server = start_server(command=GUNICORN, metrics=True, env={
         "BUNPULSE_WORKERS": "2", "BUNPULSE_REDIS_URL": redis_server.url})
-    clients, workers = [], set()
-    # Connections on both workers where the kernel spreads them within 10 s; the scrape must
-    # cover both workers (their process metrics below) wherever the connections landed.
-    deadline = time.monotonic() + 10
+    workers = gunicorn_workers(server)
+    clients, prefixes = [], []
     try:
-        while len(clients) < 6 or (len(workers) < 2 and time.monotonic() < deadline):
-            client = RawClient(server.ws_url + f"/app/{KEY}?protocol=7", timeout=10)
-            clients.append(client)
-            workers.add(worker_of(connected(client)))
-            client.send({"event": "pusher:subscribe", "data": {"channel": "everyone"}})
-            client.recv_event("pusher_internal:subscription_succeeded")
-            time.sleep(0.05)
+        for n in range(6):  # three connections on each worker, reached on purpose
+            with only_worker(server, workers[n % 2]):
+                clients.append(RawClient(server.ws_url + f"/app/{KEY}?protocol=7", timeout=10))
+                prefixes.append(worker_of(connected(clients[-1])))
+            clients[-1].send({"event": "pusher:subscribe", "data": {"channel": "everyone"}})
+            clients[-1].recv_event("pusher_internal:subscription_succeeded")
+        assert prefixes[0] != prefixes[1] and prefixes == prefixes[:2] * 3, prefixes
         count = len(clients)
         m = server.metric
         assert m("bunpulse_connections", app_id=APP_ID) == count
