@@ -106,8 +106,9 @@ OPTIONS = (
     Option("max_message_size", "BUNPULSE_MAX_MESSAGE_SIZE", 65536, _int(1024),
            "largest client WebSocket message in bytes; larger ones are closed with 1009"),
     Option("handshake_timeout", "BUNPULSE_HANDSHAKE_TIMEOUT", 10000, _int(100),
-           "ms a client has to send its request head (the WebSocket handshake or an HTTP "
-           "request); past it the connection is closed"),
+           "ms a client has to send a whole request (WebSocket handshake, or HTTP head and "
+           "body; on a TLS port the TLS handshake too), from its connection or, kept alive, "
+           "from its first byte; past it the connection is closed (408 if it had begun)"),
     Option("keepalive_timeout", "BUNPULSE_KEEPALIVE_TIMEOUT", 5000, _int(100),
            "ms an idle keep-alive HTTP connection is kept open for its next request"),
     Option("compression", "BUNPULSE_COMPRESSION", True, _bool,

@@ -52,15 +52,17 @@ def connect(server, headers=None, trickle=False):
 
 
 class Trickle(socket.socket):
-    """A socket that sends 16 bytes at a time, a little apart, while `trickle` is set."""
+    """A socket that sends in pieces of 16 bytes, a little apart, while `trickle` is set."""
 
     trickle = True
 
     def send(self, data, *flags):
         if not self.trickle:
             return super().send(data, *flags)
-        time.sleep(0.003)
-        return super().send(data[:16], *flags)
+        for at in range(0, len(data), 16):
+            self.sendall(data[at:at + 16], *flags)
+            time.sleep(0.003)
+        return len(data)
 
 
 def test_a_flood_of_pings_gets_pusher_error_then_close_4100(limited):
