@@ -10,7 +10,7 @@ line to copy into the host.
 import io
 import weakref
 
-from .request import RequestReader, http_date, status_line
+from .request import RequestReader, http_date
 
 _contexts = []  # weak references, newest last: the contexts made in this process
 
@@ -28,6 +28,9 @@ class ServerContext:
         self._fast_answer = fast_answer  # the publish calls' WSGI answer, or None
         self.call = call  # func(*args) run in the core's hub, from any thread
         self.application = None  # the Flask app create_app made (set by it)
+        # Whether an upgrade or a publish call may be served in the event loop's callback,
+        # where nothing may wait (see BunPulse.requests_at_once and serving/loop.py).
+        self.serves_in_the_loop = core.requests_at_once
 
     def serves_directly(self, application):
         """Whether a server's WSGI application is BunPulse's own, not a host's that mounts
@@ -39,10 +42,6 @@ class ServerContext:
         """A RequestReader with this server's limits, for a connection accepted at `now`."""
         return RequestReader(self.max_body, self.handshake_timeout, self.keepalive_timeout, now)
 
-    def serves_in_the_loop(self):
-        """Whether a WebSocket upgrade or a publish call may be served in the event loop's
-        callback, where nothing may wait (see BunPulse.requests_at_once)."""
-        return self.core.requests_at_once()
 
     def answer_publish(self, request, remote):
         """The whole HTTP answer to a publish call (bytes), or None for any other request."""
@@ -54,7 +53,7 @@ class ServerContext:
         if body is None:
             return None
         status, headers = response
-        return b"".join([status_line(status),
+        return b"".join([b"HTTP/1.1 %s\r\n" % status.encode("latin-1"),
                          *(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1"))
                            for k, v in headers),
                          b"" if request.keep_alive else b"Connection: close\r\n",

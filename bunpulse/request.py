@@ -64,7 +64,7 @@ class Request:
     def environ(self, remote="", base=None):
         """The WSGI environ of the request; `base`: the server's own keys (SERVER_NAME, ...),
         `remote`: the peer's address ("" on a unix socket)."""
-        target = self.target
+        target = self.url.decode("latin-1")
         path, _, query = target.partition("?")
         environ = dict(base) if base else {}
         environ.update({
@@ -96,6 +96,7 @@ class _Refused(Exception):
 
 
 _CHUNKED = object()  # a body whose end the parser finds
+_BLANK = (13, 10)    # CR, LF
 
 
 class RequestReader:
@@ -117,7 +118,7 @@ class RequestReader:
         self.handshake_timeout = handshake_timeout
         self.keepalive_timeout = keepalive_timeout
         self.deadline = (time.monotonic() if now is None else now) + handshake_timeout
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser = None     # httptools', a new one for each request's head
         self._current = None
         self._ready = []        # complete requests not yet taken
         self._refusal = None
@@ -144,60 +145,80 @@ class RequestReader:
         if self._waiting:  # the next request's first byte: its own time starts now
             self._waiting = False
             self.deadline = (time.monotonic() if now is None else now) + self.handshake_timeout
-        self._buffer += data  # a bytearray: a head sent a byte at a time costs linear work
-        while self._buffer and self._refusal is None and not self._ended:
-            if not self._feed_next():
-                return
-
-    def _feed_next(self):
-        """Feed the parser the next part of a request: a whole head, or body bytes up to the
-        request's end. False when more bytes are needed."""
-        buffer, left = self._buffer, self._body_left
-        if left is None:  # a head: fed whole once its end is here
-            if buffer[:1] in (b"\r", b"\n"):  # empty lines before a request are ignored
-                blank = len(buffer) - len(buffer.lstrip(b"\r\n"))
-                del buffer[:blank]
-                self._searched = 0
-                return bool(buffer)
+        buffer = self._buffer
+        if buffer:  # the start of a head, or a chunked body's tail, came before
             searched = self._searched
-            end = buffer.find(b"\r\n\r\n", searched)
-            if end < 0:
-                if len(buffer) > MAX_HEAD:
-                    self._refuse(431, HEAD_TOO_LARGE)
-                elif buffer.find(b"\n\n", searched) >= 0:  # a head's end in bare line feeds
-                    self._refuse(400, "Malformed request: lines end with CRLF")
-                else:
-                    self._searched = max(0, len(buffer) - 3)
-                return False
-            if end + 4 > MAX_HEAD:
-                self._refuse(431, HEAD_TOO_LARGE)
-                return False
-            cut = end + 4
-        elif left is _CHUNKED:  # up to each blank line: a chunked body can only end at one
-            end = buffer.find(b"\r\n\r\n", self._searched)
-            if end < 0:
-                cut = len(buffer) - 3
-                if cut <= 0:
-                    return False
-            else:
+            buffer += data  # a bytearray: a head sent a byte at a time costs linear work
+            if self._body_left is None and buffer.find(b"\r\n\r\n", searched) < 0:
+                self._head_incomplete(buffer, searched)
+                return
+            data = bytes(buffer)
+            self._buffer = bytearray()
+        self._feed(data)
+
+    def _feed(self, data):
+        """Feed the parser one part of a request at a time, never past the request's end: a
+        whole head, then body bytes; what cannot be fed yet is kept in `_buffer`."""
+        at, size = 0, len(data)
+        while at < size and self._refusal is None and not self._ended:
+            left = self._body_left
+            if left is None:  # a head: fed whole once its end is here
+                if data[at] in _BLANK:  # empty lines before a request are ignored
+                    at += 1
+                    continue
+                end = data.find(b"\r\n\r\n", at)
+                if end < 0:
+                    self._buffer = bytearray(data[at:])
+                    self._head_incomplete(self._buffer, 0)
+                    return
                 cut = end + 4
+                if cut - at > MAX_HEAD:
+                    self._refuse(431, HEAD_TOO_LARGE)
+                    return
+            elif left is _CHUNKED:  # up to each blank line: a chunked body can only end at one
+                end = data.find(b"\r\n\r\n", at)
+                if end < 0:
+                    cut = size - 3  # keep what may be the start of the last blank line
+                    if cut <= at:
+                        self._buffer = bytearray(data[at:])
+                        return
+                else:
+                    cut = end + 4
+            else:  # a body of known length: taken as it comes, the parser has no more to do
+                cut = min(at + left, size)
+                self._body_left = left - (cut - at)
+                self._take_body(data[at:cut] if at or cut < size else data)
+                at = cut
+                if not self._body_left:
+                    self.on_message_complete()
+                continue
+            piece = data[at:cut] if at or cut < size else data
+            at = cut
+            try:
+                if left is None:  # a new request: a parser of its own, fed its head
+                    self._current = Request()
+                    self._parser = httptools.HttpRequestParser(self)
+                self._parser.feed_data(piece)
+                if self._body_left is not _CHUNKED:
+                    self._parser = None  # done with it (it refers to this reader: a cycle)
+            except httptools.HttpParserUpgrade:
+                self._upgraded(data[at:])
+                return
+            except httptools.HttpParserCallbackError as error:
+                if self._refusal is None:  # an error of ours, not a refusal
+                    raise error.__context__ or error
+            except httptools.HttpParserError as error:
+                self._refuse(400, f"Malformed request: {_reason(error)}")
+
+    def _head_incomplete(self, buffer, searched):
+        """A head without its end yet: refused past the cap or with bare line feeds, else
+        the search goes on from where it stopped."""
+        if len(buffer) > MAX_HEAD:
+            self._refuse(431, HEAD_TOO_LARGE)
+        elif buffer.find(b"\n\n", searched) >= 0:  # a head's end in bare line feeds
+            self._refuse(400, "Malformed request: lines end with CRLF")
         else:
-            cut = left
-        piece = bytes(buffer[:cut])
-        del buffer[:cut]
-        self._searched = 0
-        if left is not None and left is not _CHUNKED:
-            self._body_left = left - len(piece)
-        try:
-            self._parser.feed_data(piece)
-        except httptools.HttpParserUpgrade:
-            self._upgraded(bytes(self._buffer))
-        except httptools.HttpParserCallbackError as error:
-            if self._refusal is None:  # an error of ours, not a refusal
-                raise error.__context__ or error
-        except httptools.HttpParserError as error:
-            self._refuse(400, f"Malformed request: {_reason(error)}")
-        return True
+            self._searched = max(0, len(buffer) - 3)
 
     def receive_eof(self):
         """The client closed its side: a request it left unfinished is refused (400)."""
@@ -217,10 +238,12 @@ class RequestReader:
 
     def answered(self, now=None):
         """The last request was answered on a connection kept alive: the next one's first
-        byte is due within the keep-alive timeout."""
-        if not self._ready and self._current is None:
-            self._waiting = True
-            self.deadline = (time.monotonic() if now is None else now) + self.keepalive_timeout
+        byte is due within the keep-alive timeout. Whether bytes of another are here."""
+        if self._ready or self._current is not None or self._buffer or self._refusal:
+            return True
+        self._waiting = True
+        self.deadline = (time.monotonic() if now is None else now) + self.keepalive_timeout
+        return False
 
     @property
     def started(self):
@@ -234,13 +257,9 @@ class RequestReader:
     def _refuse(self, status, message, headers=()):
         if self._refusal is None:
             self._refusal = Refusal(status, message, headers)
-        self._current = None
+        self._current = self._parser = None
 
     # ---------------------------------------------------------------- httptools' callbacks
-
-    def on_message_begin(self):
-        self._current = Request()
-        self._body_size = 0
 
     def on_url(self, url):
         self._current.url += url
@@ -260,21 +279,28 @@ class RequestReader:
         if length is not None and int(length) > self.max_body:
             self._refuse(413, f"Request body is larger than {self.max_body} bytes")
             raise _Refused()
-        chunked = b"chunked" in request.headers.get(b"transfer-encoding", b"").lower()
+        expect = request.headers.get(b"expect")
+        chunked = b"transfer-encoding" in request.headers  # llhttp allows only chunked
         self._body_left = _CHUNKED if chunked else int(length or 0)
-        if request.headers.get(b"expect", b"").lower() == b"100-continue" and length != b"0" \
+        self._body_size = 0
+        if expect is not None and expect.lower() == b"100-continue" and length != b"0" \
                 and request.version == "1.1":
             self._to_send = CONTINUE  # curl waits for it before sending a body
 
-    def on_body(self, body):
+    def on_body(self, body):  # a chunked body's data (known lengths are taken as they come)
+        if not self._take_body(body):
+            raise _Refused()
+
+    def _take_body(self, body):
         self._body_size += len(body)
         if self._body_size > self.max_body:  # chunked: the size is known only as it comes
             self._refuse(413, f"Request body is larger than {self.max_body} bytes")
-            raise _Refused()
+            return False
         self._current._parts.append(body)
+        return True
 
     def on_message_complete(self):
-        self._body_left = None  # the next request's head
+        self._body_left = None  # the next request's head, with a parser of its own
         request, self._current = self._current, None
         if request is None:
             return
@@ -285,6 +311,7 @@ class RequestReader:
 
     def _upgraded(self, ahead):
         """An upgrade's head is complete: what follows is the new protocol's."""
+        self._parser = None  # it refers to this reader: no cycle left for the collector
         request = self._current
         if request is None and self._ready:  # complete already (a GET without a body)
             request = self._ready.pop()

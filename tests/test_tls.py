@@ -6,6 +6,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 
 import pusher
 import pytest
@@ -71,6 +72,35 @@ def test_the_certificate_is_the_one_configured_and_plain_ws_is_refused(start_ser
     with pytest.raises(Exception):  # noqa: B017 - a plain handshake on a TLS port fails
         RawClient(f"ws://{server.host}:{server.port}/app/{KEY}?protocol=7", timeout=3)
     assert requests.get(server.url + "/health", timeout=5, verify=certificates.ca).ok
+
+
+@pytest.mark.parametrize("command", [None, GUNICORN], ids=["python -m", "gunicorn"])
+def test_on_a_tls_port_the_deadline_covers_the_tls_handshake_and_the_request(
+        start_server, certificates, command):
+    """A silent TCP connection, one that stops mid-TLS-handshake and one that completes TLS
+    but sends half a request are all closed within --handshake-timeout of their accept; the
+    server serves others meanwhile."""
+    server = start_server(command=command, ca=certificates.ca, env={
+        **certificates.env(), "BUNPULSE_HANDSHAKE_TIMEOUT": "1000"})
+    context = ssl.create_default_context(cafile=certificates.ca)
+    silent = socket.create_connection((server.host, server.port), timeout=5)
+    halfway = socket.create_connection((server.host, server.port), timeout=5)
+    halfway.sendall(b"\x16\x03\x01\x00\xc8\x01")  # the start of a ClientHello, no more
+    partial = context.wrap_socket(socket.create_connection((server.host, server.port),
+                                                           timeout=5),
+                                  server_hostname="localhost")
+    partial.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # no blank line: incomplete
+    started = time.monotonic()
+    assert requests.get(server.url + "/health", timeout=5, verify=certificates.ca).ok
+    for sock in (silent, halfway, partial):
+        try:
+            data = sock.recv(4096)
+            while data and not data.startswith(b"HTTP/1.1 408"):
+                data = sock.recv(4096)
+        except (ConnectionResetError, ssl.SSLError):
+            pass
+        sock.close()
+    assert time.monotonic() - started < 3.5  # 1 s, and slack for a loaded machine
 
 
 @pytest.mark.parametrize("case, expected", [

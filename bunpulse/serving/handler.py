@@ -107,7 +107,7 @@ class RequestHandler:
             detach_socket(self.socket), request.ahead, handshake.answer, handshake.deflate)
         self.socket = None  # the socket is the WebSocket's now
         try:
-            app(environ, _no_response)
+            app(environ, ignore_response)
         finally:
             not_served(ws)
 
@@ -224,5 +224,6 @@ def remote_address(address):
     return address[0] if isinstance(address, tuple) and address else ""
 
 
-def _no_response(status, headers, exc_info=None):
+def ignore_response(status, headers, exc_info=None):
+    """start_response for an upgrade: its answer (the 101) is the handshake's."""
     return None

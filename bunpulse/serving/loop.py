@@ -18,7 +18,7 @@ from gevent.socket import socket as GeventSocket
 from ..context import context_of
 from ..handshake import Refusal, accept_request
 from ..websocket import PusherWebSocket, not_served
-from .handler import remote_address
+from .handler import ignore_response, remote_address
 
 log = logging.getLogger("bunpulse.transport")
 _EV_READ = 1
@@ -27,11 +27,12 @@ MAX_PIECES = 8            # reads a request may come in and still be served in t
 MAX_GATHERED = 64 * 1024  # bytes of a request gathered in the loop at most
 
 
-def in_the_loop(context, application, request):
-    """Whether the event loop's callback serves this complete request itself, or a greenlet.
-    The loop must never wait, so it serves only what cannot: a WebSocket upgrade or a publish
-    call, for BunPulse's own application (a host's code may wait), when the core says nothing
-    it does can (no Redis, no hook on connections, no dashboard viewer)."""
+def in_the_loop(context, application):
+    """Whether the event loop's callback may serve a complete request itself, or a greenlet
+    must. The loop must never wait, so it serves only what cannot: a WebSocket upgrade or a
+    publish call (any other route goes to a greenlet), for BunPulse's own application (a
+    host's code may wait), when the core says nothing it does can (no Redis, no hook on
+    connections, no dashboard viewer). Asked for each request: a viewer may come meanwhile."""
     return context.serves_directly(application) and context.serves_in_the_loop()
 
 
@@ -101,7 +102,7 @@ class Reception:
     """One connection read by the event loop until its request is served or handed on."""
 
     __slots__ = ("_server", "_raw", "_address", "_watcher", "_timer", "_reader", "_pieces",
-                 "_context", "_app")
+                 "_context", "_app", "_remote")
 
     def __init__(self, server, raw, address):
         self._server = server
@@ -109,6 +110,7 @@ class Reception:
         self._context = context_of(self._app)
         self._raw = raw
         self._address = address
+        self._remote = remote_address(address)
         self._watcher = None
         self._timer = None
         self._reader = self._context.reader()
@@ -132,14 +134,17 @@ class Reception:
             log.exception("error serving a request")
             self._close()
 
-    def _wait(self):
-        """Read on when the socket is readable; close it at the reader's deadline."""
+    def _wait(self, timeout=None):
+        """Read on when the socket is readable; close it at the reader's deadline (`timeout`
+        seconds from now, when the caller knows it)."""
         loop = get_hub().loop
         if self._watcher is None:
             self._watcher = loop.io(self._raw.fileno(), _EV_READ)
         if self._timer is not None:
             self._timer.close()
-        self._timer = loop.timer(max(0.0, self._reader.deadline - time.monotonic()))
+        if timeout is None:
+            timeout = max(0.0, self._reader.deadline - time.monotonic())
+        self._timer = loop.timer(timeout)
         self._timer.start(self._close)
         self._watcher.start(self._readable)
 
@@ -168,14 +173,14 @@ class Reception:
                 else:
                     self._wait()
                 return
-            if isinstance(event, Refusal) or not in_the_loop(self._context, self._app, event):
+            if isinstance(event, Refusal) or not in_the_loop(self._context, self._app):
                 self._hand_on(event)
                 return
             self._pieces = 0
             if event.upgrade:
                 self._upgrade(event)
                 return
-            answer = self._context.answer_publish(event, remote_address(self._address))
+            answer = self._context.answer_publish(event, self._remote)
             if answer is None:
                 self._hand_on(event)  # another route: the WSGI application's
                 return
@@ -192,7 +197,9 @@ class Reception:
             if not event.keep_alive:
                 self._close()
                 return
-            reader.answered()
+            if not reader.answered():  # nothing more read yet: the next request, in time
+                self._wait(reader.keepalive_timeout)
+                return
 
     def _upgrade(self, request):
         handshake = accept_request(request, self._context.compression)
@@ -201,11 +208,11 @@ class Reception:
             return
         raw = self._raw
         self._forget()
-        environ = request.environ(remote_address(self._address))
+        environ = request.environ(self._remote)
         ws = environ["wsgi.websocket"] = PusherWebSocket(raw, request.ahead, handshake.answer,
                                                          handshake.deflate)
         try:
-            self._app(environ, _no_response)
+            self._app(environ, ignore_response)
         finally:
             not_served(ws)
 
@@ -228,7 +235,3 @@ class Reception:
         self._forget()
         if raw is not None:
             raw.close()
-
-
-def _no_response(status, headers, exc_info=None):
-    return None
