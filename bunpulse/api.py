@@ -7,7 +7,7 @@ makes) are also served by `shortcut` without Flask's request context and routing
 much as the publish itself. Both ways give the same answer (`answer`)."""
 import logging
 import re
-from urllib.parse import quote, unquote_plus
+from urllib.parse import quote
 
 import orjson
 from flask import Blueprint, current_app, request
@@ -15,6 +15,7 @@ from werkzeug.http import HTTP_STATUS_CODES
 
 from . import protocol
 from .devapp import REFUSED
+from .request import decoded as _decoded, query_params, request_path  # noqa: F401 - api.*
 from .errors import ApiError
 from .protocol import channel_kind
 from .signatures import bearer_ok, verify_api_request
@@ -24,29 +25,6 @@ blueprint = Blueprint("pusher_api", __name__)
 
 CHANNEL_ATTRIBUTES = frozenset(("user_count", "subscription_count", "cache"))
 JSON_HEADER = ("Content-Type", "application/json")
-
-
-def query_params(environ):
-    """The query string as a dict of first values: the signature's parameters are plain ASCII,
-    and werkzeug's MultiDict parse costs more than checking the HMAC."""
-    params = {}
-    for part in environ.get("QUERY_STRING", "").split("&"):
-        if part:
-            key, _, value = part.partition("=")
-            if "%" in part or "+" in part or not part.isascii():
-                key, value = (unquote_plus(x.encode("latin-1").decode("utf-8", "replace"))
-                              for x in (key, value))
-            params.setdefault(key, value)
-    return params
-
-
-def request_path(environ):
-    """The path as werkzeug decodes it: the WSGI string is latin-1, the path UTF-8."""
-    return "/" + _decoded(environ.get("PATH_INFO", "")).lstrip("/")
-
-
-def _decoded(wsgi_string):
-    return wsgi_string.encode("latin-1").decode("utf-8", "replace")
 
 
 class ApiRequest:

@@ -30,38 +30,45 @@ class Handshake:
         self.answer, self.deflate = answer, deflate
 
 
-def accept(method, version, header, compression):
-    """A Handshake, or the Refusal to answer in HTTP. `header(name)`: a request header's
-    value as str ("" when absent), by lower-case name; `compression`: --compression."""
+def accept(method, version, headers, compression):
+    """A Handshake, or the Refusal to answer in HTTP. `headers`: the request's, by lower-case
+    name (bytes to bytes, as request.Request has them); `compression`: --compression."""
     if method != "GET" or version != "1.1":
         return Refusal(400, "A WebSocket upgrade is a GET in HTTP/1.1")
-    if header("upgrade").strip().lower() != "websocket" or \
-            "upgrade" not in header("connection").lower():
+    if headers.get(b"upgrade", b"").strip().lower() != b"websocket" or \
+            b"upgrade" not in headers.get(b"connection", b"").lower():
         return Refusal(400, "Not a WebSocket upgrade: Upgrade: websocket and Connection: "
                             "Upgrade are required")
-    if header("sec-websocket-version").strip() not in VERSIONS:
+    if headers.get(b"sec-websocket-version", b"").strip() not in _VERSIONS:
         return Refusal(400, "Unsupported WebSocket version",
                        [("Sec-WebSocket-Version", ", ".join(VERSIONS))])
-    key = header("sec-websocket-key").strip().encode("latin-1")
+    key = headers.get(b"sec-websocket-key", b"").strip()
     if not _valid_key(key):
         return Refusal(400, "Invalid Sec-WebSocket-Key")
-    deflate = bool(compression) and deflate_offered(header("sec-websocket-extensions"))
+    offers = headers.get(b"sec-websocket-extensions")
+    deflate = bool(compression) and offers is not None and deflate_offered(
+        offers.decode("latin-1"))
     return Handshake(switching(accept_key(key), deflate), deflate)
 
 
 def accept_request(request, compression):
     """`accept` for a request.Request."""
-    headers = request.headers
-    return accept(request.method, request.version,
-                  lambda name: headers.get(name.encode(), b"").decode("latin-1"), compression)
+    return accept(request.method, request.version, request.headers, compression)
 
 
 def accept_environ(environ, compression):
     """`accept` for a WSGI environ (a server that read the request itself: flask run)."""
     protocol = environ.get("SERVER_PROTOCOL", "HTTP/1.1")
+    headers = {name.encode(): environ[key].encode("latin-1") for name, key in _ENVIRON.items()
+               if key in environ}
     return accept(environ.get("REQUEST_METHOD", ""), protocol.partition("/")[2] or "1.1",
-                  lambda name: environ.get("HTTP_" + name.upper().replace("-", "_"), ""),
-                  compression)
+                  headers, compression)
+
+
+_VERSIONS = {version.encode() for version in VERSIONS}
+_ENVIRON = {name: "HTTP_" + name.upper().replace("-", "_")
+            for name in ("upgrade", "connection", "sec-websocket-version", "sec-websocket-key",
+                         "sec-websocket-extensions")}
 
 
 def accept_key(key):

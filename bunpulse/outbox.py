@@ -81,7 +81,7 @@ class Outbox:
                 if self._pending_size > self.limit:
                     self._evict()
             return
-        if in_the_loop():
+        if type(getcurrent()) is Hub:  # in_the_loop(), inline: once per delivery
             # Sent by the event loop itself (a publish or a subscription served in its
             # callback): written once this turn of the loop is done, with whatever else the
             # turn sends this socket (the events of every publish it serves): one write.

@@ -9,7 +9,7 @@ to a complete request (head, body and, on a TLS port, the TLS handshake before t
 The caller passes the clock in (`now`) and arms a timer for `deadline`; nothing here waits.
 """
 import time
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_plus
 from wsgiref.handlers import format_date_time
 
 import httptools
@@ -333,6 +333,31 @@ class RequestReader:
 def _reason(error):
     text = str(error)
     return text[:100] if text else type(error).__name__
+
+
+# ---------------------------------------------------------------- a WSGI environ's request
+
+def query_params(environ):
+    """The query string as a dict of first values: the signature's parameters are plain ASCII,
+    and werkzeug's MultiDict parse costs more than checking the HMAC."""
+    params = {}
+    for part in environ.get("QUERY_STRING", "").split("&"):
+        if part:
+            key, _, value = part.partition("=")
+            if "%" in part or "+" in part or not part.isascii():
+                key, value = (unquote_plus(x.encode("latin-1").decode("utf-8", "replace"))
+                              for x in (key, value))
+            params.setdefault(key, value)
+    return params
+
+
+def request_path(environ):
+    """The path as werkzeug decodes it: the WSGI string is latin-1, the path UTF-8."""
+    return "/" + decoded(environ.get("PATH_INFO", "")).lstrip("/")
+
+
+def decoded(wsgi_string):
+    return wsgi_string.encode("latin-1").decode("utf-8", "replace")
 
 
 # ---------------------------------------------------------------- answers

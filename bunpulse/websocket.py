@@ -16,6 +16,7 @@ import gevent.event
 from gevent import get_hub
 
 from .devapp import REFUSED
+from .request import query_params, request_path
 from .errors import ConnectionRefused, ErrorCode, WsClose
 from .frames import OP_BINARY, OP_TEXT, Close, FrameParser, PongDue, build_frame, close_frame
 from .outbox import Outbox, TlsSocket
@@ -257,15 +258,11 @@ def serve_upgraded(context, ws, environ):
     queued in its outbox), for the request in `environ` (its path, query and client address);
     returns at once. Every driver ends here: the same admission, per-address limit, limits
     and heartbeat whichever server accepted the socket."""
-    # Imported here, not at the top: gunicorn's master imports the worker class (and so this
-    # module) before its workers patch gevent, and Flask imported that early leaves a lock
-    # that breaks the worker's exit (a traceback at every stop).
-    from . import api
     core = context.core
     try:
         admission = ConnectionRefused(ErrorCode.UNAUTHORIZED, REFUSED) \
             if core.dev_app.refuses(environ) else \
-            core.admit(api.request_path(environ), api.query_params(environ))
+            core.admit(request_path(environ), query_params(environ))
         core.serve_websocket(ws, admission, core.address_of(environ))
     finally:
         not_served(ws)

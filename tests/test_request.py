@@ -158,7 +158,7 @@ def headers(**overrides):
     values = {"upgrade": "websocket", "connection": "keep-alive, Upgrade",
               "sec-websocket-version": "13", "sec-websocket-key": KEY}
     values.update(overrides)
-    return lambda name: values.get(name, "")
+    return {name.encode(): value.encode() for name, value in values.items()}
 
 
 def test_an_upgrade_is_accepted_with_the_rfc_accept_key():
@@ -212,3 +212,16 @@ def test_the_core_imports_no_io():
             "bad = [m for m in ('gevent', 'flask', 'redis', 'socket') if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_an_environ_is_accepted_as_its_request_would_be():
+    environ = {"REQUEST_METHOD": "GET", "SERVER_PROTOCOL": "HTTP/1.1",
+               "HTTP_UPGRADE": "websocket", "HTTP_CONNECTION": "Upgrade",
+               "HTTP_SEC_WEBSOCKET_VERSION": "13", "HTTP_SEC_WEBSOCKET_KEY": KEY,
+               "HTTP_SEC_WEBSOCKET_EXTENSIONS": "permessage-deflate"}
+    from_environ = handshake.accept_environ(environ, compression=True)
+    from_headers = handshake.accept("GET", "1.1", headers(**{
+        "sec-websocket-extensions": "permessage-deflate"}), compression=True)
+    assert from_environ.answer == from_headers.answer and from_environ.deflate
+    refused = handshake.accept_environ({**environ, "SERVER_PROTOCOL": "HTTP/1.0"}, True)
+    assert isinstance(refused, Refusal) and refused.status == 400
