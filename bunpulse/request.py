@@ -57,6 +57,17 @@ class Request:
     def header(self, name, default=b""):
         return self.headers.get(name, default)
 
+    # httptools' callbacks while it reads the head (the reader does the rest: fewer calls)
+
+    def on_url(self, url):
+        self.url += url
+
+    def on_header(self, name, value):
+        headers = self.headers
+        name = name.lower()
+        known = headers.get(name)
+        headers[name] = value if known is None else known + b"," + value
+
     @property
     def target(self):
         return self.url.decode("latin-1")
@@ -96,6 +107,9 @@ class _Refused(Exception):
 
 
 _CHUNKED = object()  # a body whose end the parser finds
+# What a parser of a chunked body is fed first, to be where the body starts (the real head
+# was read by a parser of its own).
+_CHUNKED_HEAD = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
 _BLANK = (13, 10)    # CR, LF
 
 
@@ -194,21 +208,59 @@ class RequestReader:
                 continue
             piece = data[at:cut] if at or cut < size else data
             at = cut
-            try:
-                if left is None:  # a new request: a parser of its own, fed its head
-                    self._current = Request()
-                    self._parser = httptools.HttpRequestParser(self)
+            if left is None:
+                self._head(piece, data, at)
+                continue
+            try:  # a chunked body, to the parser that decodes it
                 self._parser.feed_data(piece)
-                if self._body_left is not _CHUNKED:
-                    self._parser = None  # done with it (it refers to this reader: a cycle)
-            except httptools.HttpParserUpgrade:
-                self._upgraded(data[at:])
-                return
             except httptools.HttpParserCallbackError as error:
                 if self._refusal is None:  # an error of ours, not a refusal
                     raise error.__context__ or error
             except httptools.HttpParserError as error:
                 self._refuse(400, f"Malformed request: {_reason(error)}")
+
+    def _head(self, head, data, end):
+        """A whole head (`data[:end]` ends with it): parsed by a parser of its own, the
+        request itself taking its callbacks; then what it says of the body."""
+        request = self._current = Request()
+        parser = httptools.HttpRequestParser(request)
+        upgrade = False
+        try:
+            parser.feed_data(head)
+        except httptools.HttpParserUpgrade:
+            upgrade = True
+        except httptools.HttpParserError as error:
+            self._refuse(400, f"Malformed request: {_reason(error)}")
+            return
+        request.method = parser.get_method().decode("latin-1")
+        request.version = version = parser.get_http_version()
+        headers = request.headers
+        # As llhttp decides it (its own answer is gone once a bodiless request completed).
+        connection = headers.get(b"connection")
+        tokens = () if connection is None else {
+            token.strip() for token in connection.lower().split(b",")}
+        request.keep_alive = b"close" not in tokens if version == "1.1" else \
+            b"keep-alive" in tokens
+        if upgrade:
+            self._upgraded(data[end:])
+            return
+        length = headers.get(b"content-length")
+        if length is not None and int(length) > self.max_body:
+            self._refuse(413, f"Request body is larger than {self.max_body} bytes")
+            return
+        self._body_size = 0
+        if b"transfer-encoding" in headers:  # llhttp lets only chunked through
+            self._body_left = _CHUNKED
+            self._parser = parser = httptools.HttpRequestParser(self)  # decodes the chunks
+            parser.feed_data(_CHUNKED_HEAD)
+        else:
+            self._body_left = int(length or 0)
+        expect = headers.get(b"expect")
+        if expect is not None and expect.lower() == b"100-continue" and length != b"0" \
+                and request.version == "1.1":
+            self._to_send = CONTINUE  # curl waits for it before sending a body
+        if not self._body_left:
+            self.on_message_complete()
 
     def _head_incomplete(self, buffer, searched):
         """A head without its end yet: refused past the cap or with bare line feeds, else
@@ -259,33 +311,7 @@ class RequestReader:
             self._refusal = Refusal(status, message, headers)
         self._current = self._parser = None
 
-    # ---------------------------------------------------------------- httptools' callbacks
-
-    def on_url(self, url):
-        self._current.url += url
-
-    def on_header(self, name, value):
-        headers = self._current.headers
-        name = name.lower()
-        known = headers.get(name)
-        headers[name] = value if known is None else known + b"," + value
-
-    def on_headers_complete(self):
-        request, parser = self._current, self._parser
-        request.method = parser.get_method().decode("latin-1")
-        request.version = parser.get_http_version()
-        request.keep_alive = parser.should_keep_alive()
-        length = request.headers.get(b"content-length")
-        if length is not None and int(length) > self.max_body:
-            self._refuse(413, f"Request body is larger than {self.max_body} bytes")
-            raise _Refused()
-        expect = request.headers.get(b"expect")
-        chunked = b"transfer-encoding" in request.headers  # llhttp allows only chunked
-        self._body_left = _CHUNKED if chunked else int(length or 0)
-        self._body_size = 0
-        if expect is not None and expect.lower() == b"100-continue" and length != b"0" \
-                and request.version == "1.1":
-            self._to_send = CONTINUE  # curl waits for it before sending a body
+    # ---------------------------------------------------------------- a chunked body
 
     def on_body(self, body):  # a chunked body's data (known lengths are taken as they come)
         if not self._take_body(body):
@@ -301,6 +327,7 @@ class RequestReader:
 
     def on_message_complete(self):
         self._body_left = None  # the next request's head, with a parser of its own
+        self._parser = None  # (a chunked body's refers to this reader: no cycle left)
         request, self._current = self._current, None
         if request is None:
             return
@@ -311,21 +338,13 @@ class RequestReader:
 
     def _upgraded(self, ahead):
         """An upgrade's head is complete: what follows is the new protocol's."""
-        self._parser = None  # it refers to this reader: no cycle left for the collector
-        request = self._current
-        if request is None and self._ready:  # complete already (a GET without a body)
-            request = self._ready.pop()
-        if request is None:
-            self._refuse(400, "Malformed request")
-            return
-        self._current = None
+        request, self._current = self._current, None
         request.upgrade = True
         request.ahead = ahead
         self._buffer = bytearray()
         self._upgrade = request
         request.keep_alive = False
-        if request._parts is not None:
-            request.body, request._parts = b"".join(request._parts), None
+        request._parts = None
         self._ready.append(request)
         self._ended = True  # nothing more is HTTP on this connection
 

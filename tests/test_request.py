@@ -225,3 +225,17 @@ def test_an_environ_is_accepted_as_its_request_would_be():
     assert from_environ.answer == from_headers.answer and from_environ.deflate
     refused = handshake.accept_environ({**environ, "SERVER_PROTOCOL": "HTTP/1.0"}, True)
     assert isinstance(refused, Refusal) and refused.status == 400
+
+
+@pytest.mark.parametrize("version, connection, kept", [
+    ("1.1", None, True), ("1.1", "close", False), ("1.1", "Upgrade, Close", False),
+    ("1.0", None, False), ("1.0", "keep-alive", True)])
+def test_whether_the_connection_is_kept_after_a_request_with_or_without_a_body(
+        version, connection, kept):
+    extra = f"Connection: {connection}\r\n" if connection else ""
+    for body in (b"", b"{}"):
+        data = (f"POST /x HTTP/{version}\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+                .encode() + body)
+        reader = RequestReader(MAX_BODY, 10.0, 5.0)
+        reader.receive_data(data)
+        assert reader.next_event().keep_alive is kept, (version, connection, body)

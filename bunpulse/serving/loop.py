@@ -17,8 +17,8 @@ from gevent.socket import socket as GeventSocket
 
 from ..context import context_of
 from ..handshake import Refusal, accept_request
-from ..websocket import PusherWebSocket, not_served
-from .handler import ignore_response, remote_address
+from ..websocket import PusherWebSocket, serve_upgraded
+from .handler import remote_address
 
 log = logging.getLogger("bunpulse.transport")
 _EV_READ = 1
@@ -50,9 +50,18 @@ class LoopAccept:
     """Mix into a gevent StreamServer (before it): accepted plain connections start as a
     `Reception`; TLS ones go to the handler greenlet, their TLS handshake under the deadline."""
 
+    _context = None
+
     def init_socket(self):
         super().init_socket()
         set_nodelay(self.socket)  # accepted sockets inherit it: no call per connection
+
+    @property
+    def bunpulse_context(self):
+        """The context of the application served (looked up once)."""
+        if self._context is None:
+            self._context = context_of(self.application)
+        return self._context
 
     def do_read(self):
         if self.ssl_enabled:
@@ -75,7 +84,7 @@ class LoopAccept:
     def wrap_socket_and_handle(self, client_socket, address):
         # The TLS handshake counts against the request's deadline: a silent TCP connection
         # on a TLS port is closed like any other.
-        context = context_of(self.application)
+        context = self.bunpulse_context
         reader = context.reader()
         try:
             with gevent.Timeout(context.handshake_timeout):
@@ -107,7 +116,7 @@ class Reception:
     def __init__(self, server, raw, address):
         self._server = server
         self._app = server.application
-        self._context = context_of(self._app)
+        self._context = server.bunpulse_context
         self._raw = raw
         self._address = address
         self._remote = remote_address(address)
@@ -211,10 +220,9 @@ class Reception:
         environ = request.environ(self._remote)
         ws = environ["wsgi.websocket"] = PusherWebSocket(raw, request.ahead, handshake.answer,
                                                          handshake.deflate)
-        try:
-            self._app(environ, ignore_response)
-        finally:
-            not_served(ws)
+        # BunPulse's own application (in_the_loop said so): straight to the one
+        # post-handshake path, without the WSGI call that would lead there.
+        serve_upgraded(self._context, ws, environ)
 
     def _hand_on(self, request=None, unsent=b""):
         raw = self._raw
