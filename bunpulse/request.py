@@ -234,6 +234,9 @@ class RequestReader:
             return
         request.method = parser.get_method().decode("latin-1")
         request.version = version = parser.get_http_version()
+        if upgrade:
+            self._upgraded(data[end:])
+            return
         headers = request.headers
         # As llhttp decides it (its own answer is gone once a bodiless request completed).
         connection = headers.get(b"connection")
@@ -241,9 +244,6 @@ class RequestReader:
             token.strip() for token in connection.lower().split(b",")}
         request.keep_alive = b"close" not in tokens if version == "1.1" else \
             b"keep-alive" in tokens
-        if upgrade:
-            self._upgraded(data[end:])
-            return
         length = headers.get(b"content-length")
         if length is not None and int(length) > self.max_body:
             self._refuse(413, f"Request body is larger than {self.max_body} bytes")
