@@ -204,11 +204,12 @@ def _core():
     return current_app.extensions["bunpulse"].core
 
 
-def refusal(start_response, error, close=False):
-    """A WSGI answer for an ApiError raised before any handler ran (a body refused)."""
+def refusal(start_response, error, close=False, headers=()):
+    """A WSGI answer for an ApiError raised before any handler ran (a body, a handshake
+    refused by the server's driver)."""
     body = orjson.dumps({"error": error.message})
     start_response(f"{error.status} {HTTP_STATUS_CODES[error.status].upper()}",
-                   [JSON_HEADER, ("Content-Length", str(len(body)))]
+                   [JSON_HEADER, ("Content-Length", str(len(body))), *headers]
                    + ([("Connection", "close")] if close else []))
     return [body]
 

@@ -10,7 +10,8 @@ line to copy into the host.
 import io
 import weakref
 
-from .request import RequestReader, http_date
+from .answers import header_lines, http_date
+from .request import RequestReader
 
 _contexts = []  # weak references, newest last: the contexts made in this process
 
@@ -53,9 +54,7 @@ class ServerContext:
         if body is None:
             return None
         status, headers = response
-        return b"".join([b"HTTP/1.1 %s\r\n" % status.encode("latin-1"),
-                         *(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1"))
-                           for k, v in headers),
+        return b"".join([b"HTTP/1.1 %s\r\n" % status.encode("latin-1"), header_lines(headers),
                          b"" if request.keep_alive else b"Connection: close\r\n",
                          b"Date: %s\r\n\r\n" % http_date(), *body])
 

@@ -10,9 +10,10 @@ The caller passes the clock in (`now`) and arms a timer for `deadline`; nothing 
 """
 import time
 from urllib.parse import unquote, unquote_plus
-from wsgiref.handlers import format_date_time
 
 import httptools
+
+from .answers import http_answer
 
 MAX_HEAD = 65536  # bytes of a request head, request line included; past it, 431
 HEAD_TOO_LARGE = "Request head larger than 64 KiB"
@@ -53,9 +54,6 @@ class Request:
         self.upgrade = False
         self.ahead = b""
         self._parts = []
-
-    def header(self, name, default=b""):
-        return self.headers.get(name, default)
 
     # httptools' callbacks while it reads the head (the reader does the rest: fewer calls)
 
@@ -377,40 +375,3 @@ def request_path(environ):
 
 def decoded(wsgi_string):
     return wsgi_string.encode("latin-1").decode("utf-8", "replace")
-
-
-# ---------------------------------------------------------------- answers
-
-_date = [0, b""]
-
-
-def http_date():
-    """The Date header's value, formatted once a second."""
-    now = int(time.time())
-    if _date[0] != now:
-        _date[:] = now, format_date_time(now).encode()
-    return _date[1]
-
-
-_REASONS = {100: "Continue", 101: "Switching Protocols", 200: "OK", 400: "Bad Request",
-            403: "Forbidden", 404: "Not Found", 408: "Request Timeout",
-            413: "Request Entity Too Large", 426: "Upgrade Required",
-            431: "Request Header Fields Too Large", 500: "Internal Server Error",
-            503: "Service Unavailable"}
-
-
-def status_line(status):
-    """`status`: an int or a WSGI status string ("200 OK")."""
-    if isinstance(status, int):
-        status = f"{status} {_REASONS.get(status, 'Unknown')}"
-    return b"HTTP/1.1 %s\r\n" % status.encode("latin-1")
-
-
-def http_answer(status, headers, body=b"", keep_alive=True):
-    """A whole HTTP/1.1 answer with a Content-Length."""
-    return b"".join([status_line(status),
-                     *(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1"))
-                       for k, v in headers),
-                     b"Content-Length: %d\r\n" % len(body),
-                     b"" if keep_alive else b"Connection: close\r\n",
-                     b"Date: %s\r\n\r\n" % http_date(), body])

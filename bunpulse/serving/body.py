@@ -1,8 +1,8 @@
-"""A request body read from another server's `wsgi.input` (gevent-websocket's stock worker,
-Werkzeug's `flask run`), where BunPulse did not read the request itself: exactly Content-Length
-bytes (Werkzeug's stream is the raw socket: reading past them would wait for the client), a
-chunked body up to the limit, 413 before reading past `max_body`, 400 when it stops short.
-The caller bounds the time (serving/stock_worker.py, serving/flask_run.py)."""
+"""What BunPulse reads through another server's reader where that server read the request head
+(gevent-websocket's stock worker, Werkzeug's `flask run`): the bytes already buffered past an
+upgrade's head, and a request body: exactly Content-Length bytes (Werkzeug's stream is the raw
+socket: reading past them would wait for the client), a chunked body up to the limit, 413
+before reading past `max_body`, 400 when it stops short. The caller bounds the time."""
 from ..errors import ApiError
 
 
@@ -33,3 +33,18 @@ def read_body(environ, max_body):
     if len(body) < length:
         raise ApiError(400, "Incomplete request body")
     return body
+
+
+def buffered_ahead(rfile, sock):
+    """What the server's buffered reader already holds past the handshake (a client may send
+    frames right behind it), taken without waiting for more."""
+    if not hasattr(rfile, "read1"):  # not a buffered reader: nothing was read ahead through it
+        return b""
+    timeout = sock.gettimeout()
+    sock.settimeout(0)
+    try:
+        return rfile.read1(1 << 16) or b""
+    except OSError:  # nothing buffered and nothing on the socket yet
+        return b""
+    finally:
+        sock.settimeout(timeout)

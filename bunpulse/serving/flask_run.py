@@ -18,15 +18,13 @@ import sys
 import threading
 
 import gevent
-import orjson
 from gevent.hub import Hub
-from werkzeug.http import HTTP_STATUS_CODES
 
 from .. import api
 from ..errors import ApiError
 from ..handshake import Refusal, accept_environ
 from ..websocket import PusherWebSocket, serve_upgraded
-from .body import read_body
+from .body import buffered_ahead, read_body
 from .hub_thread import HubThread
 
 log = logging.getLogger("bunpulse")
@@ -87,7 +85,7 @@ class ThreadedDispatch:
                 sock.settimeout(self._context.handshake_timeout)
             body = read_body(environ, self._context.max_body)
         except ApiError as exc:
-            return _refuse(start_response, exc.status, exc.message)
+            return api.refusal(start_response, exc)
         finally:
             if sock is not None:
                 sock.settimeout(timeout)
@@ -102,15 +100,14 @@ class ThreadedDispatch:
         sock = environ.get("werkzeug.socket")
         if sock is None or environ.get("REQUEST_METHOD") != "GET" \
                 or "upgrade" not in environ.get("HTTP_CONNECTION", "").lower():
-            return _refuse(start_response, 400, "Not a WebSocket upgrade this server can "
-                                                "hand over: use GET with Connection: Upgrade "
-                                                "under flask run, gunicorn or python -m bunpulse")
+            return api.refusal(start_response, ApiError(
+                400, "Not a WebSocket upgrade this server can hand over: use GET with "
+                     "Connection: Upgrade under flask run, gunicorn or python -m bunpulse"))
         handshake = accept_environ(environ, self._context.compression)
         if isinstance(handshake, Refusal):
-            start_response(f"{handshake.status} {HTTP_STATUS_CODES[handshake.status].upper()}",
-                           [api.JSON_HEADER, *handshake.headers])
-            return [orjson.dumps({"error": handshake.message})]
-        ahead = _buffered_ahead(environ["wsgi.input"], sock)
+            return api.refusal(start_response, ApiError(handshake.status, handshake.message),
+                               headers=handshake.headers)
+        ahead = buffered_ahead(environ["wsgi.input"], sock)
         ended = threading.Event()
         self.hub.spawn(self._session, os.dup(sock.fileno()), ahead, handshake, environ, ended)
         ended.wait()
@@ -151,20 +148,6 @@ def _exit_on_sigterm():
         signal.signal(signal.SIGTERM, lambda *args: sys.exit(0))
 
 
-def _buffered_ahead(rfile, sock):
-    """What the server's buffered reader already holds past the handshake, without waiting."""
-    if not hasattr(rfile, "read1"):  # not Werkzeug's reader: nothing was read ahead through it
-        return b""
-    timeout = sock.gettimeout()
-    sock.settimeout(0)
-    try:
-        return rfile.read1(1 << 16) or b""
-    except OSError:  # nothing buffered and nothing on the socket yet
-        return b""
-    finally:
-        sock.settimeout(timeout)
-
-
 def _respond(app, environ):
     """Run a WSGI app to the end: (status, headers, body)."""
     answer = {}
@@ -179,10 +162,3 @@ def _respond(app, environ):
         if hasattr(chunks, "close"):
             chunks.close()
     return answer["status"], answer["headers"], body
-
-
-def _refuse(start_response, status, message):
-    body = orjson.dumps({"error": message})
-    start_response(f"{status} {HTTP_STATUS_CODES[status].upper()}",
-                   [api.JSON_HEADER, ("Content-Length", str(len(body)))])
-    return [body]

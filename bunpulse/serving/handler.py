@@ -15,7 +15,7 @@ import gevent
 
 from ..context import context_of
 from ..handshake import Refusal, accept_request
-from ..request import http_date, status_line
+from ..answers import header_lines, http_date, status_line
 from ..websocket import PusherWebSocket, detach_socket, not_served
 
 log = logging.getLogger("bunpulse.wsgi")
@@ -160,7 +160,7 @@ def run_wsgi(app, request, base, remote, sock):
             if state.get("chunked"):
                 sock.sendall(b"0\r\n\r\n")
     except OSError:
-        raise
+        raise  # the client is gone: the caller closes (no 500 to write)
     except Exception:  # noqa: BLE001
         log.exception("error serving %s %s", request.method, request.target)
         if not state.get("sent"):
@@ -186,8 +186,7 @@ def _head(state, request):
         else:
             keep = False  # the body ends with the connection
     state["chunked"], state["keep_alive"] = chunked, keep
-    lines = [status_line(state["status"])]
-    lines += [b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+    lines = [status_line(state["status"]), header_lines(headers)]
     if chunked:
         lines.append(b"Transfer-Encoding: chunked\r\n")
     if "date" not in names:

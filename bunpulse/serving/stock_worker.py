@@ -10,9 +10,8 @@ import logging
 
 import gevent
 
-from ..errors import ApiError
 from ..websocket import PusherWebSocket, detach_socket, serve_upgraded
-from .body import read_body
+from .body import buffered_ahead, read_body
 from .loop import set_nodelay
 
 log = logging.getLogger("bunpulse")
@@ -74,22 +73,13 @@ def stock_request(context, environ):
 
 
 def _buffered_ahead(handler):
-    """What the handler's buffered reader already holds past the handshake (a client may send
-    frames right behind it), taken without waiting for more; then the reader is closed, which
-    frees its buffer and leaves the socket open."""
-    sock = handler.socket
-    timeout = sock.gettimeout()
-    sock.settimeout(0)
-    try:
-        data = handler.rfile.read1(1 << 16)
-    except OSError:  # nothing buffered and nothing on the socket yet
-        data = b""
-    finally:
-        sock.settimeout(timeout)
+    """What the handler's buffered reader already holds past the handshake; then the reader
+    is closed, which frees its buffer and leaves the socket open."""
+    data = buffered_ahead(handler.rfile, handler.socket)
     body = handler.wsgi_input
     if body is None or not (body.content_length or body.chunked_input):
         handler.rfile.close()  # pywsgi reads it again only to discard a request body
-    return data or b""
+    return data
 
 
 class _ClientTable(dict):
