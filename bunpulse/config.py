@@ -129,8 +129,12 @@ OPTIONS = (
            "concurrent WebSocket connections per client address, per worker (0: no limit); "
            "past it pusher:error and close 4004"),
     Option("trust_proxy", "BUNPULSE_TRUST_PROXY", None, parse_trusted,
-           "addresses (comma-separated IPs or networks, or 'all') of proxies whose "
-           "X-Forwarded-For / Forwarded header names the client address"),
+           "proxies whose X-Forwarded-For (else Forwarded) header names the client address: "
+           "their number in front of BunPulse (1 for one nginx, also on a unix socket), or "
+           "their addresses (comma-separated IPs or networks)"),
+    Option("ipv6_prefix", "BUNPULSE_IPV6_PREFIX", 64, _int(1),
+           "bits of an IPv6 client address that the per-address connection limit counts as "
+           "one address (a subscriber holds a whole /64; 128: each address)"),
     Option("backlog", "BUNPULSE_BACKLOG", 2048, _int(1),
            "listen backlog: connections the kernel queues before they are accepted"),
     Option("cache_ttl", "BUNPULSE_CACHE_TTL", 1800, _int(1),
@@ -241,6 +245,14 @@ def _check(settings):
         raise ConfigError(f"--host={settings.host} needs real credentials: the development app "
                           "(app-key/app-secret) is served on 127.0.0.1 only; set "
                           "PUSHER_APP_ID, PUSHER_APP_KEY and PUSHER_APP_SECRET or --apps-file")
+    if settings.ipv6_prefix > 128:
+        raise ConfigError(f"invalid --ipv6-prefix={settings.ipv6_prefix}: must be at most 128")
+    if settings.max_messages_per_second and settings.max_subscriptions >= settings.message_burst:
+        raise ConfigError(
+            f"--max-subscriptions ({settings.max_subscriptions}) must be below --message-burst "
+            f"({settings.message_burst}): pusher-js subscribes to all its channels at once when "
+            "it reconnects, so a client holding more channels than the burst would be closed "
+            "with 4100 on every reconnect; raise --message-burst or lower --max-subscriptions")
     if settings.heartbeat_interval >= settings.heartbeat_timeout:
         raise ConfigError("--heartbeat-interval must be shorter than --heartbeat-timeout")
     if settings.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -8,7 +8,7 @@ import gevent
 from . import protocol
 from .adapters import make_adapter
 from .adapters.local import LocalAdapter
-from .addresses import TrustedProxies, client_address
+from .addresses import TrustedProxies, client_address, counted_as
 from .apps import load_apps
 from .connection import Connection
 from .devapp import DevAppGuard
@@ -97,7 +97,8 @@ class BunPulse:
         """The client address a new socket counts against, or None when nothing is counted."""
         if not self.settings.max_connections_per_ip:
             return None
-        return client_address(environ, self.trusted_proxies)
+        return counted_as(client_address(environ, self.trusted_proxies),
+                          self.settings.ipv6_prefix)
 
     @staticmethod
     def _refuse_socket(ws, refusal):

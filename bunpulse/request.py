@@ -61,6 +61,8 @@ class Request:
         self.url += url
 
     def on_header(self, name, value):
+        if b"_" in name:  # X_Forwarded_For would overwrite X-Forwarded-For in the environ:
+            return        # dropped, as gunicorn, pywsgi and Werkzeug drop it
         headers = self.headers
         name = name.lower()
         known = headers.get(name)

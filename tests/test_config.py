@@ -104,6 +104,12 @@ def test_library_overrides_beat_everything(tmp_path):
     (["--workers", "2"], {}, "BUNPULSE_WORKERS"),
     ([], {"BUNPULSE_REDIS_CLUSTER": "true"}, "--redis-cluster"),
     (["--redis-cluster", "maybe"], {}, "--redis-cluster"),
+    (["--trust-proxy", "all"], {}, "--trust-proxy"),
+    (["--ipv6-prefix", "129"], {}, "--ipv6-prefix"),
+    # pusher-js resubscribes to all its channels at once: 4100 on every reconnect (issue 21)
+    (["--max-subscriptions", "2500"], {}, "--max-subscriptions"),
+    ([], {"BUNPULSE_MESSAGE_BURST": "10", "BUNPULSE_MAX_SUBSCRIPTIONS": "10"},
+     "--message-burst"),
 ])
 def test_invalid_values_name_the_option(argv, environ, named, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -111,6 +117,13 @@ def test_invalid_values_name_the_option(argv, environ, named, tmp_path, monkeypa
         load_settings(argv, environ=environ)
     assert named in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_subscriptions_above_the_burst_need_no_rate_limit(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(["--max-subscriptions", "5000", "--max-messages-per-second", "0"],
+                             environ={})
+    assert settings.max_subscriptions == 5000
 
 
 def test_invalid_dotenv_value_names_the_file(tmp_path):
@@ -126,6 +139,8 @@ def test_invalid_dotenv_value_names_the_file(tmp_path):
     ([], {"BUNPULSE_HEARTBEAT_TIMEOUT": "soon"}, "BUNPULSE_HEARTBEAT_TIMEOUT"),
     (["--max-message-size", "12"], {}, "--max-message-size"),
     (["--host", "0.0.0.0"], {}, "--host"),
+    (["--trust-proxy", "all"], {}, "--trust-proxy"),
+    (["--message-burst", "100", "--max-subscriptions", "200"], {}, "--message-burst"),
 ])
 def test_cli_stops_with_one_line_and_exit_code_2(args, env, named):
     result = run_cli(*args, env=env)

@@ -11,7 +11,7 @@ import pytest
 import requests
 import websocket
 
-from bunpulse.addresses import TrustedProxies, client_address
+from bunpulse.addresses import TrustedProxies, client_address, counted_as
 from conftest import (KEY, RawClient, ServerProcess, connected, pusher_api, raw_subscribe,
                       wait_until)
 
@@ -220,7 +220,54 @@ def test_client_address():
                  "HTTP_FORWARDED": 'for="[2001:db8::1]:4711";proto=https, for=10.0.0.5'}
     assert client_address(forwarded, trusted) == "2001:db8::1"
     assert client_address({"REMOTE_ADDR": "127.0.0.1"}, trusted) == "127.0.0.1"
-    assert client_address({"REMOTE_ADDR": ""}, TrustedProxies("all")) == ""
+    assert client_address({"REMOTE_ADDR": ""}, TrustedProxies("1")) == ""
+
+
+def test_a_number_of_proxies_believes_only_the_hops_they_appended():
+    one, two = TrustedProxies("1"), TrustedProxies("2")
+    # What the client wrote is left of what the proxy appended: it chooses nothing.
+    env = {"REMOTE_ADDR": "", "HTTP_X_FORWARDED_FOR": "6.6.6.6, 1.2.3.4"}  # unix socket
+    assert client_address(env, one) == "1.2.3.4"
+    assert client_address(env, two) == "6.6.6.6"
+    assert client_address({**env, "HTTP_X_FORWARDED_FOR": "1.2.3.4"}, two) == ""  # 1 of 2 hops
+    assert client_address({"REMOTE_ADDR": "10.0.0.1"}, one) == "10.0.0.1"  # no header: the peer
+    forwarded = {"REMOTE_ADDR": "10.0.0.1", "HTTP_FORWARDED": 'for=6.6.6.6, for="[2001:db8::1]"'}
+    assert client_address(forwarded, one) == "2001:db8::1"
+    with pytest.raises(ValueError, match="number of proxies"):
+        TrustedProxies("all")
+
+
+def test_ipv6_clients_are_counted_by_their_network():
+    assert counted_as("2001:db8:1:2:aaaa::1") == counted_as("2001:db8:1:2:bbbb::9") == \
+        "2001:db8:1:2::/64"
+    assert counted_as("2001:db8:1:3::1") != counted_as("2001:db8:1:2::1")
+    assert counted_as("2001:db8:1:2::1", 128) == "2001:db8:1:2::1"
+    assert counted_as("2001:DB8:0:0::1", 128) == "2001:db8::1"  # one spelling per address
+    assert counted_as("2001:db8:1:2::1", 48) == "2001:db8:1::/48"
+    assert counted_as("::ffff:192.0.2.1") == "192.0.2.1"  # a dual-stack socket's IPv4 peer
+    assert counted_as("192.0.2.1") == "192.0.2.1"
+    assert counted_as("") == ""  # a unix socket's peer
+
+
+def test_an_ipv6_subscriber_cannot_escape_the_limit_with_new_addresses(start_server):
+    server = start_server(env={"BUNPULSE_MAX_CONNECTIONS_PER_IP": "2",
+                               "BUNPULSE_TRUST_PROXY": "1"})
+    clients = [connect(server, [f"X-Forwarded-For: 2001:db8:1:2::{n:x}"]) for n in range(1, 3)]
+    for client in clients:
+        connected(client)
+    other = connect(server, ["X-Forwarded-For: 2001:db8:1:3::1"])  # another subscriber's /64
+    connected(other)
+    again = connect(server, ["X-Forwarded-For: 2001:db8:1:2:ffff::3"])
+    assert again.recv_event("pusher:error")["data"]["code"] == 4004
+    for client in clients + [other, again]:
+        client.close()
+
+
+def test_trust_proxy_all_is_refused_at_start_up():
+    proc = subprocess.run([sys.executable, "-m", "bunpulse", "--trust-proxy", "all"],
+                          capture_output=True, text=True, timeout=20)
+    assert proc.returncode == 2
+    assert "--trust-proxy" in proc.stderr and "number of proxies" in proc.stderr
 
 
 def test_trust_proxy_is_checked_at_start_up(start_server):

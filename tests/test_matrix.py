@@ -12,7 +12,10 @@ clients only:
                           within --handshake-timeout of the accept
  3. head cap              a request head of ~70 KB gets 431
  4. body cap              a publish announcing 20 MB gets 413 before any of its body is sent
- 5. per-address limit     the third WebSocket from 127.0.0.1 gets pusher:error 4004, close 4004
+ 5. per-address limit     the third WebSocket from 127.0.0.1 gets pusher:error 4004, close 4004;
+                          behind one proxy (--trust-proxy 1), the third from one forwarded
+                          address is refused, and neither an address a client wrote into
+                          X-Forwarded-For nor an X_Forwarded_For header counts it as another
  6. message rate          a flood of pusher:ping gets pusher:error 4100 and close 4100
  7. subscription cap      the 4th subscribe gets pusher:subscription_error 403, and it stays
  8. slow consumer         a subscriber that stops reading while ~2,300 events of ~9 KB arrive is
@@ -103,7 +106,7 @@ HANDSHAKE_S = 1.0
 HEARTBEAT_TIMEOUT_S = 2.5
 SLACK_S = 1.5  # the machine runs other suites too
 LIMITS = {"BUNPULSE_HANDSHAKE_TIMEOUT": str(int(HANDSHAKE_S * 1000)),
-          "BUNPULSE_MAX_CONNECTIONS_PER_IP": "2",
+          "BUNPULSE_MAX_CONNECTIONS_PER_IP": "2", "BUNPULSE_TRUST_PROXY": "1",
           "BUNPULSE_MAX_MESSAGES_PER_SECOND": "20", "BUNPULSE_MESSAGE_BURST": "40",
           "BUNPULSE_MAX_SUBSCRIPTIONS": "3",
           "BUNPULSE_COMPRESSION": "true",
@@ -229,11 +232,13 @@ def dial(server, address="127.0.0.1", timeout=10):
                                     source_address=(address, 0))
 
 
-def ws(server, address=None, timeout=10):
-    """A RawClient to the way's /app/KEY from `address` (a fresh loopback address if None)."""
+def ws(server, address=None, timeout=10, headers=()):
+    """A RawClient to the way's /app/KEY from `address` (a fresh loopback address if None),
+    its handshake carrying `headers` ("Name: value" lines) too."""
     sock = dial(server, address or source(), timeout)
     return RawClient(server.ws_url + server.prefix + f"/app/{KEY}?protocol=7&client=py&version=1",
-                     timeout=timeout, socket=sock, skip_utf8_validation=True)
+                     timeout=timeout, socket=sock, skip_utf8_validation=True,
+                     header=list(headers))
 
 
 def established(client):
@@ -465,6 +470,33 @@ def test_per_address_limit_4004(limits):
             f"the third got {[m.get('event') for m in messages]}, errors {errors}, end {end}"
     finally:
         for client in clients:
+            client.close()
+
+
+def test_forwarded_address(limits):
+    """Behind one proxy (--trust-proxy 1) a client is counted by the address the proxy appended
+    to X-Forwarded-For: neither an address it wrote there itself nor an X_Forwarded_For header
+    makes it count as somebody else (issue 21, item 4)."""
+    victim = "198.51.100.7"
+    forwarded = {
+        "victim": ["X-Forwarded-For: " + victim],
+        "victim again": ["X-Forwarded-For: " + victim],
+        "underscore header": ["X-Forwarded-For: 192.0.2.1", "X_Forwarded_For: " + victim],
+        "address written by the client": [f"X-Forwarded-For: {victim}, 192.0.2.2"],
+    }
+    clients = {}
+    try:
+        for what, headers in forwarded.items():
+            clients[what] = ws(limits, headers=headers)
+            message = clients[what].recv()
+            assert not isinstance(message, tuple) and message.get("event") == \
+                "pusher:connection_established", f"{what}: refused as the victim ({message})"
+        clients["third from the victim"] = ws(limits, headers=[f"X-Forwarded-For: 192.0.2.3, "
+                                                                f"{victim}"])
+        messages, end, _ = until_closed(clients["third from the victim"], 5)
+        assert end == 4004, f"the victim's third: {[m.get('event') for m in messages]}, {end}"
+    finally:
+        for client in clients.values():
             client.close()
 
 
