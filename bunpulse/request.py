@@ -37,6 +37,10 @@ class Refusal:
         return f"Refusal({self.status}, {self.message!r})"
 
 
+# What a client that did not complete its request within the deadline is answered.
+TOO_SLOW = Refusal(408, "Request not complete in time")
+
+
 class Request:
     """A complete request: its head, its whole body, and for an upgrade the bytes that came
     behind the head (the first WebSocket frames)."""

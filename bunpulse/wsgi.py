@@ -25,8 +25,9 @@ from .context import ServerContext, register
 from .core import BunPulse
 from .errors import ApiError
 from .metrics import instrument
-from .serving.flask_run import ThreadedDispatch
-from .serving.stock_worker import note_stock_handler, serve_stock_websocket, stock_request
+from .serving.flask_run import ThreadedDispatch, arm_werkzeug_head_deadline
+from .serving.stock_worker import (arm_head_deadline, note_stock_handler, serve_stock_websocket,
+                                   stock_request)
 from .websocket import PusherWebSocket, serve_upgraded
 
 WEBSOCKET_ROUTE = "/app/<path:key>"
@@ -102,6 +103,7 @@ def create_app(settings=None, core=None):
         flask_app.wsgi_app = dispatch
         if under_stock:
             note_stock_handler()
+            arm_head_deadline(context)
     else:  # threads, not greenlets, may serve it (flask run): see serving/flask_run.py
         if settings.redis_url:
             raise ConfigError("redis_url needs a gevent-patched process (gunicorn's gevent "
@@ -109,6 +111,7 @@ def create_app(settings=None, core=None):
                               "hub otherwise")
         flask_app.wsgi_app = ThreadedDispatch(dispatch, context)
         context.call = flask_app.wsgi_app.call
+        arm_werkzeug_head_deadline(context)
     context.application = flask_app
     flask_app.extensions["bunpulse"] = context
     register(context)

@@ -1,6 +1,7 @@
 """BunPulse under a WSGI server that runs threads, not greenlets: Werkzeug's development server
 (`flask --app bunpulse run`, with or without --debug and its reloader). Werkzeug reads each
-request's head itself: no deadline and no 64 KiB cap apply to it (the README says so).
+request's head itself: no 64 KiB cap applies to it (the README says so), and the deadline comes
+from the request handler class arm_werkzeug_head_deadline gives Werkzeug.
 
 The core runs in a gevent hub in a thread of its own (threads.HubThread). Each HTTP request's
 body is read in the server's thread, exactly Content-Length bytes (Werkzeug's wsgi.input is the
@@ -23,6 +24,7 @@ from gevent.hub import Hub
 from .. import api
 from ..errors import ApiError
 from ..handshake import Refusal, accept_environ
+from ..request import TOO_SLOW
 from ..websocket import PusherWebSocket, serve_upgraded
 from .body import buffered_ahead, read_body
 from .hub_thread import HubThread
@@ -137,6 +139,56 @@ class ThreadedDispatch:
             if ws is None:
                 raw.close()
                 ended.set()
+
+
+def arm_werkzeug_head_deadline(context):
+    """Werkzeug's server reads each request head in its thread, with no timeout, before
+    BunPulse is called: a client that sends nothing, or one byte a second, would hold a thread
+    for good. The request handler class Werkzeug's servers default to becomes one that gives each
+    head --handshake-timeout. `flask run` loads the application before it makes its server,
+    so the server it makes uses it."""
+    from werkzeug import serving
+
+    class HeadDeadlineHandler(serving.WSGIRequestHandler):
+        """From when the handler waits for a request until its head is read, a timer runs;
+        when it fires the socket's reading side is shut, so the read ends, and a head that had
+        begun gets 408."""
+
+        head_timeout = context.handshake_timeout
+
+        def handle_one_request(self):
+            self._late = False
+            self._timer = timer = threading.Timer(self.head_timeout, self._head_too_slow)
+            timer.daemon = True
+            timer.start()
+            try:
+                super().handle_one_request()
+            finally:
+                timer.cancel()
+
+        def parse_request(self):
+            try:
+                parsed = super().parse_request()
+            finally:
+                self._timer.cancel()
+            if self._late:  # the head ended because the timer shut the socket
+                self.close_connection = True
+                try:
+                    self.wfile.write(TOO_SLOW.answer())
+                except OSError:
+                    pass
+                return False
+            return parsed
+
+        def _head_too_slow(self):
+            self._late = True
+            try:
+                self.connection.shutdown(socket.SHUT_RD)  # the 408 can still be written
+            except OSError:
+                pass
+
+    if getattr(serving.WSGIRequestHandler, "head_timeout", None) is None:
+        serving.WSGIRequestHandler = HeadDeadlineHandler
 
 
 def _exit_on_sigterm():

@@ -15,6 +15,7 @@ import gevent
 
 from ..context import context_of
 from ..handshake import Refusal, accept_request
+from ..request import TOO_SLOW
 from ..answers import header_lines, http_date, status_line
 from ..websocket import PusherWebSocket, detach_socket, not_served
 
@@ -83,7 +84,7 @@ class RequestHandler:
                 return event
             left = reader.deadline - time.monotonic()
             if left <= 0:
-                return Refusal(408, "Request not complete in time") if reader.started else None
+                return TOO_SLOW if reader.started else None
             try:
                 with gevent.Timeout(left):
                     data = sock.recv(READ)

@@ -3,13 +3,17 @@ GeventWebSocketWorker "bunpulse:create_app()"`): it upgrades the socket and hand
 its own WebSocket, which gets close codes, limits and closing wrong for a Pusher server (see
 websocket.py). BunPulse takes the socket over, with whatever the handler's buffered reader
 already holds past the handshake, and runs its own transport on it: close codes, heartbeats and
-limits are then those of BunPulse's own worker. What stays the stock handler's is STOCK_LIMITS.
+limits are then those of BunPulse's own worker; each request head gets --handshake-timeout
+(HeadDeadlineHandler). What stays the stock handler's is STOCK_LIMITS.
 """
 import io
 import logging
+import socket
 
 import gevent
+from geventwebsocket.handler import WebSocketHandler
 
+from ..request import TOO_SLOW
 from ..websocket import PusherWebSocket, detach_socket, serve_upgraded
 from .body import buffered_ahead, read_body
 from .loop import set_nodelay
@@ -19,11 +23,67 @@ log = logging.getLogger("bunpulse")
 STOCK_LIMITS = (
     "BunPulse is served by gevent-websocket's stock handler: it takes over each upgraded "
     "socket, so close codes, heartbeats and limits are its own, but the stock handler still "
-    "reads request heads (no deadline for a head, no 64 KiB cap: pywsgi's own bounds), answers "
+    "reads request heads (no 64 KiB cap: pywsgi's own bounds), answers "
     "the handshake (WebSocket versions 7, 8 and 13, no check of Sec-WebSocket-Key, no "
     "permessage-deflate), parses request headers with the slower email parser and keeps each "
     "connection's request for its whole life (more memory per idle connection); use "
     "BunPulse's own worker (-k bunpulse.worker.PusherWorker) in production")
+
+class HeadDeadlineHandler(WebSocketHandler):
+    """The stock handler, with a deadline on each request head: pywsgi reads heads before
+    BunPulse is called, with no timeout of its own, so a client that sends nothing, or one byte
+    a second, would hold a socket for good. From when the handler waits for a request until its
+    head is read, a timer runs; when it fires the socket's reading side is shut, so the read
+    ends, and a head that had begun gets 408 (the body has its deadline in stock_request)."""
+
+    head_timeout = 10.0  # seconds: --handshake-timeout (set by arm_head_deadline)
+    _late = False
+
+    def handle_one_request(self):
+        self._late = False
+        self._timer = timer = gevent.get_hub().loop.timer(self.head_timeout)
+        timer.start(self._head_too_slow)
+        try:
+            return super().handle_one_request()
+        finally:
+            timer.close()
+
+    def read_request(self, raw_requestline):
+        try:
+            result = super().read_request(raw_requestline)
+        finally:
+            self._timer.close()
+        if self._late:  # the head ended because the timer shut the socket: not a request
+            raise _HeadTooSlow("request head not complete in time")
+        return result
+
+    def _handle_client_error(self, ex):
+        if isinstance(ex, _HeadTooSlow):
+            return "408", TOO_SLOW.answer()
+        return super()._handle_client_error(ex)
+
+    def _head_too_slow(self):
+        self._late = True
+        try:
+            self.socket.shutdown(socket.SHUT_RD)  # the 408 can still be written
+        except OSError:
+            pass
+
+
+class _HeadTooSlow(ValueError):
+    pass
+
+
+def arm_head_deadline(context):
+    """Under gevent-websocket's worker: its handler class becomes HeadDeadlineHandler, with
+    --handshake-timeout. create_app runs before the worker serves (gunicorn loads the
+    application first, in the master with --preload), so every server it starts uses it. A
+    worker subclass with a handler of its own is left alone."""
+    from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
+    if GeventWebSocketWorker.wsgi_handler in (WebSocketHandler, HeadDeadlineHandler):
+        GeventWebSocketWorker.wsgi_handler = HeadDeadlineHandler
+        HeadDeadlineHandler.head_timeout = context.handshake_timeout
+
 
 _noted = False
 _watched = set()
