@@ -253,7 +253,11 @@ class RequestReader:
             self._refuse(413, f"Request body is larger than {self.max_body} bytes")
             return
         self._body_size = 0
-        if b"transfer-encoding" in headers:  # llhttp lets only chunked through
+        coding = headers.get(b"transfer-encoding")
+        if coding is not None:  # llhttp lets only codings that end with chunked through
+            if coding.strip().lower() != b"chunked":  # gzip, chunked: not decoded here
+                self._refuse(501, "Transfer-Encoding other than chunked is not supported")
+                return
             self._body_left = _CHUNKED
             self._parser = parser = httptools.HttpRequestParser(self)  # decodes the chunks
             parser.feed_data(_CHUNKED_HEAD)

@@ -173,7 +173,7 @@ def test_any_head_is_read_or_refused_never_raises_split_or_whole(lines, newline,
     assert _summary(whole) == _summary(split)
     for event in whole:
         if isinstance(event, Refusal):
-            assert event.status in (400, 413, 431)
+            assert event.status in (400, 413, 431, 501)
         else:
             assert all(TOKEN.match(name.decode("latin-1")) for name in event.headers)
             assert all(b"\r" not in value and b"\n" not in value
@@ -194,3 +194,68 @@ def test_well_formed_requests_are_read_exactly_split_or_whole(headers, body, ste
     assert _summary(whole) == _summary(split)
     assert len(whole) == 1 and not isinstance(whole[0], Refusal), whole
     assert whole[0].body == body
+
+
+# ------------------------------------------------------------------ request framing (issue 21)
+
+NEXT = b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"  # a second request behind the first
+
+
+def _pieces(data, step):
+    return [data[i:i + step] for i in range(0, len(data), step)]
+
+
+@FAST
+@given(st.binary(max_size=300), st.lists(st.integers(1, 64), min_size=1, max_size=8),
+       st.integers(1, 11))
+def test_chunked_bodies_in_any_pieces_are_read_exactly(body, sizes, step):
+    chunks, at = [], 0
+    while at < len(body):
+        size = sizes[len(chunks) % len(sizes)]
+        chunks.append(b"%x\r\n%s\r\n" % (len(body[at:at + size]), body[at:at + size]))
+        at += size
+    data = (b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"".join(chunks) + b"0\r\n\r\n" + NEXT)
+    whole = _read_all([data])
+    assert _summary(whole) == _summary(_read_all(_pieces(data, step)))
+    assert [getattr(event, "body", event) for event in whole] == [body, b""]
+    assert whole[1].url == b"/next"  # the body's end is found exactly: nothing smuggled
+
+
+framing = st.lists(st.sampled_from([
+    "Content-Length: 5", "Content-Length: 0", "Content-Length: 7", "Content-Length: 5, 5",
+    "Content-Length: -5", "Content-Length: +5", "Content-Length: 0x5",
+    "Transfer-Encoding: chunked", "Transfer-Encoding: identity", "Transfer-Encoding: gzip",
+    "Transfer-Encoding: chunked, identity", "Transfer-Encoding: gzip, chunked",
+    "Transfer-Encoding: CHUNKED", "Transfer-Encoding : chunked", " Transfer-Encoding: chunked",
+    "Transfer_Encoding: chunked", "Content_Length: 5"]), max_size=3)
+
+
+@FAST
+@given(framing, st.integers(1, 13))
+@example(["Transfer-Encoding: chunked", "Transfer-Encoding: identity"], 1)  # item 5's smuggle
+@example(["Content-Length: 5", "Transfer-Encoding: chunked"], 1)
+@example(["Transfer-Encoding: gzip, chunked"], 3)  # gzip would not be decoded: 501
+@example(["Content_Length: 5"], 2)
+def test_a_request_is_framed_one_way_or_refused(lines, step):
+    """Whatever framing headers a request carries, the reader either refuses it with 400 or
+    reads it as one body of one length, split or whole: never two readings that a proxy in
+    front could disagree with (request smuggling)."""
+    body = b"5\r\nhello\r\n0\r\n\r\n"  # a chunked body that is also 5 + 10 bytes of text
+    data = b"POST /x HTTP/1.1\r\nHost: x\r\n" + "".join(
+        line + "\r\n" for line in lines).encode() + b"\r\n" + body + NEXT
+    whole = _read_all([data])
+    assert _summary(whole) == _summary(_read_all(_pieces(data, step)))
+    first = whole[0]
+    if isinstance(first, Refusal):
+        assert first.status in (400, 501), first  # 501: a coding other than chunked
+        return
+    te = [value for name, value in first.headers.items() if name == b"transfer-encoding"]
+    cl = [value for name, value in first.headers.items() if name == b"content-length"]
+    assert not (te and cl), f"both framings accepted: {lines}"
+    assert b"_" not in b"".join(first.headers), f"an underscore header kept: {lines}"
+    if te:
+        assert te[0].lower() == b"chunked", lines
+        assert first.body == b"hello"
+    else:
+        assert first.body == body[:int(cl[0])] if cl else first.body == b""
