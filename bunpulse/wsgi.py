@@ -64,8 +64,8 @@ def create_app(settings=None, core=None):
         if under_stock:
             try:
                 stock_request(context, environ)
-            except ApiError as exc:
-                return api.refusal(start_response, exc)
+            except ApiError as exc:  # where a next request would start is not known: close
+                return api.refusal(start_response, exc, close=True)
             except gevent.Timeout:
                 return api.refusal(start_response, ApiError(408, "Request body not complete "
                                                                  "in time"), close=True)

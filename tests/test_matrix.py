@@ -27,6 +27,9 @@ clients only:
 11. stop                  SIGTERM: connected clients get close 4200
 12. development app       no credentials and a public bind: start-up refused, or the dev app
                           not served to a non-loopback peer (issue 21)
+13. framing               Transfer-Encoding with Content-Length, two codings, a coding other
+                          than chunked: 400 (or 501), the connection closed, the request hidden
+                          in the body never answered
 
 One server per (way, profile), started once per way: "limits" (cells 1-7, 9 on, 10, then 11,
 which stops it), "plain" (compression off, default heartbeat: 8 through the HTTP API, 9 off),
@@ -466,6 +469,38 @@ def test_body_cap_413(limits):
     sock.close()
     assert answer is not None, "no answer within 3 s: it waits for the 20 MB"
     assert b" 413 " in answer.split(b"\r\n", 1)[0], f"answered {answer[:80]!r}"
+
+
+# ---------------------------------------------------------------------------- 13: framing
+
+SMUGGLED = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("framing", [
+    "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity",
+    "Content-Length: 5\r\nTransfer-Encoding: chunked",
+    "Transfer-Encoding: chunked, identity",
+    "Transfer-Encoding: gzip, chunked"])
+def test_ambiguous_framing_is_refused(limits, framing):
+    """A request whose body could be read two ways (request smuggling behind a proxy that reuses
+    connections) gets 400 (501 for a coding other than chunked) and the connection closes: the
+    request hidden in its body is never answered (issue 21, item 5)."""
+    sock = dial(limits, source(), 5)
+    sock.sendall(f"POST {limits.prefix}/apps/{APP_ID}/events HTTP/1.1\r\nHost: x\r\n"
+                 f"Content-Type: application/json\r\n{framing}\r\n\r\n0\r\n\r\n"
+                 f"{SMUGGLED}".encode())
+    answer, started = b"", time.monotonic()
+    try:
+        while time.monotonic() - started < 5:
+            chunk = http_answer(sock, 5 - (time.monotonic() - started))
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        sock.close()
+    statuses = [line.split(b" ")[1] for line in answer.split(b"\r\n") if line.startswith(b"HTTP/")]
+    assert statuses and statuses[0] in (b"400", b"501") and len(statuses) == 1, \
+        f"{framing!r}: answered {answer[:300]!r}"
 
 
 # ---------------------------------------------------------------------------- 5, 6, 7: limits

@@ -2,15 +2,27 @@
 (gevent-websocket's stock worker, Werkzeug's `flask run`): the bytes already buffered past an
 upgrade's head, and a request body: exactly Content-Length bytes (Werkzeug's stream is the raw
 socket: reading past them would wait for the client), a chunked body up to the limit, 413
-before reading past `max_body`, 400 when it stops short. The caller bounds the time."""
+before reading past `max_body`, 400 when it stops short or its framing is ambiguous. The caller
+bounds the time, and closes the connection after a refusal."""
 from ..errors import ApiError
 
 
 def read_body(environ, max_body):
-    """The request body; ApiError 400 or 413 (before reading) when it cannot be had."""
+    """The request body; ApiError 400 or 413 (before reading), or 501 for a transfer coding
+    other than chunked, when it cannot be had. After any of them the connection must close:
+    where the next request starts is then not known."""
     stream = environ.get("wsgi.input")
     length = environ.get("CONTENT_LENGTH", "").strip()
-    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+    coding = environ.get("HTTP_TRANSFER_ENCODING")
+    chunked = coding is not None
+    if chunked:  # refused as the request reader refuses it: one framing, or none
+        codings = [part.strip().lower() for part in coding.split(",")]
+        if length:
+            raise ApiError(400, "Malformed request: Content-Length with Transfer-Encoding")
+        if codings[-1] != "chunked" or codings.count("chunked") > 1:
+            raise ApiError(400, "Malformed request: chunked must be the last transfer coding")
+        if len(codings) > 1:
+            raise ApiError(501, "Transfer-Encoding other than chunked is not supported")
     if chunked or (not length and environ.get("wsgi.input_terminated")):  # the server ends it
         try:
             body = stream.read(max_body + 1)

@@ -86,8 +86,8 @@ class ThreadedDispatch:
             if sock is not None:  # the body within the handshake timeout, as on every way
                 sock.settimeout(self._context.handshake_timeout)
             body = read_body(environ, self._context.max_body)
-        except ApiError as exc:
-            return api.refusal(start_response, exc)
+        except ApiError as exc:  # where a next request would start is not known: close
+            return api.refusal(start_response, exc, close=True)
         finally:
             if sock is not None:
                 sock.settimeout(timeout)

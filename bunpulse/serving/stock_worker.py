@@ -57,6 +57,14 @@ class HeadDeadlineHandler(WebSocketHandler):
             raise _HeadTooSlow("request head not complete in time")
         return result
 
+    def MessageClass(self, *args):
+        # pywsgi drops Content-Length beside "Transfer-Encoding: chunked" and reads the body
+        # one way: refused instead, as BunPulse's own reader refuses it (request smuggling).
+        headers = super().MessageClass(*args)
+        if headers.get_all("transfer-encoding") and headers.get_all("content-length"):
+            raise ValueError("Content-Length with Transfer-Encoding")
+        return headers
+
     def _handle_client_error(self, ex):
         if isinstance(ex, _HeadTooSlow):
             return "408", TOO_SLOW.answer()
