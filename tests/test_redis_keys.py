@@ -1,12 +1,14 @@
 """The Redis key layout: on a cluster, every script's keys must share one slot; and no key or
 pub/sub subscription named after a client's channel outlives the channel's last subscriber."""
 import inspect
+import subprocess
+import sys
 
 import redis
 from redis.crc import key_slot
 
 from bunpulse.adapters.redis.scripts import MISS_TTL, SCRIPTS, Keys
-from conftest import KEY, RawClient, churn, connected, wait_until
+from conftest import KEY, ROOT, RawClient, churn, connected, wait_until
 
 
 def slot(key):
@@ -108,3 +110,43 @@ def test_a_miss_is_kept_only_while_its_channel_is_occupied(redis_server):
     assert run("miss", [presence[0], miss], [MISS_TTL]) == 0
     assert run("leave", presence + [miss], ["n1", "u1"]) == [0, 0]
     assert client.keys("*") == []
+
+
+BUS_CHURN = """
+import sys
+from gevent import monkey
+monkey.patch_all()
+import gevent
+import redis
+from bunpulse.adapters.redis.bus import Bus, SingleRedis
+
+def ignore(*args):
+    pass
+
+bus = Bus(SingleRedis(sys.argv[1]), "0123456789abcdef", ignore, ignore, ignore)
+bus.start("bp:{bp}:control")
+while not any(link.up for link in bus.links.values()):
+    gevent.sleep(0.01)
+for n in range(1000):  # joined and left before the writer's turn
+    bus.want(f"churn-{n}", ("1", f"churn-{n}"))
+    bus.drop(f"churn-{n}")
+for n in range(1000, 1200):  # and after it
+    bus.want(f"churn-{n}", ("1", f"churn-{n}")).wait(2)
+    bus.drop(f"churn-{n}")
+gevent.sleep(0.5)
+link = next(iter(bus.links.values()))
+print(len(bus.wanted), len(link.waiters), len(link.subscribed), len(link.dirty),
+      len(link.unsubscribing), len(redis.Redis.from_url(sys.argv[1]).pubsub_channels()))
+"""
+
+
+def test_the_relay_keeps_nothing_of_channels_joined_and_left(redis_server):
+    """The interest-based relay: a node that got and lost a channel's last subscriber holds
+    nothing of it (its wanted entry, the subscription's waiter, its Redis subscription),
+    however quickly the two came. A real gevent process on a real Redis."""
+    answer = subprocess.run([sys.executable, "-c", BUS_CHURN, redis_server.url], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert answer.returncode == 0, answer.stderr
+    # wanted, waiters, subscribed, dirty, unsubscribing, Redis's pub/sub channels: the
+    # control channel alone
+    assert list(map(int, answer.stdout.split())) == [1, 0, 1, 0, 0, 1]
