@@ -131,7 +131,7 @@ class Connection:
         core, metrics = self.core, self.metrics
         metrics.connections.dec()
         code = self.outbox.close_code or self.ws.close_code or WsClose.ABNORMAL
-        metrics.closed(code if 1000 <= code < 5000 else "invalid").inc()
+        metrics.closed(code).inc()
         if code == ErrorCode.OVER_CAPACITY:
             metrics.evictions_total.inc()
         elif code == WsClose.MESSAGE_TOO_BIG:

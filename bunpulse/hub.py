@@ -20,7 +20,7 @@ Left = namedtuple("Left", "channel vacated removed")
 
 
 class Channel:
-    __slots__ = ("name", "subscribers", "members", "queue", "sending")
+    __slots__ = ("name", "subscribers", "members", "queue", "sending", "missed")
 
     def __init__(self, name):
         self.name = name
@@ -29,11 +29,14 @@ class Channel:
         self.queue = None       # frames waiting while a big fan-out yields: a deque made
                                 # when needed (an empty one is large)
         self.sending = False
+        # Cache channels: a miss was reported since the last event. Kept here, not in a set of
+        # names, so that it goes with the channel's last subscriber: names that clients
+        # make up cannot pile up.
+        self.missed = False
 
 
 class AppState:
-    __slots__ = ("channels", "connections", "users", "watchers", "cache", "misses",
-                 "cache_writes", "messages_in", "messages_out", "api_calls")
+    __slots__ = ("channels", "connections", "users", "watchers", "cache", "cache_writes", "messages_in", "messages_out", "api_calls")
 
     def __init__(self):
         self.channels = {}     # name -> Channel (occupied ones only)
@@ -41,7 +44,6 @@ class AppState:
         self.users = {}        # signed-in user_id -> {connection: None}
         self.watchers = {}     # watched user_id -> {connection: None}
         self.cache = {}        # cache channel -> (event, data, expires_at)
-        self.misses = set()    # cache channels whose miss was reported since the last event
         self.cache_writes = 0  # since expired entries were last swept
         # Running totals for the dashboard's charts: one addition per message, publish or
         # call, never one per delivery.
@@ -278,7 +280,9 @@ class Hub:
         state = self.app(app_id)
         now = time.monotonic()
         state.cache[name] = (event, data, now + ttl)
-        state.misses.discard(name)
+        channel = state.channels.get(name)
+        if channel is not None:
+            channel.missed = False
         state.cache_writes += 1
         if state.cache_writes > len(state.cache):
             # Amortized sweep: channels nobody reads again must not keep their events forever.
@@ -287,10 +291,16 @@ class Hub:
                 del state.cache[stale]
 
     def first_cache_miss(self, app_id, name):
-        misses = self.app(app_id).misses
-        if name in misses:
+        """Whether a subscriber's miss on an empty cache channel is the first since the
+        channel was occupied here or last filled: one cache_miss webhook per occupation until
+        an event fills it. A channel with no subscriber here (its last one left while the
+        miss was served) is reported and nothing is remembered."""
+        channel = self.channel(app_id, name)
+        if channel is None:
+            return True
+        if channel.missed:
             return False
-        misses.add(name)
+        channel.missed = True
         return True
 
     def cache_get(self, app_id, name):

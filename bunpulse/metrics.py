@@ -11,6 +11,8 @@ import re
 import threading
 import time
 
+from .errors import ErrorCode
+
 log = logging.getLogger("bunpulse.metrics")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -45,6 +47,17 @@ METRICS = (
     ("redis_relay_errors_total", "counter",
      "Messages that could not be relayed through Redis, and listener failures", ()),
 )
+
+
+# Close codes counted under a label of their own: RFC 6455's and the Pusher protocol's. A
+# client may close with any code of 3000-4999; a label value per code it makes up would be a
+# time series each, so the rest count as "other".
+NAMED_CLOSE_CODES = frozenset(range(1000, 1016)) | frozenset(int(code) for code in ErrorCode)
+
+
+def close_code_label(code):
+    """The connections_closed_total label of a close code: the code, or "other"."""
+    return str(code) if code in NAMED_CLOSE_CODES else "other"
 
 
 class _Null:
@@ -113,8 +126,9 @@ class AppMetrics:
         return child
 
     def closed(self, code):
-        """connections_closed_total for one close code."""
-        return self._child("connections_closed_total", code) if self._families else NULL
+        """connections_closed_total for one close code (under "other" when not a named one)."""
+        return self._child("connections_closed_total", close_code_label(code)) \
+            if self._families else NULL
 
     def webhooks_dropped(self, reason):
         """webhooks_dropped_total for one reason: queue_full or retries_exhausted."""

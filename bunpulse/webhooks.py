@@ -132,7 +132,11 @@ class WebhookSender:
         key = (app.id, event.get("channel"), event.get("user_id"))
         if name in CANCELS and self._delayed.pop((CANCELS[name],) + key, None):
             return  # back in time: neither the removal nor this return is reported
-        if name in DELAYED and self.delay > 0 and not self._flushing:
+        # At most queue_size events wait (one per channel or member left): a client that joins
+        # and leaves made-up channels must not grow them with its rate. Past that they go at
+        # once, no longer cancelled by a quick return.
+        if name in DELAYED and self.delay > 0 and not self._flushing and (
+                len(self._delayed) < self.queue_size or (name,) + key in self._delayed):
             self._delayed[(name,) + key] = (time.monotonic() + self.delay, app, event)
             return
         self._route(app, event)

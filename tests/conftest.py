@@ -502,6 +502,21 @@ def assert_alive(client):
     assert client.recv_event("pusher:pong") == {"event": "pusher:pong", "data": "{}"}
 
 
+def churn(client, names, batch=250):
+    """Subscribe to each public channel of `names` and leave it at once, as a client that makes
+    up channel names would; returns once all were served (each cache channel's
+    pusher:cache_miss read, the connection still open)."""
+    for start in range(0, len(names), batch):
+        part = names[start:start + batch]
+        for name in part:
+            client.send({"event": "pusher:subscribe", "data": {"channel": name}})
+            client.send({"event": "pusher:unsubscribe", "data": {"channel": name}})
+        for name in part:
+            client.recv_event("pusher:cache_miss" if "cache-" in name
+                              else "pusher_internal:subscription_succeeded")
+    assert_alive(client)  # answered after every unsubscribe before it
+
+
 # ------------------------------------------------------------------------ HTTP API
 
 def signed_query(method, path, raw=b"", params=None, key=KEY, secret=SECRET, timestamp=None,
@@ -539,6 +554,15 @@ def assert_signatures_kept(response):
 
 
 # ------------------------------------------------------------------------ in-process
+
+def bunpulse_bytes(snapshot, since):
+    """Bytes allocated by bunpulse's own code (any line of it on the stack's top frame) that
+    are still held in tracemalloc's `snapshot` and were not in `since`."""
+    import tracemalloc
+    mine = [tracemalloc.Filter(True, "*/bunpulse/*")]
+    stats = snapshot.filter_traces(mine).compare_to(since.filter_traces(mine), "filename")
+    return sum(stat.size_diff for stat in stats)
+
 
 class RecordingSocket:
     """Stands where a connection's WebSocket would be: records the frames sent and the close."""

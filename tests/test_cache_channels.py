@@ -1,11 +1,15 @@
 """Cache channels (protocol reference, section 5): the last HTTP event is replayed to each new
 subscriber right after subscription_succeeded, or pusher:cache_miss when there is none."""
 import json
+import os
+import tracemalloc
 
 import pytest
 from pusher.errors import PusherBadRequest
 
-from conftest import MASTER_KEY, connected, pusher_api, raw_subscribe, wait_until
+from bunpulse import start_bunpulse
+from conftest import (APP_ID, KEY, MASTER_KEY, SECRET, RawClient, bunpulse_bytes, churn,
+                      connected, pusher_api, raw_subscribe, wait_until)
 
 KINDS = ["cache-", "private-cache-", "presence-cache-", "private-encrypted-cache-"]
 
@@ -123,3 +127,31 @@ def test_expired_cache_entries_are_swept_without_being_read():
     for n in range(60):  # later writes sweep what expired
         hub.cache_set("1", "cache-live", "e", "{}", ttl=60)
     assert list(hub.app("1").cache) == ["cache-live"]
+
+
+CHURNED = 3000  # distinct cache channels one client joins and leaves, one after another
+LONG_NAME = "cache-churn-{}-" + "x" * 120  # long names, as an attacker would choose
+
+
+def test_cache_channels_a_client_made_up_leave_nothing_behind():
+    """No authentication is needed to join a cache channel: what the server keeps for one
+    (its reported miss) must go with its last subscriber, or names made up by one client
+    pile up for good. The server runs in this process so that tracemalloc sees its memory."""
+    server = start_bunpulse(port=0, host="127.0.0.1", app_id=APP_ID, app_key=KEY,
+                            app_secret=SECRET, env_file=os.devnull, max_messages_per_second=0)
+    try:
+        client = RawClient(f"ws://127.0.0.1:{server.port}/app/{KEY}?protocol=7")
+        connected(client)
+        churn(client, [f"cache-warm-{n}" for n in range(300)])  # first-use allocations
+        tracemalloc.start(1)
+        before = tracemalloc.take_snapshot()
+        churn(client, [LONG_NAME.format(n) for n in range(CHURNED)])
+        left = bunpulse_bytes(tracemalloc.take_snapshot(), before)
+        state = server.core.hub.app(APP_ID)
+        assert not state.channels and not state.cache
+        # Each name held would cost more than its 140 characters: 3000 of them, over 400 kB.
+        assert left < 32 * 1024, left
+        client.close()
+    finally:
+        tracemalloc.stop()
+        server.stop()

@@ -232,6 +232,33 @@ def test_occupied_and_vacated_fire_once_for_the_deployment(nodes, node_for,
     assert pusher_api(b).channels_info(prefix_filter="shared")["channels"] == {}
 
 
+def test_cache_miss_fires_once_per_occupation_of_the_deployment(nodes, node_for,
+                                                                webhook_receiver):
+    """The "miss reported" marker is shared by the nodes while the channel is occupied
+    anywhere, and goes when it is vacated everywhere (names made up by clients must not
+    pile up in Redis): a channel joined again after that is reported again."""
+    a, b = nodes
+    client_a, client_b = node_for(a), node_for(b)
+    client_a.connect("a")
+    client_b.connect("b")
+    for driver, id_ in ((client_a, "a"), (client_b, "b")):
+        driver.subscribe(id_, "cache-shared")
+        driver.wait_event(id_, "pusher:cache_miss", "cache-shared")
+    client_a.call("unsubscribe", id="a", channel="cache-shared")
+    after_webhook_marker(webhook_receiver, client_a, "a")
+    after_webhook_marker(webhook_receiver, client_b, "b")
+    assert len(named(webhook_receiver.events("cache_miss"), "cache-shared")) == 1
+    client_a.subscribe("a", "cache-shared")  # still occupied on b: no second webhook
+    after_webhook_marker(webhook_receiver, client_a, "a")
+    assert len(named(webhook_receiver.events("cache_miss"), "cache-shared")) == 1
+    client_a.call("unsubscribe", id="a", channel="cache-shared")
+    client_b.call("unsubscribe", id="b", channel="cache-shared")
+    webhook_receiver.wait_events("channel_vacated", 1)
+    client_b.subscribe("b", "cache-shared")
+    wait_until(lambda: len(named(webhook_receiver.events("cache_miss"), "cache-shared")) == 2,
+               message="the miss of the channel's second occupation")
+
+
 def test_users_watchlists_terminate_and_cache_cross_nodes(nodes, node_for):
     a, b = nodes
     client_a, client_b = node_for(a), node_for(b)

@@ -159,7 +159,20 @@ def test_expired_entries_are_swept_by_later_writes(hub):
 
 
 def test_a_cache_miss_is_reported_once_until_an_event_fills_the_channel(hub):
+    a = joined(hub, "1.1", "cache-a")
     assert hub.first_cache_miss(APP.id, "cache-a") is True
     assert hub.first_cache_miss(APP.id, "cache-a") is False
     hub.cache_set(APP.id, "cache-a", "e", "d", ttl=0)
     assert hub.first_cache_miss(APP.id, "cache-a") is True
+    assert hub.first_cache_miss(APP.id, "cache-a") is False
+    hub.unsubscribe(a, "cache-a")  # vacated: the reported miss goes with the channel
+    joined(hub, "1.2", "cache-a")
+    assert hub.first_cache_miss(APP.id, "cache-a") is True
+
+
+def test_a_miss_on_a_channel_left_meanwhile_is_reported_and_not_kept(hub):
+    """Its last subscriber left while the miss was served (Redis down, a wait): nothing may
+    stay for a channel nobody is in, or made-up names would pile up."""
+    for _ in range(2):
+        assert hub.first_cache_miss(APP.id, "cache-gone") is True
+    assert hub.channels(APP.id) == {}

@@ -98,6 +98,7 @@ def test_watchers_get_the_frame_and_terminate_closes_every_connection_of_the_use
 
 def test_cache_channels_and_misses(adapter):
     assert adapter.cache_get(APP.id, "cache-a") is None
+    adapter.subscribe(connect(adapter, "1.1"), "cache-a")
     assert adapter.first_cache_miss(APP.id, "cache-a") is True
     assert adapter.first_cache_miss(APP.id, "cache-a") is False
     adapter.cache_set(APP.id, "cache-a", "e", "d", 60)

@@ -13,20 +13,12 @@ import pytest
 
 from bunpulse import start_bunpulse
 from bunpulse.websocket import PusherWebSocket
-from conftest import APP_ID, KEY, SECRET, RawClient, connected, wait_until
+from conftest import APP_ID, KEY, SECRET, RawClient, bunpulse_bytes, connected, wait_until
 
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 
 CHANNELS = 1500
 NAME = "mem-{}-" + "x" * 120  # long names, as an attacker would choose
-
-
-def bunpulse_bytes(snapshot, since):
-    """Bytes allocated by bunpulse's own code (any line of it on the stack's top frame) that
-    are still held in `snapshot` and were not in `since`."""
-    stats = snapshot.filter_traces([tracemalloc.Filter(True, "*/bunpulse/*")]).compare_to(
-        since.filter_traces([tracemalloc.Filter(True, "*/bunpulse/*")]), "filename")
-    return sum(stat.size_diff for stat in stats)
 
 
 def websockets():

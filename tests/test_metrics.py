@@ -15,6 +15,26 @@ from conftest import (APP_ID, KEY, ROOT, RawClient, connected, gunicorn_workers,
 GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
 
 
+def test_close_codes_a_client_makes_up_share_one_label(start_server):
+    """A client closes with any code it likes (3000-4999): one label value per code would be
+    a new time series each, thousands per app. Only RFC 6455's and Pusher's codes are named."""
+    server = start_server(metrics=True)
+
+    def close_with(code):
+        client = RawClient(server.ws_url + f"/app/{KEY}?protocol=7")
+        connected(client)
+        client.ws.close(status=code)
+
+    for code in (3000, 3999, 4321, 4999, 4200, 1001):
+        close_with(code)
+    m = server.metric
+    wait_until(lambda: m("bunpulse_connections_closed_total", app_id=APP_ID) == 6,
+               message="six connections closed")
+    codes = {dict(labels)["code"]: value for (name, labels), value in server.metrics().items()
+             if name == "bunpulse_connections_closed_total"}
+    assert codes == {"other": 4, "4200": 1, "1001": 1}
+
+
 def test_off_unless_configured(server):
     assert "metrics on" not in server.log()
     assert requests.get(server.url + "/metrics", timeout=5).status_code == 404

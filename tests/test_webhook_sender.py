@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from conftest import wait_until
 from bunpulse.apps import App, WebhookTarget
 from bunpulse.config import load_settings
 from bunpulse.webhooks import WebhookSender
@@ -13,10 +14,10 @@ from bunpulse.webhooks import WebhookSender
 DELAY = 0.4
 
 
-def make_sender(delay_ms):
+def make_sender(delay_ms, **environ):
     settings = load_settings([], environ={"BUNPULSE_ENV_FILE": os.devnull,
                                           "BUNPULSE_WEBHOOK_DELAY_MS": str(delay_ms),
-                                          "BUNPULSE_WEBHOOK_BATCH_MS": "0"})
+                                          "BUNPULSE_WEBHOOK_BATCH_MS": "0", **environ})
     return WebhookSender(settings)
 
 
@@ -100,3 +101,25 @@ def test_closing_sends_delayed_events_at_once(app, webhook_receiver):
     assert time.monotonic() - start < 5
     assert summary(webhook_receiver) == [("channel_vacated", "leaving", None),
                                          ("member_removed", "presence-p", "u1")]
+
+
+def test_delayed_events_are_bounded_by_the_queue_size(app, webhook_receiver):
+    """Each channel a client leaves makes a channel_vacated that waits for the delay: a client
+    churning through made-up channels must not grow them with its rate. Past the queue size
+    they go at once (no longer cancelled by a quick return)."""
+    sender = make_sender(60_000, BUNPULSE_WEBHOOK_QUEUE_SIZE="100")
+    try:
+        for start in range(0, 1000, 50):
+            for n in range(start, start + 50):
+                sender.emit(app, vacated(f"churn-{n}"))
+            # paced so that neither the inbox nor the target's queue (100 each) drops any
+            wait_until(lambda: sender._inbox.unfinished_tasks == 0 and len(
+                webhook_receiver.events("channel_vacated")) >= start - 50,
+                message=f"{start - 50} events sent at once")
+        assert len(webhook_receiver.events("channel_vacated")) == 900
+        assert len(sender._delayed) == 100  # the first hundred wait for their minute
+        sender.emit(app, occupied("churn-0"))  # a return within the delay still cancels
+        wait_until(lambda: webhook_receiver.events("channel_occupied") == [] and
+                   len(sender._delayed) == 99, message="churn-0's return cancelling")
+    finally:
+        sender.close()

@@ -150,6 +150,27 @@ def test_cache_miss(start_server, webhook_receiver, clients):
     assert len(of(webhook_receiver, cache, "cache_miss")) == 1
 
 
+def test_cache_miss_once_per_occupation(start_server, webhook_receiver, clients):
+    """What the server remembers of a reported miss goes with the channel's last subscriber
+    (else names made up by clients would pile up): a channel vacated and joined again is an
+    empty channel someone is in again, reported again, as channel_occupied is."""
+    server = hooked(start_server, webhook_receiver.url)
+    cache = f"cache-{uid()}"
+    first, second = join(clients, server, cache), join(clients, server, cache)
+    for client in (first, second):
+        assert client.recv_event("pusher:cache_miss") == {"event": "pusher:cache_miss",
+                                                          "channel": cache}
+    first.close()
+    second.close()
+    webhook_receiver.wait_events("channel_vacated")
+    assert len(of(webhook_receiver, cache, "cache_miss")) == 1
+    join(clients, server, cache).recv_event("pusher:cache_miss")
+    wait_until(lambda: len(of(webhook_receiver, cache, "cache_miss")) == 2,
+               message="the second occupation's miss reported")
+    assert [n for n in names(webhook_receiver, cache) if n != "subscription_count"] == [
+        "channel_occupied", "cache_miss", "channel_vacated", "channel_occupied", "cache_miss"]
+
+
 def test_subscription_count(start_server, webhook_receiver, clients):
     server = hooked(start_server, webhook_receiver.url)
     room, presence = f"room-{uid()}", f"presence-{uid()}"

@@ -103,4 +103,7 @@ class Adapter(ABC):
 
     @abstractmethod
     def first_cache_miss(self, app_id, channel):
-        """True once per empty cache channel, until an event fills it again."""
+        """Whether to send the cache_miss webhook for a subscriber that found the channel
+        empty: True once per occupation of the channel (the deployment's, with Redis) until
+        an event fills it. What marks the miss as reported goes when the channel is vacated,
+        so that no state is kept for a name nobody is in."""

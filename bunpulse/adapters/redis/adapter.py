@@ -25,7 +25,7 @@ from ...errors import PresenceFull
 from ..local import LocalAdapter
 from .bus import FAILURES, SUBSCRIBED_WITHIN, Bus, RedisClusterTopology, SingleRedis
 from .nodes import Nodes
-from .scripts import SCRIPTS, Keys
+from .scripts import MISS_TTL, SCRIPTS, Keys
 
 log = logging.getLogger("bunpulse.redis")
 
@@ -195,7 +195,8 @@ class RedisAdapter(LocalAdapter):
     # Each takes the node whose share changes: this one, or a dead one being reaped.
 
     def channel_delta(self, app_id, channel, delta, pipe=None, node=None):
-        return self.eval("counter", [Keys.subscriptions(app_id, channel)],
+        return self.eval("channel", [Keys.subscriptions(app_id, channel),
+                                     Keys.cache_miss(app_id, channel)],
                          [node or self.node, delta], pipe)
 
     def member_delta(self, app_id, channel, user_id, delta, info=None, pipe=None, node=None):
@@ -249,7 +250,8 @@ class RedisAdapter(LocalAdapter):
         return self.eval("leave", [Keys.subscriptions(app_id, channel),
                                    Keys.members(app_id, channel),
                                    Keys.node_members(app_id, channel, self.node),
-                                   Keys.member_infos(app_id, channel)],
+                                   Keys.member_infos(app_id, channel),
+                                   Keys.cache_miss(app_id, channel)],
                          [self.node, user_id], pipe)
 
     @staticmethod
@@ -370,4 +372,5 @@ class RedisAdapter(LocalAdapter):
 
     @or_local
     def first_cache_miss(self, app_id, channel):
-        return bool(self.redis.set(Keys.cache_miss(app_id, channel), 1, nx=True, ex=3600))
+        return self.eval("miss", [Keys.subscriptions(app_id, channel),
+                                  Keys.cache_miss(app_id, channel)], [MISS_TTL]) == 1

@@ -238,7 +238,13 @@ class Link:
     def mark(self, key):
         self.dirty[key] = None
         self.wake.set()
-        if key in self.bus.wanted and key not in self.subscribed:
+        if key not in self.bus.wanted:
+            # Dropped: a subscription the writer had not sent yet never will be, and nothing
+            # would ever confirm it; its waiter must not stay behind for a name a client made up.
+            waiter = self.waiters.pop(key, None)
+            if waiter is not None:
+                waiter.set()
+        elif key not in self.subscribed:
             waiter = self.waiters.get(key)
             if waiter is None:
                 waiter = self.waiters[key] = gevent.event.Event()

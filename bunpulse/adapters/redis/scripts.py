@@ -7,6 +7,10 @@ script runs on one slot of a cluster as on a single Redis.
 import hashlib
 
 SEP = "\x1f"  # joins the parts of a node's ownership fields (app id, channel, user id)
+# Seconds a cache channel's "miss reported" marker lives at most. A backstop only: the scripts
+# that vacate a channel delete it, so it outlives the channel's last subscriber only where
+# nothing ever vacates it in Redis (the key of a deployment that stopped for good).
+MISS_TTL = 3600
 
 
 class Keys:
@@ -57,7 +61,7 @@ class Keys:
         return f"bp:{{{app_id}:{channel}}}:cache"
 
     @staticmethod
-    def cache_miss(app_id, channel):           # string: the miss was reported once
+    def cache_miss(app_id, channel):           # string: the miss was reported (occupied only)
         return f"bp:{{{app_id}:{channel}}}:miss"
 
     @staticmethod
@@ -90,11 +94,20 @@ local function member(totals, mine, infos, user, delta, info)
   end
   return c
 end
+-- A channel's subscriptions (hash node -> n) changed; return the total. Once no node has one,
+-- its "miss reported" marker goes too: nothing named by a client outlives its last subscriber.
+local function subscriptions(counts, miss, node, delta)
+  local total = counter(counts, node, delta)
+  if total <= 0 then redis.call('DEL', miss) end
+  return total
+end
 """
 
 _SOURCES = {
     # KEYS: counts. ARGV: node, delta.
     "counter": "return counter(KEYS[1], ARGV[1], tonumber(ARGV[2]))",
+    # KEYS: subscriptions, miss. ARGV: node, delta.
+    "channel": "return subscriptions(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]))",
     # KEYS: totals, mine[, infos]. ARGV: user, delta, info.
     "member": "return member(KEYS[1], KEYS[2], KEYS[3], ARGV[1], tonumber(ARGV[2]), ARGV[3])",
     # A presence join in one round trip, limit and roster included: {-1} when the channel is
@@ -106,10 +119,19 @@ if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 and
 local total = counter(KEYS[1], ARGV[1], 1)
 return {total, member(KEYS[2], KEYS[3], KEYS[4], ARGV[2], 1, ARGV[3]),
         redis.call('HGETALL', KEYS[4])}""",
-    # A presence leave: {channel total, user total}. KEYS and ARGV: as join's, without
-    # info and limit.
+    # A presence leave: {channel total, user total}. KEYS: as join's, and miss; ARGV: as
+    # join's, without info and limit.
     "leave": """
-return {counter(KEYS[1], ARGV[1], -1), member(KEYS[2], KEYS[3], KEYS[4], ARGV[2], -1, '')}""",
+return {subscriptions(KEYS[1], KEYS[5], ARGV[1], -1),
+        member(KEYS[2], KEYS[3], KEYS[4], ARGV[2], -1, '')}""",
+    # A subscriber found a cache channel empty: 1 when the cache_miss webhook is to be sent
+    # (the first miss since the channel was occupied or filled), else 0. Only an occupied
+    # channel keeps the marker: a miss on one vacated meanwhile is reported and nothing is
+    # kept. KEYS: subscriptions, miss. ARGV: the marker's TTL.
+    "miss": """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 1 end
+if redis.call('SET', KEYS[2], 1, 'NX', 'EX', ARGV[1]) then return 1 end
+return 0""",
 }
 
 SCRIPTS = {name: (_LIB + body, hashlib.sha1((_LIB + body).encode()).hexdigest())
