@@ -18,6 +18,7 @@ from .devapp import REFUSED
 from .api_query import NonCanonicalQuery, parse_query
 from .request import decoded as _decoded, query_params, request_path  # noqa: F401 - api.*
 from .errors import ApiError
+from .logs import printable
 from .protocol import channel_kind
 from .signatures import bearer_ok, verify_api_request
 
@@ -238,7 +239,7 @@ def answer(handler, core, req, route_args):
     except ApiError as exc:
         status, payload = exc.status, {"error": exc.message}
     except Exception:  # noqa: BLE001 - one bad request must not take the worker down
-        log.exception("Error serving %s %s", req.method, req.path)
+        log.exception("Error serving %s %s", req.method, printable(req.path))
         status, payload = 500, {"error": "Internal server error"}
     return status, orjson.dumps(payload)
 

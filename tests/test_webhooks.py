@@ -372,6 +372,25 @@ def test_a_receiver_that_trickles_its_answer_is_given_up_and_retried(start_serve
                message="the warning that says why")
 
 
+def test_credentials_in_a_webhook_url_are_never_logged(start_server, webhook_receiver,
+                                                       clients):
+    """Issue 21, item 9: the URL's user and password, and a token in its query, stay out of
+    every log line, at debug too (urllib3 logs each request's path and query there)."""
+    url = webhook_receiver.url.replace("http://", "http://hookuser:s3cret-pass@") + \
+        "?token=t0ken-value"
+    server = hooked(start_server, url, BUNPULSE_LOG_LEVEL="debug")
+    webhook_receiver.fail_next = 1  # one "answered 500" line naming the target
+    room = f"room-{uid()}"
+    join(clients, server, room)
+    webhook_receiver.wait_events("channel_occupied")
+    assert webhook_receiver.requests[0]["headers"]["Authorization"].startswith("Basic ")
+    wait_until(lambda: "answered 500" in server.log(), message="the failure's line")
+    log = server.log()
+    assert "webhook to http://***@127.0.0.1:" in log and "/hook?***" in log
+    for secret in ("hookuser", "s3cret-pass", "t0ken-value"):
+        assert secret not in log, secret
+
+
 def test_dead_receiver_keeps_memory_bounded_and_the_server_serving(start_server, clients,
                                                                    node_for, tmp_path):
     dead = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
