@@ -10,8 +10,8 @@ import requests
 
 from bunpulse.request import query_params
 from bunpulse.signatures import sign_api_request
-from conftest import (APP_ID, KEY, SECRET, assert_alive, assert_signatures_kept, connected, pusher_api,
-                      signed_request, wait_until)
+from conftest import (APP_ID, KEY, SECRET, assert_alive, assert_signatures_kept, connected,
+                      pusher_api, signed_request, wait_until)
 from conftest import library_subscribe as subscribe
 
 
