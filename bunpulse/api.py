@@ -15,8 +15,10 @@ from werkzeug.http import HTTP_STATUS_CODES
 
 from . import protocol
 from .devapp import REFUSED
+from .api_query import NonCanonicalQuery, parse_query
 from .request import decoded as _decoded, query_params, request_path  # noqa: F401 - api.*
 from .errors import ApiError
+from .logs import printable
 from .protocol import channel_kind
 from .signatures import bearer_ok, verify_api_request
 
@@ -30,15 +32,27 @@ JSON_HEADER = ("Content-Type", "application/json")
 class ApiRequest:
     """What a handler reads of a request, straight from the WSGI environ."""
 
-    __slots__ = ("environ", "method", "path", "params", "max_body", "_body")
+    __slots__ = ("environ", "method", "path", "max_body", "_body", "_params")
 
     def __init__(self, environ, max_body, path=None):
         self.environ = environ
         self.method = environ["REQUEST_METHOD"]
         self.path = request_path(environ) if path is None else path
-        self.params = query_params(environ)
         self.max_body = max_body
         self._body = None
+        self._params = None
+
+    @property
+    def params(self):
+        """The query, parsed once: what the signature covers is what the handlers read. A
+        query that could be read two ways is refused (401, as a signature that does not
+        match)."""
+        if self._params is None:
+            try:
+                self._params = parse_query(self.environ.get("QUERY_STRING", ""))
+            except NonCanonicalQuery as exc:
+                raise ApiError(401, str(exc)) from None
+        return self._params
 
     def other_paths(self):
         """The other forms of the path a client may have signed (see verify_api_request): as
@@ -225,7 +239,7 @@ def answer(handler, core, req, route_args):
     except ApiError as exc:
         status, payload = exc.status, {"error": exc.message}
     except Exception:  # noqa: BLE001 - one bad request must not take the worker down
-        log.exception("Error serving %s %s", req.method, req.path)
+        log.exception("Error serving %s %s", req.method, printable(req.path))
         status, payload = 500, {"error": "Internal server error"}
     return status, orjson.dumps(payload)
 

@@ -6,7 +6,7 @@ A bad value stops start-up with one line that names the option (ConfigError).
 import argparse
 import dataclasses
 import os
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 
@@ -152,7 +152,7 @@ OPTIONS = (
     Option("webhook_retry_seconds", "BUNPULSE_WEBHOOK_RETRY_SECONDS", 300, _int(0),
            "how long a failing webhook is retried, with exponential backoff"),
     Option("webhook_timeout_ms", "BUNPULSE_WEBHOOK_TIMEOUT_MS", 5000, _int(100),
-           "timeout of one webhook request"),
+           "deadline of one webhook request, all of it: connect, send and the whole answer"),
     Option("webhook_queue_size", "BUNPULSE_WEBHOOK_QUEUE_SIZE", 10000, _int(1),
            "webhook events held per target before new ones are dropped (and counted)"),
     Option("redis_url", "BUNPULSE_REDIS_URL", None, _url(("redis", "rediss", "unix")),
@@ -230,7 +230,8 @@ def load_settings(argv=None, environ=None, overrides=None):
         try:
             values[option.name] = raw if raw is None else option.parse(raw)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"invalid {source}={raw!r}: {exc}") from None
+            shown = redacted(str(raw)) if getattr(option.parse, "metavar", "") == "URL" else raw
+            raise ConfigError(f"invalid {source}={shown!r}: {exc}") from None
     settings = Settings(**values)
     _check(settings)
     return settings
@@ -270,11 +271,11 @@ def _check(settings):
 
 
 def redacted(url):
-    """A URL fit for logs: any password replaced by ***."""
-    parsed = urlparse(url)
-    if parsed.password is None:
-        return url
-    return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@")).geturl()
+    """A URL fit for logs: its user and password, and its query (where tokens go), as ***."""
+    parsed = urlsplit(url)
+    host = parsed.netloc.rpartition("@")[2]
+    return urlunsplit((parsed.scheme, f"***@{host}" if "@" in parsed.netloc else host,
+                       parsed.path, "***" if parsed.query else "", ""))
 
 
 def uses_dev_app(settings):

@@ -12,6 +12,8 @@ import threading
 import time
 
 from .errors import ErrorCode
+from .logs import printable
+from .request import decoded
 
 log = logging.getLogger("bunpulse.metrics")
 
@@ -234,13 +236,15 @@ PROBES = ("health", "ready")  # polled every few seconds: not worth a line each
 
 
 def _log_access(access, environ, path, status, elapsed):
-    # The path without its query string: nothing of a signature or a key in the log.
+    # The path without its query string: nothing of a signature or a key in the log. What the
+    # client sent is escaped (a %0A in the path would start a forged line).
     method, remote = environ.get("REQUEST_METHOD"), environ.get("REMOTE_ADDR", "-")
+    path = printable(decoded(path))
     forwarded = environ.get("HTTP_X_FORWARDED_FOR")
     fields = {"method": method, "path": path, "status": int(status),
               "duration_ms": round(elapsed * 1000, 2), "remote_addr": remote}
     if forwarded:
-        fields["forwarded_for"] = forwarded
+        fields["forwarded_for"] = forwarded = printable(forwarded)
     access.info("%s %s %s %.1fms from %s%s", method, path, status, elapsed * 1000, remote,
                 f" (forwarded for {forwarded})" if forwarded else "", extra=fields)
 

@@ -4,6 +4,7 @@ import hmac
 import itertools
 import time
 
+from .api_query import string_to_sign
 from .errors import ApiError
 
 AUTH_TIMESTAMP_GRACE = 600
@@ -49,9 +50,7 @@ def user_auth(app, socket_id, user_data):
 # ---------------------------------------------------------------- HTTP API
 
 def api_string_to_sign(method, path, params):
-    query = "&".join(f"{k}={v}" for k, v in sorted(
-        (k.lower(), v) for k, v in params.items() if k.lower() != "auth_signature"))
-    return f"{method.upper()}\n{path}\n{query}"
+    return f"{method.upper()}\n{path}\n{string_to_sign(params)}"
 
 
 def sign_api_request(secret, method, path, params):

@@ -19,6 +19,8 @@ from collections import deque
 import orjson
 import requests
 
+from .config import redacted
+from .deadline_post import DeadlineExceeded, deadline_session, post_within
 from .metrics import Metrics
 from .signatures import webhook_signature
 
@@ -35,7 +37,7 @@ class WebhookSender:
         self.batch_window = settings.webhook_batch_ms / 1000
         self.batch_size = settings.webhook_batch_size
         self.retry_for = settings.webhook_retry_seconds
-        self.timeout = settings.webhook_timeout_ms / 1000
+        self.timeout = settings.webhook_timeout_ms / 1000  # the whole of one request
         self.queue_size = settings.webhook_queue_size
         self.metrics = metrics if metrics is not None else Metrics(enabled=False)
         self.dropped_full = 0  # inbox overflows, for the log line
@@ -157,14 +159,16 @@ class _Target:
         self.owner = owner
         self.app = app
         self.url = url
+        self.shown = redacted(url)  # for logs: no credentials of the URL
         self.metrics = owner.metrics.app(app.id)
         self.events = deque()
         self.wake = threading.Event()
-        self.session = requests.Session()
+        self.session = deadline_session()
         self.running = True
         self.busy = False  # a batch is out of the queue and not yet delivered
         self._dropping = False
-        threading.Thread(target=self._run, name=f"bunpulse-webhook-{url}", daemon=True).start()
+        threading.Thread(target=self._run, name=f"bunpulse-webhook-{self.shown}",
+                         daemon=True).start()
 
     def add(self, event):
         if len(self.events) >= self.owner.queue_size:
@@ -173,7 +177,7 @@ class _Target:
             if not self._dropping:
                 self._dropping = True
                 log.warning("webhook queue for %s is full (%d events): dropping new events",
-                            self.url, self.owner.queue_size)
+                            self.shown, self.owner.queue_size)
             return
         self.events.append(event)
         self.wake.set()
@@ -214,7 +218,7 @@ class _Target:
             if left <= 0 or owner._flushing:  # stopping: one try each, no restart held up
                 self.metrics.webhooks_dropped("retries_exhausted").inc(len(batch))
                 owner.report(self.app, "dropped", batch)
-                log.error("webhook to %s failed %s: dropped %d events", self.url,
+                log.error("webhook to %s failed %s: dropped %d events", self.shown,
                           "while stopping" if owner._flushing else f"for {owner.retry_for} s",
                           len(batch))
                 return
@@ -227,13 +231,18 @@ class _Target:
         headers = {"Content-Type": "application/json", "X-Pusher-Key": self.app.key,
                    "X-Pusher-Signature": webhook_signature(self.app.secret, body)}
         try:
+            # One deadline for connect, send and the whole answer: a receiver that answers a
+            # byte at a time is given up on, and retried, like one that does not answer.
             # A redirect would turn the POST into a GET: a 3xx counts as a failure.
-            response = self.session.post(self.url, data=body, headers=headers,
-                                         timeout=self.owner.timeout, allow_redirects=False)
+            response = post_within(self.session, self.owner.timeout, self.url, data=body,
+                                   headers=headers, allow_redirects=False)
+        except DeadlineExceeded as exc:
+            log.warning("webhook to %s failed: %s", self.shown, exc)
+            return False
         except requests.RequestException as exc:
-            log.warning("webhook to %s failed: %s", self.url, exc.__class__.__name__)
+            log.warning("webhook to %s failed: %s", self.shown, exc.__class__.__name__)
             return False
         if 200 <= response.status_code < 300:
             return True
-        log.warning("webhook to %s answered %d", self.url, response.status_code)
+        log.warning("webhook to %s answered %d", self.shown, response.status_code)
         return False

@@ -648,6 +648,71 @@ def webhook_receiver():
     receiver.close()
 
 
+class TricklingReceiver:
+    """A real HTTP receiver on a plain socket that answers the first `trickle` requests one
+    byte every `every` seconds, never finishing (a receiver that holds the sender), and the
+    others at once with 200. Requests are recorded as WebhookReceiver records them."""
+
+    def __init__(self, trickle=1, every=0.2):
+        self.trickle, self.every = trickle, every
+        self.requests = []
+        self._stop = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/hook"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self._stop.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock):
+        with sock:
+            reader = sock.makefile("rb")
+            while not self._stop.is_set():
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    line = reader.readline()
+                    if not line:
+                        return
+                    head += line
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                body = reader.read(length)
+                trickled = self.trickle > 0
+                self.trickle -= trickled
+                self.requests.append({"body": body, "failed": trickled,
+                                      "at": time.monotonic()})
+                if not trickled:
+                    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                    continue
+                try:
+                    sock.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                    while not self._stop.wait(self.every):  # a header line that never ends
+                        sock.sendall(b"x")
+                except OSError:  # the sender gave up on it
+                    pass
+                return
+
+    def events(self, name=None):
+        return [e for r in self.requests if not r["failed"]
+                for e in json.loads(r["body"])["events"] if name is None or e["name"] == name]
+
+    def close(self):
+        self._stop.set()
+        self._listener.close()
+
+
+@pytest.fixture
+def trickling_receiver():
+    receiver = TricklingReceiver()
+    yield receiver
+    receiver.close()
+
+
 # ------------------------------------------------------------------------ redis
 
 def redis_answers(port, command=b"PING", expect=b"+PONG"):

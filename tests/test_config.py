@@ -252,3 +252,25 @@ def test_readme_quick_check_works_as_printed(start_server):
     event = listener.recv_event("my-event")
     listener.close()
     assert json.loads(event["data"]) == {"message": "hello"}
+
+
+def test_a_bad_url_is_refused_without_its_credentials():
+    """Issue 21, item 9: the start-up error names the option, not the URL's secrets."""
+    with pytest.raises(ConfigError) as info:
+        load_settings([], environ={"BUNPULSE_ENV_FILE": os.devnull,
+                                   "BUNPULSE_WEBHOOK_URL": "ftp://user:s3cret@host/hook?token=t0k"})
+    message = str(info.value)
+    assert "BUNPULSE_WEBHOOK_URL" in message and "ftp://***@host/hook?***" in message
+    assert "s3cret" not in message and "t0k" not in message
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("https://user:pass@hooks.example:8443/in?token=abc#top",
+     "https://***@hooks.example:8443/in?***"),
+    ("http://only-a-token@hooks.example/in", "http://***@hooks.example/in"),
+    ("redis://:password@127.0.0.1:6379/0", "redis://***@127.0.0.1:6379/0"),
+    ("http://hooks.example/in", "http://hooks.example/in"),
+])
+def test_redacted_urls_keep_no_credentials(url, shown):
+    from bunpulse.config import redacted
+    assert redacted(url) == shown

@@ -1,17 +1,19 @@
 """Property-based tests (hypothesis) of what parses client input: the Pusher message parser,
-the HTTP API's JSON bodies (through the real WSGI app) and the request head reader. Every input
+the HTTP API's JSON bodies (through the real WSGI app), its signed query and the request head
+reader. Every input
 gets a clear answer; no exception other than the documented one escapes."""
 import io
 import json
 import os
 import re
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 import orjson
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from bunpulse.api_query import NonCanonicalQuery, parse_query, string_to_sign
 from bunpulse.config import load_settings
 from bunpulse.errors import ClientError
 from bunpulse.protocol import parse_client_frame
@@ -259,3 +261,83 @@ def test_a_request_is_framed_one_way_or_refused(lines, step):
         assert first.body == b"hello"
     else:
         assert first.body == body[:int(cl[0])] if cl else first.body == b""
+
+
+# ------------------------------------------------------------------ the signed query
+
+query_keys = st.from_regex(r"[a-z0-9_.~-]{1,12}", fullmatch=True)
+query_values = st.text(alphabet=st.characters(blacklist_categories=("Cs",),
+                                              blacklist_characters="&"), max_size=20)
+canonical_queries = st.dictionaries(query_keys, query_values, max_size=8)
+# Values the libraries send as they are (no character that a query would decode).
+plain_values = st.text(alphabet="abcXYZ019_.~-,=@:!*()'$;/?", max_size=20)
+
+
+def serialised(params, escape=True):
+    return "&".join(f"{k}={quote_plus(v) if escape else v}" for k, v in params.items())
+
+
+def signed_as_pusher_says(params):
+    """The spec's QUERY, written out independently of bunpulse."""
+    return "&".join(f"{k}={params[k]}" for k in sorted(params) if k != "auth_signature")
+
+
+@FAST
+@given(canonical_queries, st.booleans())
+def test_a_canonical_query_is_read_as_sent_and_signs_as_the_spec_says(params, escape):
+    """Escaped (as requests sends it) or not: read back as sent, in any order, and signed as
+    the spec writes it."""
+    read = parse_query(serialised(params))
+    assert read == params
+    assert string_to_sign(read) == signed_as_pusher_says(params)
+
+
+@FAST
+@given(st.dictionaries(query_keys, plain_values, max_size=8))
+def test_a_query_sent_raw_as_the_libraries_do_is_read_as_sent(params):
+    assert parse_query(serialised(params, escape=False)) == params
+
+
+@FAST
+@given(st.text(alphabet="aAbB_=&%2632Df+-x ", max_size=40))
+def test_any_query_accepted_reserialises_canonically_and_signs_the_same(query):
+    try:
+        read = parse_query(query)
+    except NonCanonicalQuery as exc:
+        assert str(exc).startswith("Non-canonical query")
+        return
+    assert all(key == key.lower() and "%" not in key and "&" not in value
+               for key, value in read.items())
+    again = parse_query(serialised(read))
+    assert again == read
+    assert string_to_sign(again) == string_to_sign(read) == signed_as_pusher_says(read)
+
+
+@FAST
+@given(canonical_queries.filter(lambda p: any(c.isalpha() for k in p for c in k)),
+       st.data())
+def test_case_variants_and_duplicates_are_always_refused(params, data):
+    key = data.draw(st.sampled_from([k for k in params if any(c.isalpha() for c in k)]))
+    at = data.draw(st.sampled_from([i for i, c in enumerate(key) if c.isalpha()]))
+    variant = key[:at] + key[at].upper() + key[at + 1:]
+    with pytest.raises(NonCanonicalQuery, match="lower-case"):
+        parse_query(serialised({**params, variant: params[key]}))
+    with pytest.raises(NonCanonicalQuery, match="lower-case"):
+        parse_query(serialised({variant if k == key else k: v for k, v in params.items()}))
+    duplicate = data.draw(query_values)
+    with pytest.raises(NonCanonicalQuery, match="more than once"):
+        parse_query(serialised(params) + f"&{key}={quote_plus(duplicate)}")
+
+
+@FAST
+@given(canonical_queries.filter(lambda p: len(p) >= 2))
+def test_pairs_folded_into_one_key_or_value_are_refused(params):
+    """Two pairs hidden in one, by encoding the '=' and '&' between them: the same string to
+    sign, another query to read."""
+    (k1, v1), (k2, v2) = list(params.items())[:2]
+    rest = {k: v for k, v in list(params.items())[2:]}
+    folded_key = serialised({quote(f"{k1}={v1}&{k2}", safe=""): v2, **rest}, escape=False)
+    folded_value = serialised({k1: f"{v1}&{k2}={v2}", **rest})
+    for query in (folded_key, folded_value):
+        with pytest.raises(NonCanonicalQuery):
+            parse_query(query)

@@ -1,8 +1,14 @@
 """GET /health and GET /ready, and the log lines an operator acts on (text or JSON, the
 access log, throttled limit warnings)."""
 import json
+import logging
+import os
+import re
 import signal
+import socket
+import sys
 
+import pytest
 import requests
 
 from conftest import APP_ID, KEY, RawClient, connected, pusher_api, wait_until
@@ -114,3 +120,81 @@ def test_json_logs_under_gunicorn_too(start_server):
     assert {"gunicorn.error", "bunpulse.access"} <= loggers
     events = [e.get("event") for e in entries]
     assert "start" in events and "apps_loaded" in events and "stop" in events
+
+
+# ------------------------------------------------------------------ forged lines (issue 21, 9)
+
+FORGED = "2030-01-01 00:00:00,000 WARNING bunpulse: forged"
+# A path that would start a line of its own, and other control characters, as a client sends
+# them: percent-encoded (a line feed, a carriage return, a terminal escape, NEL, U+2028).
+HOSTILE_PATH = (f"/apps/{APP_ID}/nowhere%0A{FORGED.replace(' ', '%20')}%0D%1B[2J%C2%85%E2%80%A8"
+                "end")
+LINE_START = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ")
+
+
+def send_raw(server, head):
+    """The whole answer to a request head sent as is (with Connection: close)."""
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.sendall(head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer.decode("latin-1")
+
+
+def hostile_requests(server):
+    answer = send_raw(server, f"GET {HOSTILE_PATH} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert answer.startswith("HTTP/1.1 404"), answer[:80]
+    # Raw control bytes in a header value: refused (400) by the request reader, or logged
+    # escaped; never written as they are.
+    answer = send_raw(server, f"GET /apps/{APP_ID}/raw HTTP/1.1\r\nHost: x\r\n"
+                              "X-Forwarded-For: 10.0.0.1\x0b\x1b[31m\r\n\r\n".encode())
+    assert answer.startswith(("HTTP/1.1 404", "HTTP/1.1 400")), answer[:80]
+
+
+@pytest.mark.parametrize("command", [None, "gunicorn"])
+def test_a_client_cannot_forge_a_text_log_line(start_server, command):
+    command = None if command is None else [sys.executable, "-m", "gunicorn", "-c",
+                                            "gunicorn.conf.py"]
+    server = start_server(command=command, env={"BUNPULSE_ACCESS_LOG": "true"})
+    hostile_requests(server)
+    wait_until(lambda: "nowhere" in server.log(), message="the access line")
+    lines = server.log().splitlines()
+    assert all(LINE_START.match(line) for line in lines), \
+        [line for line in lines if not LINE_START.match(line)]
+    access = next(line for line in lines if "nowhere" in line)
+    assert "nowhere\\n2030-01-01" in access and "forged\\r\\x1b[2J\\x85\\u2028end" in access
+    # a header value with a control character: refused (400) or logged escaped
+    assert "\x0b" not in server.log() and "\x1b" not in server.log()
+
+
+def test_json_logs_stay_one_object_a_line_whatever_the_client_sends(start_server):
+    server = start_server(env={"BUNPULSE_LOG_FORMAT": "json", "BUNPULSE_ACCESS_LOG": "true"})
+    hostile_requests(server)
+    entries = wait_until(lambda: (e := json_lines(server)) and
+                         any(x["logger"] == "bunpulse.access" for x in e) and e)
+    access = next(e for e in entries if e["logger"] == "bunpulse.access")
+    assert "\n" not in access["message"] and "\u2028" not in access["message"]
+    assert access["path"].startswith(f"/apps/{APP_ID}/nowhere\\n2030")
+
+
+def test_a_host_applications_own_formatter_gets_escaped_fields_too():
+    """Mounted in a host application, BunPulse's lines go through the host's formatter: the
+    fields a client chose are escaped before they reach it."""
+    from bunpulse.config import load_settings
+    from bunpulse.wsgi import create_app
+    app = create_app(load_settings(None, environ={}, overrides={
+        "app_id": APP_ID, "app_key": KEY, "app_secret": "s", "env_file": os.devnull,
+        "access_log": True}))
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(logging.Formatter("%(message)s").format(record))
+    access = logging.getLogger("bunpulse.access")
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    try:
+        app.test_client().get(HOSTILE_PATH, headers={"X-Forwarded-For": "1.2.3.4\x1b[2J"})
+    finally:
+        access.removeHandler(handler)
+    assert len(lines) == 1 and "\n" not in lines[0] and "\x1b" not in lines[0], lines
+    assert "nowhere\\n2030" in lines[0] and "1.2.3.4\\x1b[2J" in lines[0]

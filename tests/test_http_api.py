@@ -1,14 +1,17 @@
 """The HTTP API (protocol reference section 7) through both official server libraries, plus raw
 signed requests for the limits the libraries refuse to send."""
 import json
+import time
 import uuid
 
 import pusher
 import pytest
 import requests
 
-from conftest import (APP_ID, KEY, assert_alive, assert_signatures_kept, connected, pusher_api,
-                      signed_request, wait_until)
+from bunpulse.request import query_params
+from bunpulse.signatures import sign_api_request
+from conftest import (APP_ID, KEY, SECRET, assert_alive, assert_signatures_kept, connected,
+                      pusher_api, signed_request, wait_until)
 from conftest import library_subscribe as subscribe
 
 
@@ -374,3 +377,64 @@ def test_percent_encoded_channel_path_is_verified_as_sent(node, api):
     assert reply["ok"], reply
     assert reply["result"]["status"] == 200
     assert reply["result"]["body"] == {"occupied": True, "subscription_count": 1}
+
+
+# ------------------------------------------------------------------ the canonical query
+
+def sent_signed(server, pairs, path=f"/apps/{APP_ID}/channels", headers=None):
+    """GET `path` with the query `pairs` exactly as given (raw key, raw value), signed over
+    what a lenient reading of it gives (keys lower-cased, values decoded, the first of each
+    key): the signature is right, only the query's form is not canonical."""
+    now = str(int(time.time()))
+    query = "&".join(f"{k}={v}" for k, v in [*pairs, ("auth_key", KEY),
+                                             ("auth_timestamp", now), ("auth_version", "1.0")])
+    signature = sign_api_request(SECRET, "GET", path, query_params({"QUERY_STRING": query}))
+    request = requests.Request("GET", server.url + path, headers=headers).prepare()
+    request.url += f"?{query}&auth_signature={signature}"  # as is: requests would unescape %5F
+    with requests.Session() as session:
+        return session.send(request, timeout=5)
+
+
+def test_a_captured_signature_cannot_be_replayed_with_another_meaning(server, api, raw):
+    """Issue 21, item 6: a signed `filter_by_prefix=presence-&info=user_count` still verified
+    with the keys upper-cased, folded into one encoded key, repeated, or with an encoded '&'
+    in a value, and the handler then read another query (listing every channel)."""
+    tag = uid()
+    raw_member(raw, api, f"presence-{tag}", "u1")
+    public = raw()
+    connected(public)
+    subscribe(public, api, f"{tag}-public")
+    canonical = sent_signed(server, [("filter_by_prefix", "presence-"), ("info", "user_count")])
+    assert canonical.status_code == 200, canonical.text
+    assert f"{tag}-public" not in canonical.json()["channels"]
+    assert canonical.json()["channels"][f"presence-{tag}"] == {"user_count": 1}
+    served = []
+    for pairs, why in [
+            ([("FILTER_BY_PREFIX", "presence-"), ("INFO", "user_count")], "lower-case"),
+            ([("filter_by_prefix", "presence-"), ("Info", "user_count")], "lower-case"),
+            ([("filter_by_prefix%3Dpresence-%26info", "user_count")], "plain lower-case"),
+            ([("filter_by_prefix", "presence-%26info%3Duser_count")], "'&'"),
+            ([("filter_by_prefix", "presence-"), ("info", "user_count"),
+              ("filter_by_prefix", "")], "more than once"),
+            ([("filter%5Fby%5Fprefix", "presence-"), ("info", "user_count")], "plain")]:
+        refused = sent_signed(server, pairs)
+        if refused.status_code != 401 or "Non-canonical query" not in refused.text \
+                or why not in refused.json()["error"]:
+            served.append((pairs, refused.status_code, refused.text[:120]))
+        assert_signatures_kept(refused)
+    assert not served, f"served with another meaning: {served}"
+    # With a bearer token too: what is read is what was meant, or nothing.
+    refused = requests.get(f"{server.url}/apps/{APP_ID}/channels?FILTER_BY_PREFIX=presence-",
+                           headers={"Authorization": f"Bearer {SECRET}"}, timeout=5)
+    assert refused.status_code == 401 and "lower-case" in refused.json()["error"]
+
+
+def test_both_official_libraries_send_canonical_queries(api, node, raw):
+    room = f"presence-{uid()}"
+    raw_member(raw, api, room, "u1")
+    assert api.channels_info(room, ["user_count"]) == {"channels": {room: {"user_count": 1}}}
+    assert api.channel_info(room, ["user_count", "subscription_count"])["user_count"] == 1
+    assert npm(node, "get", {"path": "/channels", "params": {"filter_by_prefix": room,
+                                                             "info": "user_count"}}) == {
+        "status": 200, "body": {"channels": {room: {"user_count": 1}}}}
+    assert npm(node, "trigger", room, "ev", {"x": 1}, {"info": "user_count"})["status"] == 200

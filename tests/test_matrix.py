@@ -30,6 +30,12 @@ clients only:
 13. framing               Transfer-Encoding with Content-Length, two codings, a coding other
                           than chunked: 400 (or 501), the connection closed, the request hidden
                           in the body never answered
+14. canonical query       a signed GET /channels with its keys upper-cased (the same signature)
+                          gets 401, not every channel (issue 21, item 6)
+15. no forged log line    a path with %0A and a whole log line behind it: no line of the log
+                          starts with the forged one (issue 21, item 9; under flask run the
+                          access line is not written at all: Python's default handler shows
+                          warnings only, and Werkzeug logs the request line still encoded)
 
 One server per (way, profile), started once per way: "limits" (cells 1-7, 9 on, 10, then 11,
 which stops it), "plain" (compression off, default heartbeat: 8 through the HTTP API, 9 off),
@@ -61,7 +67,8 @@ import pytest
 import requests
 import websocket
 
-from conftest import (APP_ID, KEY, RawClient, RedisServer, ServerProcess, free_port,
+from bunpulse.signatures import sign_api_request
+from conftest import (APP_ID, KEY, SECRET, RawClient, RedisServer, ServerProcess, free_port,
                       signed_query)
 from test_hosting import HOST_ENV, PREFIX, WAYS
 
@@ -105,6 +112,7 @@ HEARTBEAT_TIMEOUT_S = 2.5
 SLACK_S = 1.5  # the machine runs other suites too
 SILENT_CLIENTS = 50
 LIMITS = {"BUNPULSE_HANDSHAKE_TIMEOUT": str(int(HANDSHAKE_S * 1000)),
+          "BUNPULSE_ACCESS_LOG": "true",
           "BUNPULSE_MAX_CONNECTIONS_PER_IP": "2", "BUNPULSE_TRUST_PROXY": "1",
           "BUNPULSE_MAX_MESSAGES_PER_SECOND": "20", "BUNPULSE_MESSAGE_BURST": "40",
           "BUNPULSE_MAX_SUBSCRIPTIONS": "3",
@@ -746,6 +754,34 @@ def test_development_app_not_public(way):
             f"started on 0.0.0.0 and serves the development app (app-key) to {address}"
     finally:
         stop_later(server)
+
+
+# ---------------------------------------------------------------------------- 14, 15: issue 21
+
+def test_canonical_query_401(limits):
+    path = f"{limits.prefix}/apps/{APP_ID}/channels"
+    query = {"FILTER_BY_PREFIX": "presence-", "auth_key": KEY, "auth_version": "1.0",
+             "auth_timestamp": str(int(time.time()))}
+    signature = sign_api_request(SECRET, "GET", path, query)  # signs the keys lower-cased
+    url = f"{limits.url}{path}?" + "&".join(f"{k}={v}" for k, v in query.items())
+    answer = requests.get(f"{url}&auth_signature={signature}", timeout=5)
+    assert answer.status_code == 401 and "Non-canonical query" in answer.text, \
+        f"{answer.status_code} {answer.text[:200]}"
+
+
+FORGED = "2030-01-01 00:00:00,000 WARNING bunpulse: forged"
+
+
+def test_no_forged_log_line(limits):
+    sock = dial(limits)
+    sock.sendall(f"GET {limits.prefix}/apps/{APP_ID}/nowhere%0A{FORGED.replace(' ', '%20')} "
+                 "HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    answer = http_answer(sock)
+    sock.close()
+    assert answer and answer.startswith(b"HTTP/1.1 404"), answer
+    time.sleep(0.3)  # the access line is written after the answer
+    forged = [line for line in limits.log().splitlines() if line.startswith(FORGED)]
+    assert not forged, forged
 
 
 # ---------------------------------------------------------------------------- 11: stop (last)

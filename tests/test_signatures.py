@@ -6,6 +6,7 @@ import json
 import pytest
 
 from bunpulse import signatures
+from bunpulse.api_query import NonCanonicalQuery, parse_query
 from bunpulse.apps import App
 from bunpulse.errors import ApiError
 
@@ -179,3 +180,39 @@ def test_webhook_signature_is_accepted_by_the_pypi_validator():
     assert client.validate_webhook(APP.key, signature, body)["events"] == [
         {"name": "channel_vacated", "channel": "a"}]
     assert client.validate_webhook(APP.key, signature, body.replace('"a"', '"b"')) is None
+
+
+# ---------------------------------------------------------------- the canonical query (issue 21, 6)
+
+def test_the_official_libraries_queries_are_canonical():
+    """What the PyPI library sends (its own make_query_string) and the npm library's shape
+    (info with a comma, a prefix with '-'), parsed as sent and signed as they sign them."""
+    import pusher
+    client = pusher.pusher_client.PusherClient(app_id="3", key=APP.key, secret=APP.secret)
+    request = pusher.http.Request(client, "GET", "/apps/3/channels",
+                                  {"filter_by_prefix": "presence-", "info": "user_count"})
+    params = parse_query(request.query_string)
+    assert params == request.query_params
+    assert signatures.sign_api_request(APP.secret, "GET", "/apps/3/channels", params) == \
+        params["auth_signature"]
+    npm_shape = ("auth_key=k&auth_timestamp=1&auth_version=1.0&info=user_count,"
+                 "subscription_count&filter_by_prefix=private-a=b@c&auth_signature=s")
+    assert parse_query(npm_shape)["filter_by_prefix"] == "private-a=b@c"
+    assert parse_query("info=user_count%2Csubscription_count&x=a+b") == {
+        "info": "user_count,subscription_count", "x": "a b"}  # requests' and forms' escapes
+
+
+@pytest.mark.parametrize("query, why", [
+    ("FILTER_BY_PREFIX=presence-", "lower-case"),
+    ("auth_key=k&Auth_Key=k", "lower-case"),
+    ("info=user_count&info=subscription_count", "more than once"),
+    ("filter_by_prefix%3Dpresence-%26info=user_count", "plain"),
+    ("filter%5Fby%5Fprefix=presence-", "plain"),
+    ("a+b=1", "plain"),
+    ("=1", "plain"),
+    ("filter_by_prefix=presence-%26info%3Duser_count", "'&'"),
+])
+def test_non_canonical_queries_are_refused(query, why):
+    with pytest.raises(NonCanonicalQuery) as info:
+        parse_query(query)
+    assert why in str(info.value)

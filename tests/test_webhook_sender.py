@@ -10,6 +10,7 @@ from conftest import wait_until
 from bunpulse.apps import App, WebhookTarget
 from bunpulse.config import load_settings
 from bunpulse.webhooks import WebhookSender
+from conftest import wait_until
 
 DELAY = 0.4
 
@@ -123,3 +124,30 @@ def test_delayed_events_are_bounded_by_the_queue_size(app, webhook_receiver):
                    len(sender._delayed) == 99, message="churn-0's return cancelling")
     finally:
         sender.close()
+
+
+def test_a_receiver_that_trickles_its_answer_is_given_up_at_the_deadline(trickling_receiver):
+    """Issue 21, item 9: requests' timeout is per read, so an answer trickled a byte every
+    0.2 s held the sender for good and its bounded queue dropped what came next. The whole
+    request now has BUNPULSE_WEBHOOK_TIMEOUT_MS; it is retried as any failure is."""
+    sender = make_sender(0, BUNPULSE_WEBHOOK_TIMEOUT_MS="1000", BUNPULSE_WEBHOOK_QUEUE_SIZE="8")
+    outcomes = []
+    sender.observer = lambda app, outcome, events: outcomes.append((time.monotonic(), outcome))
+    app = App(id="1", key="k1", secret="s1",
+              webhooks=(WebhookTarget(trickling_receiver.url),))
+    try:
+        sender.emit(app, occupied("first"))
+        wait_until(lambda: trickling_receiver.requests, message="the first request")
+        started = trickling_receiver.requests[0]["at"]
+        for n in range(10):  # while the first is held: more than the queue holds
+            sender.emit(app, occupied(f"later-{n}"))
+            time.sleep(0.25)
+        wait_until(lambda: len(trickling_receiver.events()) >= 11, timeout=10,
+                   message="every event delivered")
+    finally:
+        sender.close()
+    channels = [e["channel"] for e in trickling_receiver.events()]
+    assert channels == ["first"] + [f"later-{n}" for n in range(10)]
+    failed = [at - started for at, outcome in outcomes if outcome == "failed"]
+    assert len(failed) == 1 and 0.9 < failed[0] < 2.0, failed
+    assert "dropped" not in [outcome for _, outcome in outcomes]

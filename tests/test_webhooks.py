@@ -371,6 +371,47 @@ def test_a_receiver_that_times_out_is_retried(start_server, webhook_receiver, cl
     assert names(webhook_receiver, room)[-1] == "channel_vacated"
 
 
+def test_a_receiver_that_trickles_its_answer_is_given_up_and_retried(start_server,
+                                                                     trickling_receiver,
+                                                                     clients):
+    """Issue 21, item 9, under gevent: an answer trickled a byte every 0.2 s is given up at
+    BUNPULSE_WEBHOOK_TIMEOUT_MS (the whole request, not each read) and retried; what came
+    meanwhile is delivered too."""
+    server = hooked(start_server, trickling_receiver.url, BUNPULSE_WEBHOOK_TIMEOUT_MS="1000")
+    first = f"room-{uid()}"
+    join(clients, server, first)
+    wait_until(lambda: trickling_receiver.requests, message="the first request")
+    later = [f"room-{uid()}" for _ in range(3)]
+    for channel in later:
+        join(clients, server, channel)
+    wait_until(lambda: {e["channel"] for e in trickling_receiver.events()} >= {first, *later},
+               timeout=10, message="every channel_occupied delivered")
+    first_try, retry = trickling_receiver.requests[:2]
+    assert b"channel_occupied" in first_try["body"] and first in retry["body"].decode()
+    assert 0.9 < retry["at"] - first_try["at"] < 3.0
+    wait_until(lambda: "no whole answer within 1 s" in server.log(),
+               message="the warning that says why")
+
+
+def test_credentials_in_a_webhook_url_are_never_logged(start_server, webhook_receiver,
+                                                       clients):
+    """Issue 21, item 9: the URL's user and password, and a token in its query, stay out of
+    every log line, at debug too (urllib3 logs each request's path and query there)."""
+    url = webhook_receiver.url.replace("http://", "http://hookuser:s3cret-pass@") + \
+        "?token=t0ken-value"
+    server = hooked(start_server, url, BUNPULSE_LOG_LEVEL="debug")
+    webhook_receiver.fail_next = 1  # one "answered 500" line naming the target
+    room = f"room-{uid()}"
+    join(clients, server, room)
+    webhook_receiver.wait_events("channel_occupied")
+    assert webhook_receiver.requests[0]["headers"]["Authorization"].startswith("Basic ")
+    wait_until(lambda: "answered 500" in server.log(), message="the failure's line")
+    log = server.log()
+    assert "webhook to http://***@127.0.0.1:" in log and "/hook?***" in log
+    for secret in ("hookuser", "s3cret-pass", "t0ken-value"):
+        assert secret not in log, secret
+
+
 def test_dead_receiver_keeps_memory_bounded_and_the_server_serving(start_server, clients,
                                                                    node_for, tmp_path):
     dead = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there

@@ -14,6 +14,7 @@ import time
 import gevent
 
 from ..context import context_of
+from ..logs import printable
 from ..handshake import Refusal, accept_request
 from ..request import TOO_SLOW
 from ..answers import header_lines, http_date, status_line
@@ -52,7 +53,7 @@ class RequestHandler:
                     return
                 if isinstance(request, Refusal):
                     client_log.info("bad request from %s: %s", remote or "a unix socket",
-                                    request.message)
+                                    printable(request.message))
                     sock.sendall(request.answer())
                     _linger(sock)
                     return
@@ -140,7 +141,7 @@ def run_wsgi(app, request, base, remote, sock):
     try:
         result = app(environ, start_response)
     except Exception:  # noqa: BLE001 - one request's bug must not take the worker down
-        log.exception("error serving %s %s", request.method, request.target)
+        log.exception("error serving %s %s", request.method, printable(request.target))
         sock.sendall(Refusal(500, "Internal server error").answer())
         return False
     try:
@@ -163,7 +164,7 @@ def run_wsgi(app, request, base, remote, sock):
     except OSError:
         raise  # the client is gone: the caller closes (no 500 to write)
     except Exception:  # noqa: BLE001
-        log.exception("error serving %s %s", request.method, request.target)
+        log.exception("error serving %s %s", request.method, printable(request.target))
         if not state.get("sent"):
             sock.sendall(Refusal(500, "Internal server error").answer())
         return False
