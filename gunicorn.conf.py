@@ -12,7 +12,7 @@ import sys
 import tempfile
 
 from bunpulse.apps import load_apps
-from bunpulse.config import ConfigError, listen_host, load_settings
+from bunpulse.config import ConfigError, check_processes, listen_host, load_settings
 from bunpulse.devapp import REFUSED, DevAppGuard
 from bunpulse.logs import gunicorn_logconfig
 from bunpulse.startup import log_startup
@@ -26,7 +26,8 @@ except ConfigError as exc:
 
 _host = listen_host(_settings)
 bind = [_host if _host.startswith("unix:") else f"{_host}:{_settings.port}"]
-workers = _settings.workers
+workers = _settings.workers     # BUNPULSE_WORKERS; -w overrides it (checked in on_starting);
+                                # WEB_CONCURRENCY, which platforms set by themselves, is not read
 worker_class = "bunpulse.worker.PusherWorker"
 worker_connections = 20000      # requests being read at once (upgraded sockets leave the pool)
 wsgi_app = "bunpulse.wsgi:create_app()"
@@ -62,6 +63,7 @@ if _settings.metrics_port is not None and os.environ.get(_OWNER) != str(os.getpi
 def on_starting(server):
     try:
         apps = load_apps(_settings)
+        check_processes(_settings, server.cfg.workers, "-w or BUNPULSE_WORKERS")
     except ConfigError as exc:
         sys.exit(f"bunpulse: configuration error: {exc}")
     hosts = [bind.rpartition(":")[0] if not bind.startswith("unix:") else bind

@@ -80,6 +80,7 @@ class Option:
     default: object
     parse: object
     doc: str
+    shown_default: str = None  # what --help says the default is, where None means "it depends"
 
     @property
     def flag(self):
@@ -87,8 +88,8 @@ class Option:
 
 
 OPTIONS = (
-    Option("host", "BUNPULSE_HOST", None, _text,
-           "address to listen on (default 0.0.0.0; 127.0.0.1 for the development app)"),
+    Option("host", "BUNPULSE_HOST", None, _text, "address to listen on",
+           shown_default="0.0.0.0, or 127.0.0.1 for the development app"),
     Option("port", "BUNPULSE_PORT", 6001, _int(0), "port for WebSocket and HTTP API (0: any free port)"),
     Option("app_id", "PUSHER_APP_ID", None, _text, "id of the app configured from the environment"),
     Option("app_key", "PUSHER_APP_KEY", None, _text, "public key of that app"),
@@ -161,7 +162,9 @@ OPTIONS = (
            "the Redis URL is a seed node of a Redis Cluster (sharded pub/sub, Redis 7+)"),
     Option("dashboard", "BUNPULSE_DASHBOARD", False, _bool,
            "serve the debug dashboard at /dashboard (sign in with an app's id and secret)"),
-    Option("workers", "BUNPULSE_WORKERS", 1, _int(1), "gunicorn worker processes"),
+    Option("workers", "BUNPULSE_WORKERS", 1, _int(1),
+           "worker processes under gunicorn -c gunicorn.conf.py (above 1 needs Redis; "
+           "python -m bunpulse runs one)"),
     Option("log_level", "BUNPULSE_LOG_LEVEL", "info", _text, "debug, info, warning or error"),
     Option("log_format", "BUNPULSE_LOG_FORMAT", "text", _choice("text", "json"),
            "log lines as text or as one JSON object a line"),
@@ -197,7 +200,7 @@ def build_parser():
                     "set by its environment variable or in a .env file.",
         argument_default=argparse.SUPPRESS)
     for option in OPTIONS:
-        default = "none" if option.default is None else option.default
+        default = option.shown_default or ("none" if option.default is None else option.default)
         parser.add_argument(option.flag, dest=option.name,
                             metavar=getattr(option.parse, "metavar", "VALUE"),
                             help=f"{option.doc} [env {option.env}, default {default}]")
@@ -265,9 +268,17 @@ def _check(settings):
         raise ConfigError("--ssl-cert and --ssl-key must be set together")
     if settings.ssl_key_password and not settings.ssl_key:
         raise ConfigError("--ssl-key-password needs --ssl-key")
-    if settings.workers > 1 and not settings.redis_url:
-        raise ConfigError("BUNPULSE_WORKERS above 1 needs BUNPULSE_REDIS_URL: each worker has "
-                          "its own hub and Redis joins them")
+    check_processes(settings, settings.workers, "BUNPULSE_WORKERS")
+
+
+def check_processes(settings, processes, named):
+    """Several processes on the in-process adapter would each have a hub of their own, and an
+    event published to one would never reach the clients of another: refused. `named`: where
+    the number came from."""
+    if processes > 1 and not settings.redis_url:
+        raise ConfigError(f"{processes} worker processes ({named}) need BUNPULSE_REDIS_URL: "
+                          "each worker has its own hub, and without Redis an event published "
+                          "to one never reaches the clients of another")
 
 
 def redacted(url):

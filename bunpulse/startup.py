@@ -3,6 +3,7 @@ server and gunicorn's master (it imports no server machinery, so gunicorn's mast
 before it forks its workers), and the garbage collector's settings of a serving process."""
 import gc
 import logging
+import sys
 
 from .config import redacted, uses_dev_app
 
@@ -30,6 +31,20 @@ def log_startup(settings, apps, where, logger=log, workers=None):
     cluster = " (Redis Cluster seed)" if settings.redis_cluster else ""
     logger.info("adapter: %s", f"redis {redacted(settings.redis_url)}{cluster}"
                 if settings.redis_url else "local (one process)")
+
+
+def gunicorn_workers():
+    """The number of worker processes of the gunicorn that is loading BunPulse (its -w,
+    WEB_CONCURRENCY or configuration file), or None outside gunicorn. gunicorn hands an
+    application nothing of its configuration, but while it loads one (in a worker, or in the
+    master with --preload) its own objects, which hold it as `cfg`, are on the call stack."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        cfg = getattr(frame.f_locals.get("self"), "cfg", None)
+        if type(cfg).__module__ == "gunicorn.config":
+            return cfg.workers
+        frame = frame.f_back
+    return None
 
 
 # Every connection allocates a few dozen objects that live as long as it does: with Python's

@@ -12,6 +12,7 @@ BunPulse's WebSocket or as the stock handler's, whose socket is taken over
 handed to a hub thread (serving/flask_run.py). Either way the connection is served by
 websocket.serve_upgraded, and every driver finds the settings in the one ServerContext
 (context.py), kept in `extensions["bunpulse"]`."""
+import logging
 import sys
 
 import gevent
@@ -20,9 +21,10 @@ from gevent import monkey
 from werkzeug.exceptions import HTTPException, NotFound
 
 from . import api
-from .config import ConfigError, load_settings
+from .config import ConfigError, check_processes, load_settings
 from .context import ServerContext, register
 from .core import BunPulse
+from .startup import gunicorn_workers
 from .errors import ApiError
 from .metrics import instrument
 from .serving.flask_run import ThreadedDispatch, arm_werkzeug_head_deadline
@@ -31,12 +33,21 @@ from .serving.stock_worker import (arm_head_deadline, note_stock_handler, serve_
 from .websocket import PusherWebSocket, serve_upgraded
 
 WEBSOCKET_ROUTE = "/app/<path:key>"
+WORKER_BOOT_ERROR = 3  # gunicorn's Arbiter.WORKER_BOOT_ERROR: its master stops, not respawns
+log = logging.getLogger("bunpulse")
 
 
 def create_app(settings=None, core=None):
     """The WSGI application: the Pusher WebSocket endpoint and the HTTP API."""
     if settings is None:
         settings = core.settings if core is not None else load_settings([])
+    workers = gunicorn_workers()
+    if workers is not None:  # gunicorn loads it: -w 2 on the local adapter would lose events
+        try:
+            check_processes(settings, workers, "gunicorn's -w or WEB_CONCURRENCY")
+        except ConfigError as exc:
+            log.error("bunpulse: configuration error: %s", exc)
+            sys.exit(WORKER_BOOT_ERROR)
     core = core if core is not None else BunPulse(settings)
     flask_app = Flask("bunpulse")
     # A doubled slash is a bad path, answered in JSON like any other (404, or 400 for a channel

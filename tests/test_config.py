@@ -141,6 +141,8 @@ def test_invalid_dotenv_value_names_the_file(tmp_path):
     (["--host", "0.0.0.0"], {}, "--host"),
     (["--trust-proxy", "all"], {}, "--trust-proxy"),
     (["--message-burst", "100", "--max-subscriptions", "200"], {}, "--message-burst"),
+    # accepted and ignored before issue 24: the embedded server runs one process
+    (["--workers", "2", "--redis-url", "redis://127.0.0.1:1/0"], {}, "--workers"),
 ])
 def test_cli_stops_with_one_line_and_exit_code_2(args, env, named):
     result = run_cli(*args, env=env)
@@ -149,6 +151,13 @@ def test_cli_stops_with_one_line_and_exit_code_2(args, env, named):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("bunpulse: configuration error:") and named in lines[0]
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_help_gives_one_default_for_each_option():
+    out = run_cli("--help").stdout
+    host = " ".join(out.split("\n  --host TEXT", 1)[1].split("--port", 1)[0].split())
+    assert "default 0.0.0.0, or 127.0.0.1 for the development app" in host, host
+    assert "none" not in host, host
 
 
 def test_port_abc_says_what_is_wrong():

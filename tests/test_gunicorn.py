@@ -7,9 +7,11 @@ import socket
 import sys
 import time
 
+import subprocess
+
 import pytest
 
-from conftest import KEY, RawClient, connected, pusher_api
+from conftest import KEY, ROOT, RawClient, connected, pusher_api
 
 GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
 
@@ -82,3 +84,37 @@ def test_the_worker_closes_silent_clients_and_answers_431(start_server):
         assert json.loads(client.recv_event("ev")["data"]) == {"n": 1}
     finally:
         client.close()
+
+
+CLEAN_ENV = {k: v for k, v in os.environ.items()
+             if not k.startswith(("BUNPULSE_", "PUSHER_")) and k != "WEB_CONCURRENCY"}
+STOCK = "geventwebsocket.gunicorn.workers.GeventWebSocketWorker"
+OWN = "bunpulse.worker.PusherWorker"
+
+
+@pytest.mark.parametrize("args, env", [
+    (["-c", "gunicorn.conf.py", "-w", "2"], {}),
+    (["-k", STOCK, "-w", "2"], {}),
+    (["-k", STOCK], {"WEB_CONCURRENCY": "2"}),
+    (["-k", STOCK, "--preload", "-w", "2"], {}),
+    (["-k", OWN, "-w", "2"], {}),
+    (["-k", OWN], {"WEB_CONCURRENCY": "3"}),
+], ids=["-c -w 2", "stock -w 2", "stock WEB_CONCURRENCY", "stock --preload", "own -w 2",
+        "own WEB_CONCURRENCY"])
+def test_several_workers_without_redis_are_refused(args, env, tmp_path):
+    """Each worker would have its own hub: an event published to one would never reach the
+    clients of another (issue 24). Every way gunicorn can be told to run several workers stops
+    at start-up, naming BUNPULSE_REDIS_URL. Run outside the checkout unless -c names the file,
+    so that gunicorn does not pick up gunicorn.conf.py by itself."""
+    configured = "-c" in args
+    command = [sys.executable, "-m", "gunicorn", *args]
+    if not configured:
+        command += ["-b", "127.0.0.1:0", "bunpulse:create_app()"]
+    proc = subprocess.run(command, cwd=ROOT if configured else tmp_path, capture_output=True,
+                          text=True, timeout=60, env=dict(
+                              CLEAN_ENV, BUNPULSE_ENV_FILE=os.devnull, BUNPULSE_PORT="0",
+                              PUSHER_APP_ID="1", PUSHER_APP_KEY="k", PUSHER_APP_SECRET="s",
+                              PYTHONPATH=str(ROOT), **env))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-2000:]
+    assert "need BUNPULSE_REDIS_URL" in output, output[-2000:]

@@ -49,6 +49,10 @@ class PusherWSGIServer(PausingAccept, LoopAccept, WSGIServer):
 
 
 def make_wsgi_server(settings, core=None):
+    if settings.workers > 1:  # accepted and ignored, it would promise what does not happen
+        raise ConfigError(f"--workers={settings.workers}: the embedded server runs one process; "
+                          "several workers are gunicorn's (gunicorn -c gunicorn.conf.py, with "
+                          "BUNPULSE_WORKERS and BUNPULSE_REDIS_URL)")
     context = server_context(settings)  # before anything starts: a bad file is a ConfigError
     core = core if core is not None else BunPulse(settings)
     app = create_app(settings, core)
