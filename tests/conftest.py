@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -14,7 +15,7 @@ import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pusher
 import pytest
@@ -542,6 +543,50 @@ def signed_request(server, method, path, body=None, params=None, tamper=None, he
     return requests.request(method, server.url + path, params=query, data=raw or None,
                             headers={"Content-Type": "application/json", **(headers or {})},
                             timeout=timeout)
+
+
+def publish_request(path, body, secret=SECRET, extra=b"", version="HTTP/1.1", **params):
+    """A signed publish as raw bytes: (head without its blank line, body). `extra`: more head
+    lines; `params`: more of the query (signed too)."""
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    query = {"auth_key": KEY, "auth_version": "1.0", "auth_timestamp": str(int(time.time())),
+             "body_md5": hashlib.md5(raw).hexdigest(), **params}
+    query["auth_signature"] = sign_api_request(secret, "POST", path, query)
+    return (f"POST {path}?{urlencode(query)} {version}\r\nHost: x\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n").encode() + \
+        extra, raw
+
+
+class WholePublisher:
+    """Publishes on one keep-alive connection, each request sent whole in one write and
+    answered before the next: what BunPulse's event loop serves in its own callback
+    (serving/loop.py) when the server is in_the_loop's kind (own app, local adapter, no
+    dashboard viewer, no connection hook) and the request is small (one read)."""
+
+    def __init__(self, server):
+        self.sock = socket.create_connection((server.host, server.port), timeout=10)
+        self.path = f"/apps/{APP_ID}/events"
+        self._data = b""
+
+    def publish(self, channel, name, data):
+        head, body = publish_request(self.path, {"name": name, "channels": [channel],
+                                                 "data": data})
+        request = head + b"\r\n" + body
+        assert len(request) < 16384, "larger than the loop's first read: not served there"
+        self.sock.sendall(request)
+        while b"\r\n\r\n" not in self._data:
+            chunk = self.sock.recv(65536)
+            assert chunk, "the server closed the publishing connection"
+            self._data += chunk
+        top, _, rest = self._data.partition(b"\r\n\r\n")
+        assert top.startswith(b"HTTP/1.1 200"), top
+        length = int(re.search(rb"\r\nContent-Length: (\d+)", top).group(1))
+        while len(rest) < length:
+            rest += self.sock.recv(65536)
+        self._data = rest[length:]
+
+    def close(self):
+        self.sock.close()
 
 
 def assert_signatures_kept(response):
