@@ -324,3 +324,31 @@ def test_a_paused_client_of_events_relayed_through_redis_is_evicted(start_server
         _evicted_in_full(subscribed_on, published_on, publisher.publish, "paused-redis")
     finally:
         publisher.close()
+
+
+def test_a_loop_served_publish_to_more_than_256_subscribers_reaches_each_in_order(
+        start_server):
+    """Past hub.YIELD_EVERY subscribers a fan-out yields between sockets, which the event
+    loop's callback must not: a publish served there hands the fan-out to a greenlet, and the
+    publishes behind it queue so that every subscriber gets them all, in order."""
+    from bunpulse.hub import YIELD_EVERY
+    server = start_server()
+    subscribers = [RawClient(server.ws_url + f"/app/{KEY}?protocol=7")
+                   for _ in range(YIELD_EVERY + 44)]
+    publisher = WholePublisher(server)
+    try:
+        for client in subscribers:
+            connected(client)
+            client.send({"event": "pusher:subscribe", "data": {"channel": "crowd"}})
+        for client in subscribers:
+            client.recv_event("pusher_internal:subscription_succeeded")
+        for n in range(5):  # answered before its fan-out ends: the next one queues behind it
+            publisher.publish("crowd", "wave", str(n))
+        for client in subscribers:
+            assert [client.recv_event("wave")["data"] for _ in range(5)] == \
+                ["0", "1", "2", "3", "4"]
+    finally:
+        publisher.close()
+        for client in subscribers:
+            client.close()
+    assert "Traceback" not in server.log()
