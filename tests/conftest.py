@@ -312,14 +312,18 @@ class NodeDriver:
                 self.reports.append(message)
                 self._lock.notify_all()
 
-    def call(self, op, timeout=10, **kwargs):
-        """Run a command; return its result or raise on failure."""
+    def call(self, op, timeout=10, fails=False, **kwargs):
+        """Run a command; return its reply ({"ok": True, "result": ...}). A failed command
+        raises, unless the caller expects it to fail (`fails`): then its reply ({"ok": False,
+        "error", "status", "body"}) is returned, and a success raises."""
         self._seq += 1
         seq = self._seq
         self.proc.stdin.write(json.dumps(dict(kwargs, op=op, seq=seq)) + "\n")
         self.proc.stdin.flush()
         reply = self.wait(lambda r: r.get("type") == "reply" and r.get("seq") == seq, timeout,
                           f"reply to {op}")
+        if reply["ok"] == fails:
+            raise AssertionError(f"{op} {kwargs} {'succeeded' if fails else 'failed'}: {reply}")
         return reply
 
     def wait(self, predicate, timeout=10, what="report"):
