@@ -643,6 +643,7 @@ class WebhookReceiver:
         self.requests = []
         self.fail_next = 0          # answer 500 to this many requests
         self.fail_status = 500
+        self.fail_location = None  # the Location of a failing (3xx) answer
         self.delay = 0.0
         self._cond = threading.Condition()
         receiver = self
@@ -657,12 +658,17 @@ class WebhookReceiver:
                     if failing:
                         receiver.fail_next -= 1
                     receiver.requests.append({"headers": dict(self.headers), "body": body,
-                                              "failed": failing, "at": time.monotonic()})
+                                              "failed": failing, "at": time.monotonic(),
+                                              "method": self.command, "path": self.path})
                     receiver._cond.notify_all()
                 self.send_response(receiver.fail_status if failing else 200)
+                if failing and receiver.fail_location:
+                    self.send_header("Location", receiver.fail_location)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"{}")
+
+            do_GET = do_POST  # noqa: N815 - recorded too: a redirect followed as a GET
 
             def log_message(self, *args):
                 pass
@@ -674,7 +680,7 @@ class WebhookReceiver:
 
     def events(self, name=None):
         with self._cond:
-            delivered = [r for r in self.requests if not r["failed"]]
+            delivered = [r for r in self.requests if not r["failed"] and r["method"] == "POST"]
         out = []
         for request in delivered:
             out.extend(e for e in json.loads(request["body"])["events"]
