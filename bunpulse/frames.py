@@ -135,7 +135,8 @@ class FrameParser:
 
     @property
     def missing(self):
-        """How many more bytes the frame being read needs (0 if unknown yet)."""
+        """How many more bytes the reader needs before it can go on: the rest of a frame's
+        head, or of the frame once its length is known; 2 between frames (never 0)."""
         return max(0, self._wanted - self._have)
 
     def receive_data(self, data):

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -14,7 +15,7 @@ import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pusher
 import pytest
@@ -311,14 +312,18 @@ class NodeDriver:
                 self.reports.append(message)
                 self._lock.notify_all()
 
-    def call(self, op, timeout=10, **kwargs):
-        """Run a command; return its result or raise on failure."""
+    def call(self, op, timeout=10, fails=False, **kwargs):
+        """Run a command; return its reply ({"ok": True, "result": ...}). A failed command
+        raises, unless the caller expects it to fail (`fails`): then its reply ({"ok": False,
+        "error", "status", "body"}) is returned, and a success raises."""
         self._seq += 1
         seq = self._seq
         self.proc.stdin.write(json.dumps(dict(kwargs, op=op, seq=seq)) + "\n")
         self.proc.stdin.flush()
         reply = self.wait(lambda r: r.get("type") == "reply" and r.get("seq") == seq, timeout,
                           f"reply to {op}")
+        if reply["ok"] == fails:
+            raise AssertionError(f"{op} {kwargs} {'succeeded' if fails else 'failed'}: {reply}")
         return reply
 
     def wait(self, predicate, timeout=10, what="report"):
@@ -544,6 +549,50 @@ def signed_request(server, method, path, body=None, params=None, tamper=None, he
                             timeout=timeout)
 
 
+def publish_request(path, body, secret=SECRET, extra=b"", version="HTTP/1.1", **params):
+    """A signed publish as raw bytes: (head without its blank line, body). `extra`: more head
+    lines; `params`: more of the query (signed too)."""
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    query = {"auth_key": KEY, "auth_version": "1.0", "auth_timestamp": str(int(time.time())),
+             "body_md5": hashlib.md5(raw).hexdigest(), **params}
+    query["auth_signature"] = sign_api_request(secret, "POST", path, query)
+    return (f"POST {path}?{urlencode(query)} {version}\r\nHost: x\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n").encode() + \
+        extra, raw
+
+
+class WholePublisher:
+    """Publishes on one keep-alive connection, each request sent whole in one write and
+    answered before the next: what BunPulse's event loop serves in its own callback
+    (serving/loop.py) when the server is in_the_loop's kind (own app, local adapter, no
+    dashboard viewer, no connection hook) and the request is small (one read)."""
+
+    def __init__(self, server):
+        self.sock = socket.create_connection((server.host, server.port), timeout=10)
+        self.path = f"/apps/{APP_ID}/events"
+        self._data = b""
+
+    def publish(self, channel, name, data):
+        head, body = publish_request(self.path, {"name": name, "channels": [channel],
+                                                 "data": data})
+        request = head + b"\r\n" + body
+        assert len(request) < 16384, "larger than the loop's first read: not served there"
+        self.sock.sendall(request)
+        while b"\r\n\r\n" not in self._data:
+            chunk = self.sock.recv(65536)
+            assert chunk, "the server closed the publishing connection"
+            self._data += chunk
+        top, _, rest = self._data.partition(b"\r\n\r\n")
+        assert top.startswith(b"HTTP/1.1 200"), top
+        length = int(re.search(rb"\r\nContent-Length: (\d+)", top).group(1))
+        while len(rest) < length:
+            rest += self.sock.recv(65536)
+        self._data = rest[length:]
+
+    def close(self):
+        self.sock.close()
+
+
 def assert_signatures_kept(response):
     """The answer to a signed request gives away neither the signature sent nor the right one."""
     sent = urlsplit(response.request.url)
@@ -594,6 +643,7 @@ class WebhookReceiver:
         self.requests = []
         self.fail_next = 0          # answer 500 to this many requests
         self.fail_status = 500
+        self.fail_location = None  # the Location of a failing (3xx) answer
         self.delay = 0.0
         self._cond = threading.Condition()
         receiver = self
@@ -608,12 +658,17 @@ class WebhookReceiver:
                     if failing:
                         receiver.fail_next -= 1
                     receiver.requests.append({"headers": dict(self.headers), "body": body,
-                                              "failed": failing, "at": time.monotonic()})
+                                              "failed": failing, "at": time.monotonic(),
+                                              "method": self.command, "path": self.path})
                     receiver._cond.notify_all()
                 self.send_response(receiver.fail_status if failing else 200)
+                if failing and receiver.fail_location:
+                    self.send_header("Location", receiver.fail_location)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"{}")
+
+            do_GET = do_POST  # noqa: N815 - recorded too: a redirect followed as a GET
 
             def log_message(self, *args):
                 pass
@@ -625,7 +680,7 @@ class WebhookReceiver:
 
     def events(self, name=None):
         with self._cond:
-            delivered = [r for r in self.requests if not r["failed"]]
+            delivered = [r for r in self.requests if not r["failed"] and r["method"] == "POST"]
         out = []
         for request in delivered:
             out.extend(e for e in json.loads(request["body"])["events"]

@@ -6,6 +6,7 @@ pusher-js and the official libraries see one deployment. Every test runs on both
 import itertools
 import json
 import signal
+import socket
 import sys
 import time
 
@@ -68,6 +69,28 @@ def after_webhook_marker(receiver, driver, id_):
     driver.call("subscribe", id=id_, channel=channel)
     wait_until(lambda: any(e["channel"] == channel for e in receiver.events("channel_occupied")),
                message=f"channel_occupied for {channel}")
+
+
+def relayed(redis_server, node, channel):
+    """Wait until what `node` relayed on `channel` so far is in Redis: a marker event published
+    through the node after it reaches a subscriber of the channel's Redis key (a node relays a
+    channel's events in order, on one link to its master)."""
+    from bunpulse.adapters.redis.scripts import Keys
+    key = Keys.events("1", channel).encode()
+    port, command = ((redis_server.master_of(key.decode()), b"SSUBSCRIBE")
+                     if redis_server.cluster else (redis_server.port, b"SUBSCRIBE"))
+    marker = f"relayed-{next(MARKERS)}-end"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as tap:
+        tap.sendall(b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(command), command,
+                                                                len(key), key))
+        seen = b""
+        while b"subscribe" not in seen:  # confirmed before the marker is published
+            seen += tap.recv(65536)
+        pusher_api(node).trigger(channel, marker, {})
+        while marker.encode() not in seen:
+            chunk = tap.recv(65536)
+            assert chunk, "Redis closed the tap"
+            seen += chunk
 
 
 def named(events, channel):
@@ -164,16 +187,17 @@ def test_a_burst_crosses_nodes_in_order_with_its_exclusions(nodes, raw):
     assert received(clients[1]) == list(range(60))
 
 
-def test_presence_is_deployment_wide(nodes, node_for, webhook_receiver):
+def test_presence_is_deployment_wide(nodes, node_for, webhook_receiver, redis_server):
     a, b = nodes
     client_a, client_b = node_for(a), node_for(b)
     client_a.connect("u1", presence={"user_id": "1", "user_info": {"name": "one"}})
     client_b.connect("u2", presence={"user_id": "2", "user_info": {"name": "two"}})
     client_b.connect("u1-tab2", presence={"user_id": "1", "user_info": {"name": "one"}})
     client_a.subscribe("u1", "presence-room")
-    # Node a relays member_added(1) over Redis right after u1's subscription: let it land on
-    # node b before u2 joins there, or u2 could see it after a roster that already has user 1.
-    time.sleep(0.2)
+    # Node a relays member_added(1) over Redis right after u1's subscription: it must be in
+    # Redis before node b listens to the channel (u2 joining there), or u2 could see it after
+    # a roster that already has user 1.
+    relayed(redis_server, a, "presence-room")
     joined = client_b.subscribe("u2", "presence-room")
     assert sorted(joined["data"]["ids"]) == ["1", "2"]
     assert joined["data"]["members"]["1"] == {"name": "one"}
@@ -259,7 +283,7 @@ def test_cache_miss_fires_once_per_occupation_of_the_deployment(nodes, node_for,
                message="the miss of the channel's second occupation")
 
 
-def test_users_watchlists_terminate_and_cache_cross_nodes(nodes, node_for):
+def test_users_watchlists_terminate_and_cache_cross_nodes(nodes, node_for, redis_server):
     a, b = nodes
     client_a, client_b = node_for(a), node_for(b)
     client_a.connect("watcher", user={"id": "w", "watchlist": ["target"]})
@@ -269,8 +293,11 @@ def test_users_watchlists_terminate_and_cache_cross_nodes(nodes, node_for):
     client_b.call("signin", id="target")
     client_a.wait(lambda r: r.get("type") == "watchlist" and r["name"] == "online"
                   and r["user_ids"] == ["target"])
-    # sendToUser through node a reaches the user signed in on node b
-    time.sleep(0.3)
+    # sendToUser through node a reaches the user signed in on node b, once node b listens to
+    # the user's channel in Redis
+    from bunpulse.adapters.redis.scripts import Keys
+    wait_until(lambda: redis_server.listeners(Keys.events("1", "#server-to-user-target")) == 1,
+               message="node b listening to the user's channel")
     reply = client_a.call("api", method="sendToUser", args=["target", "ping", {"k": 1}])
     assert reply["ok"], reply
     client_b.wait(lambda r: r.get("type") == "user_event" and r["event"] == "ping")

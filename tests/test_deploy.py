@@ -119,6 +119,7 @@ def test_pusher_clients_through_the_proxy(start_proxy, start_server, node_for, c
         node.connect("b")
         node.subscribe("a", "presence-proxied")
         node.subscribe("b", "private-proxied")
+        node.subscribe("a", "private-proxied")  # receives b's client event
         reply = node.call("api", method="trigger", args=["private-proxied", "npm", {"n": 1}])
         assert reply["ok"], reply
         assert node.wait_event("b", "npm", "private-proxied")["data"] == {"n": 1}
@@ -128,7 +129,8 @@ def test_pusher_clients_through_the_proxy(start_proxy, start_server, node_for, c
         api.trigger("presence-proxied", "pypi", {"n": 2})
         assert node.wait_event("a", "pypi", "presence-proxied")["data"] == {"n": 2}
         assert api.channel_info("presence-proxied", ["user_count"])["user_count"] == 1
-        node.call("trigger", id="b", channel="private-proxied", event="client-x", data={})
+        node.call("trigger", id="b", channel="private-proxied", event="client-x", data={"n": 3})
+        assert node.wait_event("a", "client-x", "private-proxied")["data"] == {"n": 3}
         api._pusher_client.http.session.close()
         # the client's address reaches BunPulse's access log through the proxy
         wait_until(lambda: "(forwarded for 127.0.0.1)" in server.log(), message="access log")

@@ -4,19 +4,17 @@ is handed, with the one reader (request.py), to a greenlet (serving/handler.py).
 below is sent both ways and the answers compared: for an upgrade the status line, the messages
 and the close code that follow; for a publish the whole answer but its Date."""
 import base64
-import hashlib
 import json
 import os
 import socket
 import struct
 import threading
 import time
-import urllib.parse
 
 import pytest
 
-from bunpulse.signatures import sign_api_request
-from conftest import APP_ID, KEY, SECRET, RawClient, connected, raw_subscribe
+from conftest import (APP_ID, KEY, SECRET, RawClient, connected, publish_request,
+                      raw_subscribe)
 
 FOLD = b"X-Folded: a\r\n b\r\n"
 PIECES = 12  # more reads than the event loop gathers (loop.MAX_PIECES): the greenlet's then
@@ -127,16 +125,6 @@ def test_a_folded_header_line_is_refused_on_both_paths(server, slow):
 
 
 # ---------------------------------------------------------------- publishes
-
-def publish_request(path, body, secret=SECRET, extra=b"", version="HTTP/1.1", **params):
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    query = {"auth_key": KEY, "auth_version": "1.0", "auth_timestamp": str(int(time.time())),
-             "body_md5": hashlib.md5(raw).hexdigest(), **params}
-    query["auth_signature"] = sign_api_request(secret, "POST", path, query)
-    return (f"POST {path}?{urllib.parse.urlencode(query)} {version}\r\nHost: x\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n").encode() + \
-        extra, raw
-
 
 def answers(server, requests_, slow=False):
     """The answers to requests sent one after the other on one keep-alive connection."""

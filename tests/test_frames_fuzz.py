@@ -73,8 +73,39 @@ def events_of(chunks, limit=MAX):
     for chunk in chunks:
         parser.receive_data(chunk)
         events += parser.events_received()
-        assert parser.missing >= 0
+        # What the server's next read asks for (websocket.py): never nothing, and never more
+        # than the largest frame the limit lets through (its head and mask included).
+        assert 1 <= parser.missing <= limit + 14, parser.missing
     return parser, events
+
+
+def frame_spans(data):
+    """(start, end) of each frame of a stream of whole, masked client frames."""
+    spans, at = [], 0
+    while at < len(data):
+        n, head = data[at + 1] & 0x7F, 2
+        if n == 126:
+            n, head = struct.unpack("!H", data[at + 2:at + 4])[0], 4
+        elif n == 127:
+            n, head = struct.unpack("!Q", data[at + 2:at + 10])[0], 10
+        spans.append((at, at + head + 4 + n))
+        at += head + 4 + n
+    return spans
+
+
+def missing_after(data, received):
+    """The bytes the reader needs after `received` bytes of `data` (whole frames) before it
+    can go on: the rest of a frame's first two bytes, of its extended length, or of the
+    frame; a frame's first two bytes at a boundary."""
+    for start, end in frame_spans(data):
+        if start <= received < end:
+            got = received - start
+            if got < 2:
+                return 2 - got
+            n = data[start + 1] & 0x7F
+            head = 4 if n == 126 else 10 if n == 127 else 2
+            return head - got if got < head else end - received
+    return 2
 
 
 def comparable(events):
@@ -116,6 +147,22 @@ def test_valid_frames_give_every_message_whatever_the_split(frames):
     assert comparable(one_by_one) == comparable(whole)
     assert not any(isinstance(e, (Close, Violation)) for e in whole)
     assert len(whole) == len(frames) - sum(f[0] & 0x0F == OP_PONG for f in frames)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(valid_frame, max_size=10), st.lists(st.integers(0, 1 << 12), max_size=20))
+def test_missing_is_exactly_what_the_next_step_needs(frames, cuts):
+    """The server sizes its next read by `missing` (websocket.py): after any prefix of a
+    stream it is exactly the rest of the frame's head, or of the frame once its length is
+    known, so a read asks neither for bytes the client will not send yet nor for less than
+    the frame being read."""
+    data = b"".join(frames)
+    parser, received = FrameParser(MAX), 0
+    for chunk in split(data, cuts):
+        parser.receive_data(chunk)
+        parser.events_received()
+        received += len(chunk)
+        assert parser.missing == missing_after(data, received), received
 
 
 # ---------------------------------------------------------------- against the server

@@ -181,8 +181,7 @@ def npm(node, method, *args):
 
 
 def npm_error(node, method, *args):
-    reply = node.call("api", method=method, args=list(args))
-    assert not reply["ok"], reply
+    reply = node.call("api", method=method, args=list(args), fails=True)
     return reply["status"], reply["body"]
 
 

@@ -17,9 +17,12 @@ from conftest import KEY, RawClient, pusher_api, wait_until
 # `python -m gunicorn` finds gunicorn's own `http` package first on its path and fails.
 GUNICORN = [os.path.join(os.path.dirname(sys.executable), "gunicorn"), "-c", "gunicorn.conf.py"]
 RATE = 200           # events a second, published through the reload
-MAX_MISSED = 80      # what is published between a client's 4200 and its resubscription (measured:
-                     # 0 to 16, once 63 while the whole suite loaded the machine; before the
-                     # reload change 136 to 190: docs/benchmarks.md)
+# A client misses what is published between its 4200 and its resubscription: one run of events,
+# over at most MAX_STRETCH seconds of publishing (measured: 0.03 to 0.12 s, once about 0.3 s
+# while the whole suite loaded the machine; before the reload change 1 to 2.5 s, the new
+# workers' boot: docs/benchmarks.md). A time, not a count: a loaded machine publishes fewer.
+MAX_STRETCH = 0.75
+MAX_MISSED = int(MAX_STRETCH * RATE)
 
 
 class Publisher(threading.Thread):
@@ -86,6 +89,8 @@ def reload_and_count_missed(server, node_for, do_reload, clients=3):
         got = [e["data"]["n"] for e in node.events(f"c{n}", "tick")]
         assert got == sorted(set(got)), "no event twice, none out of order"
         lost = sorted(set(publisher.acked) - set(got))
+        assert lost == [m for m in sorted(publisher.acked) if lost and lost[0] <= m <= lost[-1]], \
+            f"c{n} missed events outside one stretch: {lost}"
         missed.append(len(lost))
         stretches.append(publisher.acked[lost[-1]] - publisher.acked[lost[0]] if lost else 0.0)
         if os.environ.get("DEBUG_RELOAD") and lost:
@@ -115,7 +120,7 @@ def test_hup_starts_workers_with_the_new_configuration(gunicorn, node_for):
     missed, stretches, publisher = reload_and_count_missed(
         gunicorn, node_for, lambda: os.kill(gunicorn.proc.pid, signal.SIGHUP))
     print(f"HUP: missed {missed} of {len(publisher.acked)}, over {stretches} s")
-    assert max(missed) <= MAX_MISSED, missed
+    assert max(stretches) <= MAX_STRETCH and max(missed) <= MAX_MISSED, (stretches, missed)
     client = RawClient(gunicorn.ws_url + f"/app/{KEY}?protocol=7")
     established = json.loads(client.recv_event("pusher:connection_established")["data"])
     client.close()
@@ -137,7 +142,7 @@ def test_usr2_then_term_of_the_old_master_moves_clients_to_the_new_code(gunicorn
 
     missed, stretches, publisher = reload_and_count_missed(gunicorn, node_for, upgrade)
     print(f"USR2: missed {missed} of {len(publisher.acked)}, over {stretches} s")
-    assert max(missed) <= MAX_MISSED, missed
+    assert max(stretches) <= MAX_STRETCH and max(missed) <= MAX_MISSED, (stretches, missed)
     assert gunicorn.proc.wait(10) == 0
     new_master = int(wait_until(lambda: gunicorn.pid_file.exists() and
                                 (pid := gunicorn.pid_file.read_text().strip()) and

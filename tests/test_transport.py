@@ -2,15 +2,18 @@
 stops reading, so one slow socket never delays the others or eats memory."""
 import json
 import socket
+import threading
 
 import gevent
 import gevent.socket
 import requests
+import websocket
 
 from bunpulse.errors import ErrorCode
 from bunpulse.frames import build_frame, close_frame
 from bunpulse.outbox import Outbox
-from conftest import APP_ID, connected, signed_request, wait_until
+from conftest import (APP_ID, KEY, RawClient, WholePublisher, connected, signed_request,
+                      wait_until)
 
 
 def _pair():
@@ -108,22 +111,23 @@ def test_a_client_that_stops_reading_is_evicted_and_others_keep_up(start_server,
             if received % 10 == 0:
                 break
     assert received == 800
+    # the stalled client reads again: what is left ends in a close or EOF by itself, not in
+    # a hang (a timeout is a hang, and fails the test)
+    stalled.ws.settimeout(5)
+    try:
+        for _ in range(2000):
+            if isinstance(stalled.recv(), tuple):
+                break
+        else:
+            raise AssertionError("2000 messages and no end")
+    except (websocket.WebSocketConnectionClosedException, ConnectionResetError,
+            BrokenPipeError):
+        pass  # a reset or EOF is an end too
     wait_until(lambda: server.metric("bunpulse_evictions_total", app_id=APP_ID),
                message="an eviction")
     assert server.metric("bunpulse_evictions_total") == 1
     assert server.metric("bunpulse_connections_closed_total", app_id=APP_ID, code="4100") == 1
     assert "evicting a client that stopped reading" in server.log()
-    # the evicted socket is gone: reading what is left ends in a close or EOF, not a hang
-    stalled.ws.settimeout(5)
-    ended = False
-    try:
-        for _ in range(2000):
-            if isinstance(stalled.recv(), tuple):
-                ended = True
-                break
-    except Exception:  # noqa: BLE001 - a reset or EOF is an end too
-        ended = True
-    assert ended
     info = requests.get(server.url + "/health")
     assert info.status_code == 200
 
@@ -162,3 +166,189 @@ def test_frames_the_event_loop_sends_in_one_turn_leave_in_one_write():
         assert right.recv(65536) == b"".join(frames)
     outbox.send(frames[0])  # from a greenlet (a big fan-out, Redis): written at once
     assert counting.writes == 2 and outbox.backlog == 0
+
+
+# ---------------------------------------------------------------- a paused client, in full size
+
+PAUSED_BUFFER = 512 * 1024  # --max-buffer of these servers
+FLOOD = 2400  # events of ~9 KB: 22 MB, far past a paused loopback socket's kernel buffers
+PAD = "x" * 9000
+
+
+def _rss(pid):
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+class _PeakRss(threading.Thread):
+    """The highest resident size of a process while it runs."""
+
+    def __init__(self, pid):
+        super().__init__(daemon=True)
+        self.pid, self.peak, self._done = pid, _rss(pid), threading.Event()
+
+    def run(self):
+        while not self._done.wait(0.02):
+            self.peak = max(self.peak, _rss(self.pid))
+
+    def stop(self):
+        self._done.set()
+        self.join(5)
+        return self.peak
+
+
+class _Counter(threading.Thread):
+    """Reads a subscriber's `flood` events as they come; they must be 0, 1, 2, ... in order."""
+
+    def __init__(self, client):
+        super().__init__(daemon=True)
+        self.client, self.seen, self.error = client, [], None
+
+    def run(self):
+        try:
+            self.client.ws.settimeout(30)
+            while len(self.seen) < FLOOD:
+                message = self.client.recv()
+                assert not isinstance(message, tuple), f"closed: {message}"
+                if message.get("event") == "flood":
+                    self.seen.append(int(message["data"][:6]))
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+
+def _frames(data):
+    """(opcode, payload) of the whole server frames in `data`, and the bytes after them."""
+    frames, at = [], 0
+    while len(data) - at >= 2:
+        n, head = data[at + 1] & 0x7F, 2
+        if n == 126:
+            n, head = int.from_bytes(data[at + 2:at + 4], "big"), 4
+        elif n == 127:
+            n, head = int.from_bytes(data[at + 2:at + 10], "big"), 10
+        if len(data) - at < head + n:
+            break
+        frames.append((data[at] & 0x0F, data[at + head:at + head + n]))
+        at += head + n
+    return frames, data[at:]
+
+
+def _read_to_the_end(client):
+    """Everything a paused client finds when it reads again, as fast as it can (the server
+    drops an evicted socket CLOSE_LINGER seconds after its close frame was queued)."""
+    sock = client.ws.sock
+    sock.settimeout(10)
+    data = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return _frames(bytes(data))
+
+
+def _evicted_in_full(subscribed_on, published_on, publish, channel):
+    """A real paused client (normal kernel buffers, it simply stops reading) and a reading one
+    on `subscribed_on`, FLOOD events published through `published_on`: the paused one is
+    evicted with 4100 once --max-buffer is exceeded, the reading one gets every event in
+    order, and the subscribers' server holds no more than the bound for the paused one."""
+    paused, reading = (RawClient(subscribed_on.ws_url + f"/app/{KEY}?protocol=7")
+                       for _ in range(2))
+    try:
+        for client in (paused, reading):
+            connected(client)
+            client.send({"event": "pusher:subscribe", "data": {"channel": channel}})
+            client.recv_event("pusher_internal:subscription_succeeded")
+        counter = _Counter(reading)
+        counter.start()
+        rss = _PeakRss(subscribed_on.proc.pid)
+        rss.start()
+        before = rss.peak
+        evicted_at = None
+        for n in range(FLOOD):
+            publish(channel, "flood", f"{n:06d}{PAD}")
+            if evicted_at is None and n % 50 == 0 and \
+                    "evicting a client that stopped reading" in subscribed_on.log():
+                evicted_at = n
+                frames, rest = _read_to_the_end(paused)  # within CLOSE_LINGER of the 4100
+        counter.join(30)
+        grown = rss.stop() - before
+        # 22 MB went to the paused client: without the bound its queue would hold most of it;
+        # with it, at most its bound and the reading client's (measured: under 1 MB)
+        assert grown < 2 * PAUSED_BUFFER + 3 * 1024 * 1024, f"the server grew by {grown} bytes"
+        assert evicted_at is not None, "the paused client was not evicted"
+        assert counter.error is None and counter.seen == list(range(FLOOD)), \
+            (counter.error, len(counter.seen))
+        # whole frames up to the eviction, in order, then the close frame 4100
+        assert frames and frames[-1][0] == 0x8 and rest == b"", (frames[-1:], len(rest))
+        assert int.from_bytes(frames[-1][1][:2], "big") == 4100
+        got = [int(json.loads(payload)["data"][:6]) for opcode, payload in frames[:-1]
+               if opcode == 0x1 and b'"flood"' in payload[:40]]
+        assert got == list(range(len(got))) and 0 < len(got) < evicted_at
+        # counted once the socket is over (the client's close frame, or CLOSE_LINGER)
+        wait_until(lambda: subscribed_on.metric("bunpulse_evictions_total") == 1,
+                   message="the eviction counted")
+        assert subscribed_on.metric("bunpulse_connections_closed_total", app_id=APP_ID,
+                                    code="4100") == 1
+    finally:
+        paused.close()
+        reading.close()
+
+
+def test_a_paused_client_of_publishes_served_in_the_event_loop_is_evicted(start_server):
+    """Each publish is small and arrives whole on a keep-alive connection to BunPulse's own
+    app on the local adapter, with no dashboard: the event loop's callback serves it, and
+    Outbox.send runs there (no greenlet) when the paused client's queue passes the bound."""
+    server = start_server(env={"BUNPULSE_MAX_BUFFER": str(PAUSED_BUFFER)}, metrics=True)
+    publisher = WholePublisher(server)
+    try:
+        _evicted_in_full(server, server, publisher.publish, "paused-loop")
+    finally:
+        publisher.close()
+
+
+def test_a_paused_client_of_events_relayed_through_redis_is_evicted(start_server,
+                                                                    redis_server):
+    """The events come from another process through a real redis-server: the subscribers'
+    node sends them from the greenlet that reads Redis."""
+    env = {**redis_server.env, "BUNPULSE_MAX_BUFFER": str(PAUSED_BUFFER)}
+    subscribed_on = start_server(env=env, metrics=True)
+    published_on = start_server(env=env)
+    publisher = WholePublisher(published_on)
+    try:
+        _evicted_in_full(subscribed_on, published_on, publisher.publish, "paused-redis")
+    finally:
+        publisher.close()
+
+
+def test_a_loop_served_publish_to_more_than_256_subscribers_reaches_each_in_order(
+        start_server):
+    """Past hub.YIELD_EVERY subscribers a fan-out yields between sockets, which the event
+    loop's callback must not: a publish served there hands the fan-out to a greenlet, and the
+    publishes behind it queue so that every subscriber gets them all, in order."""
+    from bunpulse.hub import YIELD_EVERY
+    server = start_server()
+    subscribers = [RawClient(server.ws_url + f"/app/{KEY}?protocol=7")
+                   for _ in range(YIELD_EVERY + 44)]
+    publisher = WholePublisher(server)
+    try:
+        for client in subscribers:
+            connected(client)
+            client.send({"event": "pusher:subscribe", "data": {"channel": "crowd"}})
+        for client in subscribers:
+            client.recv_event("pusher_internal:subscription_succeeded")
+        for n in range(5):  # answered before its fan-out ends: the next one queues behind it
+            publisher.publish("crowd", "wave", str(n))
+        for client in subscribers:
+            assert [client.recv_event("wave")["data"] for _ in range(5)] == \
+                ["0", "1", "2", "3", "4"]
+    finally:
+        publisher.close()
+        for client in subscribers:
+            client.close()
+    assert "Traceback" not in server.log()

@@ -528,3 +528,65 @@ def test_same_url_as_webhook_and_vacancy_target_gets_each_event_once(start_serve
     client.recv_event("pusher_internal:subscription_succeeded")
     webhook_receiver.wait_events("channel_occupied", 2)  # marker's comes after once's vacated
     assert len(webhook_receiver.events("channel_vacated")) == 1
+
+
+# ------------------------------------------------------------------ giving up
+
+def batch_of(request):
+    return json.loads(request["body"])["events"]
+
+
+def test_a_batch_whose_retries_run_out_is_dropped_and_the_next_one_sent(
+        start_server, webhook_receiver, clients):
+    """--webhook-retry-seconds (the flag) bounds how long a failing batch is retried: then it
+    is dropped, counted and logged, and the batches behind it go on."""
+    server = start_server(env={"BUNPULSE_WEBHOOK_URL": webhook_receiver.url, **FAST},
+                          args=["--webhook-retry-seconds", "1"], metrics=True)
+    webhook_receiver.fail_next = 1000  # failing until told otherwise
+    lost, kept = f"lost-{uid()}", f"kept-{uid()}"
+    join(clients, server, lost)
+    wait_until(lambda: webhook_receiver.requests, message="the first attempt")
+    first = webhook_receiver.requests[0]["at"]
+    wait_until(lambda: server.metric("bunpulse_webhooks_dropped_total", app_id=APP_ID,
+                                     reason="retries_exhausted"),
+               timeout=10, interval=0.05, message="the batch dropped")
+    given_up = time.monotonic()
+    webhook_receiver.fail_next = 0
+    attempts = list(webhook_receiver.requests)
+    assert len(attempts) >= 2 and all(r["failed"] for r in attempts)  # retried, then dropped
+    assert all(batch_of(r) == batch_of(attempts[0]) for r in attempts)
+    assert given_up - first >= 1.0, "dropped before --webhook-retry-seconds ran out"
+    dropped = len(batch_of(attempts[0]))
+    assert {e["channel"] for e in batch_of(attempts[0])} == {lost}
+    assert server.metric("bunpulse_webhooks_dropped_total", reason="retries_exhausted") \
+        == dropped
+    assert server.metric("bunpulse_webhooks_failed_total", app_id=APP_ID) == len(attempts)
+    assert f"failed for 1 s: dropped {dropped} events" in server.log()
+    join(clients, server, kept)  # the next batch is sent; the dropped one never comes back
+    webhook_receiver.wait_events("channel_occupied")
+    assert [e["channel"] for e in webhook_receiver.events("channel_occupied")] == [kept]
+    assert of(webhook_receiver, lost) == []
+
+
+@pytest.mark.parametrize("status", [302, 307])
+def test_a_redirect_is_a_failed_delivery_not_followed(start_server, webhook_receiver, clients,
+                                                      status):
+    """A redirect would turn the POST into a GET (302), or send the signed events to an
+    address the app did not configure: a 3xx is a failure, retried at the webhook URL."""
+    server = start_server(env={"BUNPULSE_WEBHOOK_URL": webhook_receiver.url, **FAST},
+                          metrics=True)
+    webhook_receiver.fail_next, webhook_receiver.fail_status = 1, status
+    webhook_receiver.fail_location = webhook_receiver.url + "/elsewhere"
+    room = f"room-{uid()}"
+    join(clients, server, room)
+    webhook_receiver.wait_events("channel_occupied")
+    wait_until(lambda: server.metric("bunpulse_webhooks_sent_total", app_id=APP_ID),
+               message="the retry counted")
+    redirected, retried = webhook_receiver.requests[:2]
+    assert redirected["failed"] and not retried["failed"]
+    assert batch_of(redirected) == batch_of(retried)
+    assert [(r["method"], r["path"]) for r in webhook_receiver.requests] == \
+        [("POST", "/hook")] * len(webhook_receiver.requests)
+    assert server.metric("bunpulse_webhooks_failed_total", app_id=APP_ID) == 1
+    assert f"answered {status}" in server.log()
+    assert [e["channel"] for e in webhook_receiver.events("channel_occupied")] == [room]

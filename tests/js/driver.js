@@ -77,7 +77,11 @@ const handlers = {
   connect,
   subscribe,
   unsubscribe: ({id, channel}) => clients[id].unsubscribe(channel),
-  trigger: ({id, channel, event, data}) => ({sent: clients[id].channel(channel).trigger(event, data)}),
+  // pusher-js answers false when it did not send (not connected): a failure, not a result.
+  trigger: ({id, channel, event, data}) => {
+    if (!clients[id].channel(channel).trigger(event, data)) throw new Error('client event not sent');
+    return {sent: true};
+  },
   signin: ({id}) => clients[id].signin(),
   disconnect: ({id}) => clients[id].disconnect(),
   socket_id: ({id}) => clients[id].connection.socket_id,
