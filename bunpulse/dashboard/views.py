@@ -43,7 +43,6 @@ def configure(flask_app, core):
     flask_app.session_interface = _Cookie()
     flask_app.config.update(SESSION_COOKIE_NAME="bunpulse_dashboard",
                             SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict",
-                            SESSION_COOKIE_PATH="/dashboard",
                             PERMANENT_SESSION_LIFETIME=SESSION_SECONDS)
 
 
@@ -58,6 +57,9 @@ def _feed():
 class _Cookie(SecureCookieSessionInterface):
     def get_cookie_secure(self, app):
         return _over_https()
+
+    def get_cookie_path(self, app):
+        return request.script_root + "/dashboard"  # under a host's prefix when mounted
 
 
 def _over_https():
