@@ -8,11 +8,17 @@ user is; everything else is here.
 import base64
 import binascii
 import hashlib
+import logging
 
 import orjson
 
 from . import protocol
 from .signatures import channel_auth, user_auth
+
+log = logging.getLogger("bunpulse")
+
+NO_RULE = ("No allow rule: private channels are refused (pass allow=lambda user, channel: ... "
+           "to say who may join which)")
 
 
 class Authorizer:
@@ -20,12 +26,19 @@ class Authorizer:
 
     `encryption_master_key`: the base64 of the 32-byte key the host application encrypts with
     (as the official libraries' `encryption_master_key_base64`); without it `private-encrypted-`
-    channels are refused. `allow(user, channel_name)`: which known user may join which private
-    or presence channel; by default every known user may join every one."""
+    channels are refused. `allow(user, channel_name)`: which signed-in user may join which
+    private, encrypted or presence channel. Without it private and encrypted channels are
+    refused (a signed-in user would otherwise join `private-user-<anyone>` and get every
+    encrypted channel's shared secret) and presence channels admit every signed-in user as
+    themselves."""
 
     def __init__(self, app, encryption_master_key=None, allow=None):
         self.app = app
         self.allow = allow
+        if allow is None:
+            log.warning("bunpulse.authorizer: no allow rule given: private- and "
+                        "private-encrypted- channels are refused (403); presence channels "
+                        "admit every signed-in user")
         self._master_key = None
         if encryption_master_key is not None:
             try:
@@ -60,7 +73,10 @@ class Authorizer:
             return 400, {"error": "Only private- and presence- channels need authorization"}
         if user is None:
             return 403, {"error": "Not signed in"}
-        if self.allow is not None and not self.allow(user, channel):
+        if self.allow is None:
+            if not kind.presence:
+                return 403, {"error": NO_RULE}
+        elif not self.allow(user, channel):
             return 403, {"error": f"Not allowed to join {channel}"}
         if kind.encrypted and self._master_key is None:
             return 403, {"error": "Encrypted channels need the host application's "

@@ -425,3 +425,226 @@ def test_reports_only_while_someone_watches(library_dashboard, webhook_receiver,
         client.close()
     # The stream's end is seen at its next write (a keep-alive at the latest).
     wait_until(lambda: core.watching == {}, 15, 0.1, "the viewer's departure")
+
+
+# ------------------------------------------------------------------------ sessions, plain HTTP
+
+TOKEN = re.compile(r'(?:name="csrf_token" value|data-csrf)="([^"]+)"')
+
+
+class Visitor:
+    """A browser-like HTTP client of one server's dashboard: cookies and the page's token."""
+
+    def __init__(self, server, headers=None):
+        self.server = server
+        self.http = requests.Session()
+        self.http.headers.update(headers or {})
+
+    def page(self):
+        return self.http.get(self.server.url + "/dashboard", timeout=5,
+                             verify=self.server.ca or True)
+
+    def sign_in(self, app_id=APP_ID, secret=SECRET):
+        """The sign-in form's answer (the dashboard's page once signed in)."""
+        token = TOKEN.search(self.page().text).group(1)
+        return self.http.post(self.server.url + "/dashboard/sign-in", timeout=5,
+                              verify=self.server.ca or True, data={
+            "app_id": app_id, "secret": secret, "csrf_token": token})
+
+    def sign_out(self):
+        token = TOKEN.search(self.page().text).group(1)
+        return self.http.post(self.server.url + "/dashboard/sign-out", timeout=5,
+                              data={"csrf_token": token})
+
+    def get(self, path="/dashboard/api/channels"):
+        return self.http.get(self.server.url + path, timeout=5)
+
+    def stream_status(self):
+        """The event stream's status, without waiting for a stream that never ends."""
+        with self.http.get(self.server.url + "/dashboard/events", timeout=5,
+                           stream=True) as answer:
+            return answer.status_code
+
+    def publish(self, **body):
+        token = TOKEN.search(self.page().text).group(1)
+        return self.http.post(self.server.url + "/dashboard/api/publish", timeout=5,
+                              json=body, headers={"X-CSRF-Token": token})
+
+    def copy(self):
+        """Another client holding the same cookie (a copied or stolen one)."""
+        other = Visitor(self.server, dict(self.http.headers))
+        other.http.cookies.update(self.http.cookies)
+        return other
+
+    def moved_to(self, server):
+        """The same cookies against another server (a restart, another port)."""
+        self.server = server
+        return self
+
+
+def signed_in(server, **kwargs):
+    visitor = Visitor(server, **kwargs)
+    answer = visitor.sign_in()
+    assert answer.status_code == 200 and "Live log" in answer.text, answer.text[:300]
+    return visitor
+
+
+def restart(start_server, server, **kwargs):
+    server.stop()
+    return start_server(port=server.port, **kwargs)
+
+
+def test_a_restart_without_redis_signs_everyone_out(start_server):
+    server = start_server(env=DASHBOARD_ENV)
+    signed_out, kept = signed_in(server), signed_in(server)
+    out = signed_out.copy()  # the cookie as it was: signing out clears only the browser's
+    assert signed_out.sign_out().status_code == 200
+    assert (out.get().status_code, kept.get().status_code) == (401, 200)
+    server = restart(start_server, server, env=DASHBOARD_ENV)
+    # The signed-out cookie stays dead: no revocation list to forget, the session is gone.
+    assert out.moved_to(server).get().status_code == 401
+    assert kept.moved_to(server).get().status_code == 401
+    assert "Sign in" in kept.page().text
+    assert signed_in(server).get().status_code == 200
+
+
+def test_with_redis_sessions_outlive_a_restart_and_a_sign_out_does_not(start_server,
+                                                                       redis_server):
+    env = dict(DASHBOARD_ENV, **redis_server.env)
+    server = start_server(env=env)
+    signed_out, kept = signed_in(server), signed_in(server)
+    out = signed_out.copy()  # the cookie as it was: signing out clears only the browser's
+    assert signed_out.sign_out().status_code == 200
+    server = restart(start_server, server, env=env)
+    assert out.moved_to(server).get().status_code == 401
+    assert kept.moved_to(server).get().status_code == 200
+
+
+def test_a_redis_error_refuses_every_session_instead_of_letting_a_revoked_one_in(
+        start_server, redis_server):
+    env = dict(DASHBOARD_ENV, **redis_server.env)
+    server = start_server(env=env)
+    signed_out, kept = signed_in(server), signed_in(server)
+    out = signed_out.copy()  # the cookie as it was: signing out clears only the browser's
+    assert signed_out.sign_out().status_code == 200
+    # A fresh process (or another worker): what it knows of the sign-out is in Redis only.
+    server = restart(start_server, server, env=env)
+    out.moved_to(server)
+    kept.moved_to(server)
+    redis_server.stop()
+    for visitor in (out, kept):  # neither can be checked: both refused, and told why
+        answer = visitor.get()
+        assert answer.status_code == 503, answer.text
+        assert answer.json() == {"error": "Sessions cannot be checked now (Redis does not "
+                                          "answer): try again shortly"}
+        assert visitor.stream_status() == 503
+        assert visitor.publish(channels="news", event="e", data="{}").status_code == 503
+    assert kept.page().status_code == 503
+    assert kept.sign_out().status_code == 503  # not signed out: it says so, keeps the cookie
+    assert Visitor(server).sign_in().status_code == 503
+
+
+def failures_until_refused(visitor, limit=30):
+    """Wrong secrets sent until a 429 (or `limit` of them): how many got 401, and the 429."""
+    for n in range(limit):
+        answer = visitor.sign_in(secret=f"guess-{n}")
+        if answer.status_code == 429:
+            return n, answer
+        assert answer.status_code == 401, answer.text[:300]
+    return limit, None
+
+
+def test_sign_in_is_rate_limited_per_address_and_overall(start_server):
+    # A trusted proxy forwards each client's address: one address, then many.
+    server = start_server(env=dict(DASHBOARD_ENV, BUNPULSE_TRUST_PROXY="127.0.0.1"))
+    guesser = Visitor(server, headers={"X-Forwarded-For": "203.0.113.7"})
+    failures, refused = failures_until_refused(guesser)
+    assert failures == 5 and refused is not None
+    assert 1 <= int(refused.headers["Retry-After"]) <= 12
+    assert "Too many wrong secrets" in refused.text
+    # Limited, even the right secret is not tried: nothing tells a good guess from a bad one.
+    assert guesser.sign_in().status_code == 429
+    assert guesser.get().status_code == 401
+    # Another address still signs in ...
+    assert signed_in(server, headers={"X-Forwarded-For": "198.51.100.1"}).get().status_code \
+        == 200
+    # ... until wrong secrets from many addresses use up the overall allowance.
+    total = failures
+    for n in range(2, 40):
+        rotating = Visitor(server, headers={"X-Forwarded-For": f"198.51.100.{n}"})
+        sent, refused = failures_until_refused(rotating, limit=4)
+        total += sent
+        if refused is not None:
+            break
+    assert refused is not None and 20 <= total <= 30, total  # the burst, and its refill
+    assert int(refused.headers["Retry-After"]) == 1
+    assert Visitor(server, headers={"X-Forwarded-For": "192.0.2.99"}).sign_in().status_code \
+        == 429
+
+
+def test_the_sign_in_limit_keeps_a_bounded_table():
+    from bunpulse.dashboard.signin_limit import SignInLimit
+    now = [0.0]
+    limit = SignInLimit(per_address=(2, 0.5), overall=(1000, 1000.0), max_addresses=3,
+                        clock=lambda: now[0])
+    for address in ("a", "a"):
+        assert limit.retry_after(address) == 0
+        limit.failed(address)
+    assert limit.retry_after("a") == 2
+    for address in ("b", "c", "d"):  # "a" is the least recently seen: forgotten
+        limit.failed(address)
+    assert len(limit._addresses) == 3 and "a" not in limit._addresses
+    now[0] += 2
+    limit.failed("d")
+    assert limit.retry_after("d") == 0  # refilled by one, then one taken: one left
+
+
+def cookie_of(answer):
+    return answer.headers["Set-Cookie"]
+
+
+def test_the_cookie_is_secure_over_tls_and_behind_a_trusted_https_proxy(start_server,
+                                                                         certificates):
+    tls = start_server(env=dict(DASHBOARD_ENV, **certificates.env()), ca=certificates.ca)
+    cookie = cookie_of(Visitor(tls).page())
+    assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert "Secure" in cookie_of(Visitor(tls).sign_in())
+    plain = start_server(env=DASHBOARD_ENV)
+    assert "Secure" not in cookie_of(Visitor(plain).page())
+    # X-Forwarded-Proto counts only from a trusted proxy.
+    https = {"X-Forwarded-Proto": "https"}
+    assert "Secure" not in cookie_of(Visitor(plain, headers=https).page())
+    proxied = start_server(env=dict(DASHBOARD_ENV, BUNPULSE_TRUST_PROXY="127.0.0.1"))
+    assert "Secure" in cookie_of(Visitor(proxied, headers=https).page())
+    assert "Secure" not in cookie_of(Visitor(proxied, headers={
+        "X-Forwarded-Proto": "http"}).page())
+    assert "Secure" not in cookie_of(Visitor(proxied).page())
+
+
+def test_a_disabled_app_can_neither_sign_in_nor_use_its_session(start_server, redis_server,
+                                                               tmp_path, node_for):
+    apps = tmp_path / "apps.json"
+
+    def serve(enabled):
+        apps.write_text(json.dumps([{"id": "2", "key": "key-2", "secret": "secret-2",
+                                     "enabled": enabled}]))
+        return dict(DASHBOARD_ENV, BUNPULSE_APPS_FILE=str(apps), **redis_server.env)
+
+    server = start_server(env=serve(True))
+    visitor = Visitor(server)
+    assert visitor.sign_in("2", "secret-2").status_code == 200
+    assert visitor.publish(channels="news", event="e", data="{}").status_code == 200
+    server = restart(start_server, server, env=serve(False))
+    visitor.moved_to(server)
+    for answer in (visitor.get(), visitor.get("/dashboard/api/stats")):
+        assert (answer.status_code, answer.json()) == (403, {"error": "This app is disabled"})
+    assert visitor.stream_status() == 403
+    page = visitor.page()
+    assert page.status_code == 403 and "This app is disabled" in page.text
+    assert visitor.http.post(server.url + "/dashboard/api/publish", timeout=5, json={
+        "channels": "news", "event": "e", "data": "{}"}).status_code == 403
+    answer = Visitor(server).sign_in("2", "secret-2")
+    assert answer.status_code == 403 and "This app is disabled." in answer.text
+    # A wrong secret says nothing about the app being disabled.
+    answer = Visitor(server).sign_in("2", "wrong")
+    assert answer.status_code == 401 and "disabled" not in answer.text

@@ -83,7 +83,7 @@ class StandaloneHost:
         app = Flask("standalone_host")
         app.register_blueprint(auth_blueprint(
             App(id=APP_ID, key=KEY, secret=SECRET), current_user,
-            encryption_master_key=MASTER_KEY))
+            encryption_master_key=MASTER_KEY, allow=may_join))
 
         @app.post("/notify")
         def notify():
@@ -104,6 +104,13 @@ class StandaloneHost:
 def current_user(request):
     name = request.headers.get("X-User")
     return None if name is None else {"id": name, "user_info": {"name": name.title()}}
+
+
+def may_join(user, channel):
+    """The hosts' rule (tests/hosts/flask_host.py, the README's): own user channel only."""
+    if channel.startswith("private-user-"):
+        return channel == f"private-user-{user['id']}"
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +193,11 @@ def test_private_and_encrypted_channels_through_the_helper(way):
     assert way.node.wait_event("alice-1", "client-hi")["data"] == {"a": 1}
     way.node.call("subscribe", id="nobody", channel="private-room")
     refusal = way.node.wait_event("nobody", "pusher:subscription_error", "private-room")
+    assert refusal["data"]["status"] == 403
+    # The host's rule: a user's own channel is theirs only.
+    way.node.subscribe("alice-1", "private-user-alice")
+    way.node.call("subscribe", id="alice-1", channel="private-user-bob")
+    refusal = way.node.wait_event("alice-1", "pusher:subscription_error", "private-user-bob")
     assert refusal["data"]["status"] == 403
     way.node.subscribe("alice-1", "private-encrypted-room")
     way.node.call("api", method="trigger", args=["private-encrypted-room", "secret", {"s": 1}])

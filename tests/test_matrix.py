@@ -36,6 +36,8 @@ clients only:
                           starts with the forged one (issue 21, item 9; under flask run the
                           access line is not written at all: Python's default handler shows
                           warnings only, and Werkzeug logs the request line still encoded)
+16. dashboard sign-in     a signed-out copy of the session cookie is refused, and the sixth
+                          wrong secret in a row gets 429 with Retry-After (issue 21, item 8)
 
 One server per (way, profile), started once per way: "limits" (cells 1-7, 9 on, 10, then 11,
 which stops it), "plain" (compression off, default heartbeat: 8 through the HTTP API, 9 off),
@@ -55,6 +57,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import selectors
 import signal
 import socket
@@ -120,7 +123,8 @@ LIMITS = {"BUNPULSE_HANDSHAKE_TIMEOUT": str(int(HANDSHAKE_S * 1000)),
           "BUNPULSE_HEARTBEAT_INTERVAL": "1000",
           "BUNPULSE_HEARTBEAT_TIMEOUT": str(int(HEARTBEAT_TIMEOUT_S * 1000))}
 PLAIN = {"BUNPULSE_COMPRESSION": "false",  # and heartbeats that stay out of the way
-         "BUNPULSE_HEARTBEAT_INTERVAL": "25000", "BUNPULSE_HEARTBEAT_TIMEOUT": "60000"}
+         "BUNPULSE_HEARTBEAT_INTERVAL": "25000", "BUNPULSE_HEARTBEAT_TIMEOUT": "60000",
+         "BUNPULSE_DASHBOARD": "true"}
 
 _stopping = []
 
@@ -782,6 +786,32 @@ def test_no_forged_log_line(limits):
     time.sleep(0.3)  # the access line is written after the answer
     forged = [line for line in limits.log().splitlines() if line.startswith(FORGED)]
     assert not forged, forged
+
+
+# ---------------------------------------------------------------------------- 16: dashboard
+
+def dashboard_form(http, url, path, **fields):
+    """POST one of the dashboard's forms with the token its page carries."""
+    page = http.get(url, timeout=5).text
+    token = re.search(r'(?:name="csrf_token" value|data-csrf)="([^"]+)"', page).group(1)
+    return http.post(url + path, data=dict(fields, csrf_token=token), timeout=5)
+
+
+def test_dashboard_sessions_and_sign_in_limit(plain):
+    url = f"{plain.url}{plain.prefix}/dashboard"
+    browser = requests.Session()
+    signed_in = dashboard_form(browser, url, "/sign-in", app_id=APP_ID, secret=SECRET)
+    assert signed_in.status_code == 200 and "Live log" in signed_in.text, signed_in.text[:300]
+    copy = requests.Session()
+    copy.cookies.update(browser.cookies)
+    assert copy.get(url + "/api/channels", timeout=5).status_code == 200
+    assert dashboard_form(browser, url, "/sign-out").status_code == 200
+    assert copy.get(url + "/api/channels", timeout=5).status_code == 401
+    guesser = requests.Session()
+    answers = [dashboard_form(guesser, url, "/sign-in", app_id=APP_ID, secret=f"guess-{n}")
+               for n in range(6)]
+    assert [a.status_code for a in answers] == [401] * 5 + [429]
+    assert int(answers[-1].headers["Retry-After"]) >= 1
 
 
 # ---------------------------------------------------------------------------- 11: stop (last)

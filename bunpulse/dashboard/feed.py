@@ -10,6 +10,8 @@ from collections import deque
 
 import gevent
 
+from .sessions import MemorySessions, RedisSessions
+from .signin_limit import SignInLimit
 from .stats import StatsRing
 
 MAX_DATA = 2048        # characters of event data a log record keeps
@@ -41,12 +43,14 @@ class Feed:
     def __init__(self, core):
         self.core = core
         self.viewers = {}          # app id -> {Viewer: None}
-        self.revoked = set()       # session ids signed out (in this worker's memory)
         self.stats = StatsRing(core.hub)
+        self.signin_limit = SignInLimit()
         self.relay = None
+        self.sessions = MemorySessions()
         if core.settings.redis_url:
             from .relay import RedisRelay  # imported only when used, as the adapter
             self.relay = RedisRelay(self)
+            self.sessions = RedisSessions(self.relay.redis)
         self._greenlet = None
         core.dashboard = self
         core.webhooks.observer = self._webhook
@@ -97,22 +101,18 @@ class Feed:
                 self.core.watching.pop(viewer.app_id, None)
 
     def revoke(self, session_id):
-        """A signed-out session: its streams end, here and (under Redis) on every worker."""
+        """A signed-out session: gone from the store (SessionStoreDown when it cannot be), and
+        its streams end, here and (under Redis) on every worker."""
+        self.sessions.end(session_id)
         self.revoke_here(session_id)
         if self.relay is not None:
             self.relay.revoke(session_id)
 
     def revoke_here(self, session_id):
-        self.revoked.add(session_id)
         for viewers in self.viewers.values():
             for viewer in viewers:
                 if viewer.session_id == session_id:
                     viewer.closed = True
-
-    def is_revoked(self, session_id):
-        if session_id in self.revoked:
-            return True
-        return self.relay is not None and self.relay.is_revoked(session_id)
 
     def series(self, app_id, since):
         """The charts' samples of the app after `since` (deployment-wide under Redis)."""

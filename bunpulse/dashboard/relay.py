@@ -8,9 +8,10 @@
   records to its own viewers.
 - Charts: each worker appends its per-second samples to a list of its own per app
   (`bp:dash:ring:{app}:{node}`, an hour kept); a chart sums the lists by second.
-- Sign-out: the session id is kept in `bp:dash:revoked:{id}` until the session would have
-  expired, and announced so that its streams end on every worker.
-Redis being down costs only the other workers' share: each worker still shows its own."""
+- Sessions live in Redis (sessions.py); a sign-out is announced so that the session's streams
+  end on every worker.
+Redis being down costs the other workers' share of the view, and sessions: none is accepted
+until Redis answers again (sessions.py)."""
 import logging
 import secrets
 import time
@@ -26,7 +27,6 @@ log = logging.getLogger("bunpulse.dashboard")
 CHANNEL = "bp:dash"
 WATCHING = "bp:dash:watching"
 WATCH_TTL = 10.0        # seconds a viewer's mark lasts without being refreshed
-SESSION_TTL = 12 * 3600
 
 
 def _ring(app_id, node):
@@ -107,17 +107,7 @@ class RedisRelay:
         self._send("log", app_id, record)
 
     def revoke(self, session_id):
-        try:
-            self.redis.set(f"bp:dash:revoked:{session_id}", 1, ex=SESSION_TTL)
-        except redis.RedisError as exc:
-            log.warning("dashboard relay: %s", exc)
         self._send("revoke", None, session_id)
-
-    def is_revoked(self, session_id):
-        try:
-            return bool(self.redis.exists(f"bp:dash:revoked:{session_id}"))
-        except redis.RedisError:
-            return False
 
     def _listen(self):
         backoff = 0.1

@@ -1,10 +1,11 @@
 """The dashboard's pages, event stream and JSON, under /dashboard.
 
-Sessions: a signed cookie (HttpOnly, SameSite=Strict, path /dashboard) holding the app id, a
-session id, its expiry and a CSRF token. The signing key is derived from every app's secret,
-so each gunicorn worker (and each node with the same apps) accepts the others' cookies, and
-changing a secret signs everyone out. Sign-out revokes the session id (deployment-wide under
-Redis) and ends its streams."""
+Sessions: a signed cookie (HttpOnly, SameSite=Strict, path /dashboard, and Secure when served
+over TLS or a trusted proxy says https) holding a random session id and a CSRF token; the
+session itself (app, expiry) is kept on the server (sessions.py), so signing out ends it for
+good. The cookie's signing key is derived from every app's secret, so each gunicorn worker (and
+each node with the same apps) reads the others' cookies. Wrong secrets are rate limited
+(signin_limit.py); a disabled app can neither sign in nor use a session it has."""
 import hashlib
 import hmac
 import secrets
@@ -14,10 +15,14 @@ import gevent
 import orjson
 from flask import (Blueprint, Response, abort, current_app, redirect, render_template, request,
                    session, url_for)
+from flask.sessions import SecureCookieSessionInterface
+from werkzeug.exceptions import HTTPException
 
 from .. import api
+from ..addresses import client_address, counted_as
 from ..errors import ApiError
 from ..protocol import channel_kind
+from .sessions import SessionStoreDown
 
 blueprint = Blueprint("dashboard", __name__, url_prefix="/dashboard",
                       template_folder="templates", static_folder="static")
@@ -35,9 +40,9 @@ def configure(flask_app, core):
     for app in sorted(core.apps, key=lambda a: a.id):
         digest.update(f"{app.id}\0{app.secret}\0".encode())
     flask_app.secret_key = digest.hexdigest()
+    flask_app.session_interface = _Cookie()
     flask_app.config.update(SESSION_COOKIE_NAME="bunpulse_dashboard",
                             SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict",
-                            SESSION_COOKIE_PATH="/dashboard",
                             PERMANENT_SESSION_LIFETIME=SESSION_SECONDS)
 
 
@@ -49,14 +54,48 @@ def _feed():
     return current_app.extensions["bunpulse_dashboard"]
 
 
+class _Cookie(SecureCookieSessionInterface):
+    def get_cookie_secure(self, app):
+        return _over_https()
+
+    def get_cookie_path(self, app):
+        return request.script_root + "/dashboard"  # under a host's prefix when mounted
+
+
+def _over_https():
+    """Whether the browser reached us over https: our own TLS, or a trusted proxy says so
+    (anyone else's X-Forwarded-Proto is ignored, as their X-Forwarded-For)."""
+    if request.scheme == "https":
+        return True
+    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    return proto == "https" and _core().trusted_proxies.trusts(request.remote_addr or "")
+
+
+STORE_DOWN = "Sessions cannot be checked now (Redis does not answer): try again shortly"
+DISABLED = "This app is disabled"
+
+
+def _signed_in():
+    """(app, expires at) of a live session, or (None, None); aborts with 503 when the session
+    store does not answer (never a session it cannot check) and 403 when the app is
+    disabled."""
+    session_id = session.get("sid")
+    if session_id is None:
+        return None, None
+    try:
+        live = _feed().sessions.lookup(session_id)
+    except SessionStoreDown:
+        abort(503, STORE_DOWN)
+    app = None if live is None else _core().apps.by_id(live[0])
+    if app is None:
+        return None, None
+    if not app.enabled:
+        abort(403, DISABLED)
+    return app, live[1]
+
+
 def _signed_in_app():
-    """The app of a live session, or None."""
-    app_id, session_id = session.get("app_id"), session.get("sid")
-    if app_id is None or session_id is None or time.time() >= session.get("expires", 0):
-        return None
-    if _feed().is_revoked(session_id):
-        return None
-    return _core().apps.by_id(app_id)
+    return _signed_in()[0]
 
 
 def _csrf_token():
@@ -92,13 +131,20 @@ def _headers(response):
 
 # -------------------------------------------------------------------- pages
 
+def _signin_page(error=None, app_id="", status=200, headers=None):
+    return render_template("dashboard/signin.html", csrf_token=_csrf_token(), error=error,
+                           app_id=app_id), status, headers or {}
+
+
 @blueprint.get("")
 @blueprint.get("/")
 def index():
-    app = _signed_in_app()
+    try:
+        app = _signed_in_app()
+    except HTTPException as exc:
+        return _signin_page(exc.description, status=exc.code)
     if app is None:
-        return render_template("dashboard/signin.html", csrf_token=_csrf_token(), error=None,
-                               app_id="")
+        return _signin_page()
     return render_template("dashboard/main.html", app_id=app.id, app_key=app.key,
                            csrf_token=_csrf_token(),
                            max_data=app.max_event_data_size)
@@ -109,18 +155,30 @@ def sign_in():
     _check_csrf()
     app_id = request.form.get("app_id", "").strip()
     secret = request.form.get("secret", "")
+    limit = _feed().signin_limit
+    core = _core()  # an IPv6 guesser is counted by its /64, as the connection limit counts it
+    address = counted_as(client_address(request.environ, core.trusted_proxies),
+                         core.settings.ipv6_prefix)
+    wait = limit.retry_after(address)
+    if wait:  # refused before any comparison: no guess is tried while limited
+        return _signin_page(f"Too many wrong secrets: try again in {wait} s.", app_id, 429,
+                            {"Retry-After": str(wait)})
     app = _core().apps.by_id(app_id)
     # Compared in constant time, and against a stand-in for an unknown id, so that timing
     # tells neither the secret nor which ids exist.
     expected = app.secret if app is not None else secrets.token_hex(16)
     if not hmac.compare_digest(secret.encode(), expected.encode()) or app is None:
-        return render_template("dashboard/signin.html", csrf_token=_csrf_token(),
-                               error="Wrong app ID or secret.", app_id=app_id), 401
+        limit.failed(address)
+        return _signin_page("Wrong app ID or secret.", app_id, 401)
+    if not app.enabled:
+        return _signin_page(f"{DISABLED}.", app_id, 403)
+    try:
+        session_id = _feed().sessions.create(app.id, int(time.time()) + SESSION_SECONDS)
+    except SessionStoreDown:
+        return _signin_page(STORE_DOWN, app_id, 503)
     session.clear()  # a new session id and token: nothing from before sign-in survives
     session.permanent = True
-    session.update(app_id=app.id, sid=secrets.token_urlsafe(18),
-                   expires=int(time.time()) + SESSION_SECONDS,
-                   csrf=secrets.token_urlsafe(24))
+    session.update(sid=session_id, csrf=secrets.token_urlsafe(24))
     return redirect(url_for("dashboard.index"), 303)
 
 
@@ -129,7 +187,10 @@ def sign_out():
     _check_csrf()
     session_id = session.get("sid")
     if session_id is not None:
-        _feed().revoke(session_id)
+        try:
+            _feed().revoke(session_id)
+        except SessionStoreDown:  # the session may still be live: keep the cookie, say so
+            abort(503, STORE_DOWN)
     session.clear()
     return redirect(url_for("dashboard.index"), 303)
 
@@ -146,8 +207,10 @@ def _require_app():
 @blueprint.get("/events")
 def events():
     """The live log as server-sent events: one JSON list of records per message."""
-    app = _require_app()
-    feed, session_id, expires = _feed(), session["sid"], session["expires"]
+    app, expires = _signed_in()
+    if app is None:
+        abort(401, "Sign in first")
+    feed, session_id = _feed(), session["sid"]
 
     def stream():
         viewer = feed.add_viewer(app.id, session_id, expires)
@@ -245,5 +308,6 @@ def publish():
 
 @blueprint.errorhandler(401)
 @blueprint.errorhandler(403)
+@blueprint.errorhandler(503)
 def _refused(exc):
     return _json({"error": exc.description}, exc.code)

@@ -20,8 +20,15 @@ def current_user(request):
     return None if name is None else {"id": name, "user_info": {"name": name.title()}}
 
 
+def may_join(user, channel):                # the README's rule: who may join which private channel
+    if channel.startswith("private-user-"):  # a user's own channel: that user only
+        return channel == f"private-user-{user['id']}"
+    return True                             # the others: every signed-in user
+
+
 app.register_blueprint(auth_blueprint(
-    realtime, current_user, encryption_master_key=os.environ.get("HOST_ENCRYPTION_MASTER_KEY")))
+    realtime, current_user, encryption_master_key=os.environ.get("HOST_ENCRYPTION_MASTER_KEY"),
+    allow=may_join))
 
 
 @app.post("/notify")

@@ -11,8 +11,17 @@ import bunpulse
 from bunpulse.authorizer import Authorizer, signing_app
 from hostproject.realtime import realtime
 
+
+def may_join(user, channel):
+    """docs/running.md's rule: a user's own channel for that user only, the others for all."""
+    if channel.startswith("private-user-"):
+        return channel == f"private-user-{user['id']}"
+    return True
+
+
 authorizer = Authorizer(signing_app(realtime),
-                        encryption_master_key=os.environ.get("HOST_ENCRYPTION_MASTER_KEY"))
+                        encryption_master_key=os.environ.get("HOST_ENCRYPTION_MASTER_KEY"),
+                        allow=may_join)
 
 
 def current_user(request):
