@@ -10,6 +10,7 @@ from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 
+from . import soketi
 from .addresses import parse_trusted
 
 
@@ -188,9 +189,11 @@ OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
 DEV_APP = {"id": "1", "key": "app-key", "secret": "app-secret"}
 
 Settings = dataclasses.make_dataclass(
-    "Settings", [(o.name, object, dataclasses.field(default=o.default)) for o in OPTIONS],
+    "Settings", [(o.name, object, dataclasses.field(default=o.default)) for o in OPTIONS]
+    + [("notes", tuple, dataclasses.field(default=()))],
     frozen=True)
-Settings.__doc__ = "The resolved settings (see OPTIONS)."
+Settings.__doc__ = ("The resolved settings (see OPTIONS), and `notes`: what start-up should say "
+                    "about where they came from (soketi's names read).")
 
 
 def build_parser():
@@ -218,6 +221,11 @@ def load_settings(argv=None, environ=None, overrides=None):
         raise ConfigError(f"unknown option: {', '.join(sorted(unknown))}")
     env_file = given.get("env_file") or environ.get("BUNPULSE_ENV_FILE") or ".env"
     dotenv = dotenv_values(env_file) if os.path.isfile(env_file) else {}
+    # A soketi deployment's environment or .env, under BunPulse's names (soketi.py).
+    environ, environ_note = soketi.translated(environ)
+    dotenv, dotenv_note = soketi.translated(dotenv)
+    notes = tuple(note for note in (environ_note, dotenv_note and f"{env_file}: {dotenv_note}")
+                  if note)
 
     values = {}
     for option in OPTIONS:
@@ -235,7 +243,7 @@ def load_settings(argv=None, environ=None, overrides=None):
         except (TypeError, ValueError) as exc:
             shown = redacted(str(raw)) if getattr(option.parse, "metavar", "") == "URL" else raw
             raise ConfigError(f"invalid {source}={shown!r}: {exc}") from None
-    settings = Settings(**values)
+    settings = Settings(**values, notes=notes)
     _check(settings)
     return settings
 

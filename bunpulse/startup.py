@@ -13,6 +13,8 @@ log = logging.getLogger("bunpulse")
 def log_startup(settings, apps, where, logger=log, workers=None):
     """Say where BunPulse listens, its apps, its adapter, and warn about development
     credentials. `where`: the listening address(es) as text."""
+    for note in settings.notes:
+        logger.info("%s", note, extra={"event": "settings_note"})
     under = f" ({workers} gunicorn worker(s))" if workers is not None else ""
     ws, http = ("wss", "https") if settings.ssl_cert else ("ws", "http")
     logger.info("BunPulse listening on %s%s: WebSocket %s://%s/app/{key}, HTTP API %s://%s/"
