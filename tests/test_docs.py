@@ -33,11 +33,15 @@ import textwrap
 
 import pytest
 
+from bunpulse import config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)  # the virtual environment's scripts (.venv/bin)
 README_MAX_LINES = 260
 FENCE = re.compile(r"^([ \t]*)```([\w+-]*)[ \t]*$")
-LANGUAGES = {"python", "sh", "js", "json"}
+LANGUAGES = {"python", "sh", "js", "json", "dotenv"}
+# The system's own commands a deployment recipe runs: their paths into the checkout are checked.
+SYSTEM_COMMANDS = {"apt-get", "useradd", "cd", "mkdir", "cp", "systemctl", "curl"}
 PATHLIKE = re.compile(r"^(scripts|deploy|tests|docs)/[\w./-]*$")
 # --flags the docs name that belong to another command than `python -m bunpulse`: that
 # command's --help must show them.
@@ -267,6 +271,8 @@ def check_command(tokens, problems):
     elif name == "pip":
         if args[:1] != ["install"]:
             problems.append(f"pip {' '.join(args)}: the docs test does not know it")
+    elif name in SYSTEM_COMMANDS:
+        pass  # what it names in the checkout was checked above
     else:
         problems.append(f"{program}: the docs test does not know this command")
 
@@ -336,6 +342,20 @@ def test_fences_name_a_language_this_test_checks():
 @pytest.mark.parametrize("block", all_blocks("json"), ids=str)
 def test_every_json_block_loads(block):
     json.loads(block.code)
+
+
+@pytest.mark.parametrize("block", all_blocks("dotenv"), ids=str)
+def test_every_environment_file_is_a_valid_configuration(block):
+    """An environment file the docs show: each line one of BunPulse's variables, and together
+    a configuration load_settings accepts."""
+    environ = {}
+    for line in block.code.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, value = line.partition("=")
+            environ[name.strip()] = value.strip()
+    known = {option.env for option in config.OPTIONS}
+    assert set(environ) <= known, f"not BunPulse's variables: {set(environ) - known}"
+    config.load_settings([], environ=dict(environ, BUNPULSE_ENV_FILE=os.devnull))
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
