@@ -283,6 +283,24 @@ def api(server):
     return pusher_api(server)
 
 
+# ------------------------------------------------------------------------ a browser
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's headless Chromium driven by Playwright (which never downloads a browser)."""
+    from playwright import sync_api as playwright_api
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("chromium is not installed (scripts/test installs it)")
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                             args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
 # ------------------------------------------------------------------------ pusher-js
 
 class NodeDriver:
