@@ -180,7 +180,7 @@ def test_pusher_js_in_a_browser_gets_every_event_whatever_the_compression(
     assert tab.evaluate("window.closeCodes") == [] and tab.errors == []
 
 
-# ---------------------------------------------------------------- --max-buffer counts deflated bytes
+# ---------------------------------------------------------------- --max-buffer, deflated
 
 def test_a_paused_tab_is_evicted_once_the_deflated_bytes_queued_pass_max_buffer(
         tab, compressing):
