@@ -283,6 +283,24 @@ def api(server):
     return pusher_api(server)
 
 
+# ------------------------------------------------------------------------ a browser
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's headless Chromium driven by Playwright (which never downloads a browser)."""
+    from playwright import sync_api as playwright_api
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("chromium is not installed (scripts/test installs it)")
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                             args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
 # ------------------------------------------------------------------------ pusher-js
 
 class NodeDriver:
@@ -613,25 +631,85 @@ def bunpulse_bytes(snapshot, since):
     return sum(stat.size_diff for stat in stats)
 
 
-class RecordingSocket:
-    """Stands where a connection's WebSocket would be: records the frames sent and the close."""
+def server_frames(data):
+    """(opcode, payload) of the whole (unmasked) server frames in `data`, and the bytes after
+    them."""
+    frames, at = [], 0
+    while len(data) - at >= 2:
+        n, head = data[at + 1] & 0x7F, 2
+        if n == 126:
+            n, head = int.from_bytes(data[at + 2:at + 4], "big"), 4
+        elif n == 127:
+            n, head = int.from_bytes(data[at + 2:at + 10], "big"), 10
+        if len(data) - at < head + n:
+            break
+        frames.append((data[at] & 0x0F, data[at + head:at + head + n]))
+        at += head + n
+    return frames, data[at:]
 
-    def __init__(self):
-        self.frames = []
-        self.closed = None  # (code, reason) once closed
-        self.outbox = self  # what a Connection writes through
 
-    def send(self, frame):
-        self.frames.append(frame)
+class SocketClient:
+    """A real bunpulse Connection on one end of a real socket pair, written by its real
+    PusherWebSocket and Outbox as they write any client (no core serves it), and the client's
+    end, read here. A unix SOCK_SEQPACKET pair: each write of the outbox arrives as one
+    record, so a test also sees which frames left together."""
 
-    def close(self, code, reason=""):
-        self.closed = (code, reason)
+    def __init__(self, app, socket_id):
+        from bunpulse.connection import Connection
+        from bunpulse.websocket import PusherWebSocket
+        served, self.sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        served.setblocking(False)
+        self.sock.setblocking(False)
+        self.conn = Connection(None, app, PusherWebSocket(served), socket_id)
+        self.writes = []  # the records read so far: one per write of the outbox
+        self.ended = False  # the server's end shut its writing side (after a close frame)
+
+    def read(self):
+        """Take what has arrived (the outbox wrote it before returning, from a greenlet)."""
+        while not self.ended:
+            try:
+                record = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                break
+            if record:
+                self.writes.append(record)
+            else:
+                self.ended = True
+        return self
+
+    def frames(self):
+        """(opcode, payload) of every frame received so far; they must all be whole."""
+        frames, rest = server_frames(b"".join(self.read().writes))
+        assert rest == b"", f"a frame cut short: {rest[:40]!r}"
+        return frames
+
+    def messages(self):
+        """The payloads of the text frames received so far."""
+        return [payload for opcode, payload in self.frames() if opcode == 0x1]
+
+    def close_code(self):
+        """The code of the server's close frame, None if none came."""
+        closes = [payload for opcode, payload in self.frames() if opcode == 0x8]
+        return int.from_bytes(closes[0][:2], "big") if closes else None
+
+    def close(self):
+        self.sock.close()
+        self.conn.outbox.shutdown()
+        self.conn.outbox.release()
 
 
-def recording_connection(app, socket_id):
-    """A real bunpulse Connection, not served: its socket records instead of sending."""
-    from bunpulse.connection import Connection
-    return Connection(None, app, RecordingSocket(), socket_id)
+@pytest.fixture
+def socket_client():
+    """Factory: socket_client(app, socket_id) -> SocketClient, closed after the test."""
+    made = []
+
+    def make(app, socket_id):
+        made.append(SocketClient(app, socket_id))
+        return made[-1]
+
+    yield make
+    for client in made:
+        client.close()
 
 
 # ------------------------------------------------------------------------ webhooks

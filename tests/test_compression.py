@@ -1,8 +1,10 @@
 """permessage-deflate (RFC 7692), negotiated with clients that offer it: events leave deflated,
 compressed once for every socket (no context takeover on either side); client messages are
 inflated, at most to the message size limit (a zip bomb gets 1009); `--compression false` turns
-it off. pusher-js under Node (whose `ws` offers permessage-deflate) runs every other test with
-it on."""
+it off. These tests speak with hand-made frames: pusher-js under Node offers no extension (its
+bundled faye-websocket client registers none), so the other suites' pusher-js clients run
+uncompressed. pusher-js with compression, in a browser that negotiates it, and `--max-buffer`
+counting deflated bytes: test_compression_browser.py."""
 import base64
 import json
 import os

@@ -19,21 +19,9 @@ from playwright import sync_api as playwright_api
 from conftest import (APP_ID, KEY, SECRET, RawClient, ServerProcess, connected,
                       gunicorn_workers, only_worker, pusher_api, raw_subscribe, wait_until)
 
-CHROMIUM = "/usr/bin/chromium"
 DASHBOARD_ENV = {"BUNPULSE_DASHBOARD": "true", "BUNPULSE_WEBHOOK_DELAY_MS": "0"}
 GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
 INJECTION = '<img src=x onerror="window.__pwned=1">'
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.fail("chromium is not installed (scripts/test installs it)")
-    with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                             args=["--no-sandbox"])
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

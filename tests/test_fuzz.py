@@ -1,12 +1,17 @@
 """Property-based tests (hypothesis) of what parses client input: the Pusher message parser,
-the HTTP API's JSON bodies (through the real WSGI app), its signed query and the request head
-reader. Every input
-gets a clear answer; no exception other than the documented one escapes."""
-import io
+the HTTP API's JSON bodies, its signed query and the request head reader. Every input gets a
+clear answer; no exception other than the documented one escapes.
+
+The API's bodies and queries go two ways, each example both: into the WSGI app (Flask's test
+client), and as raw HTTP/1.1 requests on a keep-alive socket to a real server, which reads them
+as it reads every request (its own reader, in the event loop or a greenlet, the publish
+answered there). Both answers must be clear, and the same."""
+import http.client
 import json
 import os
 import re
-from urllib.parse import quote, quote_plus
+import socket
+from urllib.parse import quote, quote_plus, urlencode
 
 import orjson
 import pytest
@@ -72,12 +77,66 @@ def test_pusher_events_take_data_in_both_encodings(data):
 
 # ------------------------------------------------------------------ HTTP API bodies
 
+class SocketApi:
+    """Requests written as raw bytes on a keep-alive socket to a real server; answers read
+    with http.client's parser (a new connection once the server says it closes one)."""
+
+    def __init__(self, server):
+        self.server, self.sock = server, None
+
+    def request(self, method, target, body=b"", headers=None):
+        head = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+        request = (f"{method} {target} HTTP/1.1\r\nHost: localhost\r\n{head}"
+                   f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1") + body
+        if self.sock is None:
+            self.sock = socket.create_connection((self.server.host, self.server.port), 5)
+        self.sock.sendall(request)
+        answer = http.client.HTTPResponse(self.sock, method=method)
+        answer.begin()
+        answer.data = answer.read()
+        answer.status_code = answer.status
+        if answer.will_close:  # the server ends the connection after this answer
+            self.close()
+        return answer
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
 @pytest.fixture(scope="module")
 def api_client():
+    """The WSGI app, through Flask's test client."""
     from bunpulse.wsgi import create_app
     app = create_app(load_settings(None, environ={}, overrides={
         "app_id": APP_ID, "app_key": KEY, "app_secret": SECRET, "env_file": os.devnull}))
     return app.test_client()
+
+
+@pytest.fixture(scope="module")
+def socket_api(server):
+    """A real server (the module's), on a socket."""
+    client = SocketApi(server)
+    yield client
+    client.close()
+    assert "Traceback" not in server.log()  # nothing escaped while it answered
+
+
+@pytest.fixture
+def both(api_client, socket_api):
+    """request(method, target, body, headers) -> the answer of each way, both asserted clear
+    and alike: a real server's reading of a request must not change what it answers."""
+    def request(method, target, body=b"", headers=None):
+        wsgi = api_client.open(target, method=method, data=body, headers=headers)
+        real = socket_api.request(method, target, body, headers)
+        for response in (wsgi, real):
+            assert_clear_answer(response)
+        assert (real.status_code, json.loads(real.data)) == \
+            (wsgi.status_code, json.loads(wsgi.data)), target
+        return real
+
+    return request
 
 
 EVENT_KEYS = ("name", "data", "channel", "channels", "socket_id", "info", "batch")
@@ -109,18 +168,16 @@ def assert_clear_answer(response):
 
 @API
 @given(st.sampled_from(POSTS), bodies)
-def test_any_api_body_gets_a_json_answer_never_a_500(api_client, path, body):
-    response = api_client.post(path, data=body, headers={
-        "Authorization": f"Bearer {SECRET}", "Content-Type": "application/json"})
-    assert_clear_answer(response)
+def test_any_api_body_gets_a_json_answer_never_a_500(both, path, body):
+    both("POST", path, body, {"Authorization": f"Bearer {SECRET}",
+                              "Content-Type": "application/json"})
 
 
 @API
 @given(st.sampled_from(POSTS), bodies, st.text(max_size=40))
-def test_unsigned_or_badly_signed_bodies_get_a_json_401(api_client, path, body, query):
-    response = api_client.post(path, data=body, query_string={"auth_signature": query,
-                                                              "auth_key": KEY})
-    assert_clear_answer(response)
+def test_unsigned_or_badly_signed_bodies_get_a_json_401(both, path, body, query):
+    response = both("POST", f"{path}?{urlencode({'auth_signature': query, 'auth_key': KEY})}",
+                    body)
     assert response.status_code in (400, 401)
 
 
@@ -129,10 +186,10 @@ def test_unsigned_or_badly_signed_bodies_get_a_json_401(api_client, path, body, 
        st.dictionaries(st.sampled_from(("info", "filter_by_prefix", "auth_key")),
                        st.text(max_size=20), max_size=3))
 @example(name="/0", query={})  # a doubled slash was a redirect with an HTML body
-def test_any_api_query_gets_a_json_answer(api_client, name, query):
-    response = api_client.get(f"/apps/1/channels/{quote(name, safe='')}", query_string=query,
-                              headers={"Authorization": f"Bearer {SECRET}"})
-    assert_clear_answer(response)
+def test_any_api_query_gets_a_json_answer(both, name, query):
+    target = f"/apps/1/channels/{quote(name, safe='')}" + (f"?{urlencode(query)}" if query
+                                                           else "")
+    both("GET", target, headers={"Authorization": f"Bearer {SECRET}"})
 
 
 # ------------------------------------------------------------------ request heads

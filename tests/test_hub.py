@@ -1,12 +1,12 @@
 """The hub in-process: what each state change reports, who gets a broadcast and in what order,
-sign-ins, watchlists and cache channels. Real Hub and Connection objects; only the sockets
-record instead of sending."""
+sign-ins, watchlists and cache channels. Real Hub and Connection objects, each connection
+writing a real socket whose other end the test reads as its client (conftest.SocketClient)."""
 import gevent
 import pytest
 
 from bunpulse.apps import App
+from bunpulse.frames import build_frame
 from bunpulse.hub import YIELD_EVERY, Hub
-from conftest import recording_connection
 
 APP = App(id="1", key="k1", secret="s1")
 OTHER_APP = App(id="2", key="k2", secret="s2")
@@ -17,18 +17,26 @@ def hub():
     return Hub()
 
 
-def joined(hub, socket_id, *channels, app=APP, member=None):
-    conn = recording_connection(app, socket_id)
-    hub.add_connection(conn)
-    for name in channels:
-        hub.subscribe(conn, name, member)
-    return conn
+@pytest.fixture
+def joined(hub, socket_client):
+    """joined(socket_id, *channels) -> the connection, added to the hub and subscribed; its
+    client (the socket's other end) is `joined.clients[connection]`."""
+    def join(socket_id, *channels, app=APP, member=None):
+        client = socket_client(app, socket_id)
+        hub.add_connection(client.conn)
+        for name in channels:
+            hub.subscribe(client.conn, name, member)
+        clients[client.conn] = client
+        return client.conn
+
+    clients = join.clients = {}
+    return join
 
 
 # ---------------------------------------------------------------- channels
 
-def test_first_subscriber_occupies_and_last_vacates(hub):
-    a, b = joined(hub, "1.1"), joined(hub, "1.2")
+def test_first_subscriber_occupies_and_last_vacates(hub, joined):
+    a, b = joined("1.1"), joined("1.2")
     assert hub.subscribe(a, "room") == (True, False)
     assert hub.subscribe(b, "room") == (False, False)
     assert hub.unsubscribe(a, "room") == ("room", False, None)
@@ -36,16 +44,16 @@ def test_first_subscriber_occupies_and_last_vacates(hub):
     assert hub.channel(APP.id, "room") is None and hub.channels(APP.id) == {}
 
 
-def test_unsubscribing_what_was_never_subscribed_reports_nothing(hub):
-    a = joined(hub, "1.1", "room")
+def test_unsubscribing_what_was_never_subscribed_reports_nothing(hub, joined):
+    a = joined("1.1", "room")
     assert hub.unsubscribe(a, "elsewhere") is None
     assert hub.unsubscribe(a, "room") == ("room", True, None)
     assert hub.unsubscribe(a, "room") is None  # twice: nothing the second time
     assert a.subscriptions == {}
 
 
-def test_presence_member_added_once_and_removed_with_its_last_connection(hub):
-    tab1, tab2 = joined(hub, "1.1"), joined(hub, "1.2")
+def test_presence_member_added_once_and_removed_with_its_last_connection(hub, joined):
+    tab1, tab2 = joined("1.1"), joined("1.2")
     assert hub.subscribe(tab1, "presence-r", ("u1", {"n": 1})) == (True, True)
     assert hub.subscribe(tab2, "presence-r", ("u1", {"n": 1})) == (False, False)
     assert hub.has_member(APP.id, "presence-r", "u1")
@@ -55,18 +63,18 @@ def test_presence_member_added_once_and_removed_with_its_last_connection(hub):
     assert not hub.has_member(APP.id, "presence-r", "u1")
 
 
-def test_apps_do_not_share_channels_or_connections(hub):
-    joined(hub, "1.1", "room")
-    joined(hub, "1.1", "room", app=OTHER_APP)  # same socket id and channel, other app
+def test_apps_do_not_share_channels_or_connections(hub, joined):
+    joined("1.1", "room")
+    joined("1.1", "room", app=OTHER_APP)  # same socket id and channel, other app
     assert hub.connection_count(APP.id) == hub.connection_count(OTHER_APP.id) == 1
     assert hub.broadcast(APP.id, "room", b"frame") == 1
     assert hub.connection_count("3") == 0 and hub.channels("3") == {}
 
 
-def test_removing_a_connection_reports_every_channel_and_the_user_offline(hub):
-    conn = joined(hub, "1.1", "a", "b")
+def test_removing_a_connection_reports_every_channel_and_the_user_offline(hub, joined):
+    conn = joined("1.1", "a", "b")
     hub.subscribe(conn, "presence-c", ("u1", {}))
-    other = joined(hub, "1.2", "b")
+    other = joined("1.2", "b")
     conn.user_id = "u1"
     assert hub.sign_in(conn, "u1") is True
     changes, offline = hub.remove_connection(conn)
@@ -79,22 +87,25 @@ def test_removing_a_connection_reports_every_channel_and_the_user_offline(hub):
 
 # ---------------------------------------------------------------- delivery
 
-def test_broadcast_sends_the_frame_once_to_each_subscriber_but_the_excluded(hub):
-    a, b, c = (joined(hub, f"1.{n}", "room") for n in (1, 2, 3))
-    outsider = joined(hub, "1.9", "other")
-    assert hub.broadcast(APP.id, "room", b"one", except_socket_id="1.1") == 2
-    assert hub.broadcast(APP.id, "room", b"two") == 3
-    assert a.ws.frames == [b"two"]
-    assert b.ws.frames == c.ws.frames == [b"one", b"two"]
-    assert outsider.ws.frames == []
-    assert hub.broadcast(APP.id, "empty", b"x") == 0
+def test_broadcast_sends_the_frame_once_to_each_subscriber_but_the_excluded(hub, joined):
+    a, b, c = (joined(f"1.{n}", "room") for n in (1, 2, 3))
+    outsider = joined("1.9", "other")
+    one, two = build_frame(b'{"n":1}'), build_frame(b'{"n":2}')
+    assert hub.broadcast(APP.id, "room", one, except_socket_id="1.1") == 2
+    assert hub.broadcast(APP.id, "room", two) == 3
+    client = joined.clients
+    assert client[a].messages() == [b'{"n":2}']
+    assert client[b].messages() == client[c].messages() == [b'{"n":1}', b'{"n":2}']
+    assert client[outsider].read().writes == []
+    assert hub.broadcast(APP.id, "empty", one) == 0
 
 
-def test_a_big_channel_yields_and_keeps_every_subscribers_order(hub):
+def test_a_big_channel_yields_and_keeps_every_subscribers_order(hub, joined):
     """Past YIELD_EVERY subscribers a fan-out yields; frames published meanwhile queue behind
-    it, may go out joined, and still reach each subscriber once, in order, without its own."""
-    conns = [joined(hub, f"1.{n}", "big") for n in range(YIELD_EVERY * 2 + 7)]
-    frames = [b"<%d>" % n for n in range(6)]
+    it, may go out joined (one write), and still reach each subscriber once, in order, without
+    its own."""
+    conns = [joined(f"1.{n}", "big") for n in range(YIELD_EVERY * 2 + 7)]
+    frames = [build_frame(b"<%d>" % n) for n in range(6)]
     excluded = conns[YIELD_EVERY + 3]
 
     def publish(n):
@@ -103,18 +114,19 @@ def test_a_big_channel_yields_and_keeps_every_subscribers_order(hub):
 
     greenlets = [gevent.spawn(publish, n) for n in range(len(frames))]
     gevent.joinall(greenlets, timeout=5, raise_error=True)
-    for conn in conns:
-        want = [f for n, f in enumerate(frames) if not (conn is excluded and n == 4)]
-        assert b"".join(conn.ws.frames) == b"".join(want), conn.socket_id
-    assert any(len(conn.ws.frames) < len(frames) - 1 for conn in conns)  # some went joined
+    clients = [joined.clients[conn] for conn in conns]
+    for conn, client in zip(conns, clients):
+        want = [b"<%d>" % n for n in range(len(frames)) if not (conn is excluded and n == 4)]
+        assert client.messages() == want, conn.socket_id
+    assert any(len(client.writes) < len(frames) - 1 for client in clients)  # some went joined
     channel = hub.channel(APP.id, "big")
     assert not channel.queue and not channel.sending
 
 
 # ---------------------------------------------------------------- users
 
-def test_a_user_is_online_from_the_first_connection_to_the_last(hub):
-    tab1, tab2 = joined(hub, "1.1"), joined(hub, "1.2")
+def test_a_user_is_online_from_the_first_connection_to_the_last(hub, joined):
+    tab1, tab2 = joined("1.1"), joined("1.2")
     for conn in (tab1, tab2):
         conn.user_id = "u1"
     assert hub.sign_in(tab1, "u1") is True
@@ -126,8 +138,8 @@ def test_a_user_is_online_from_the_first_connection_to_the_last(hub):
     assert hub.user_connections(APP.id, "u1") == []
 
 
-def test_watchers_are_forgotten_when_they_sign_out(hub):
-    watcher, other = joined(hub, "1.1"), joined(hub, "1.2")
+def test_watchers_are_forgotten_when_they_sign_out(hub, joined):
+    watcher, other = joined("1.1"), joined("1.2")
     watcher.watchlist = ("u1", "u2")
     hub.watch(watcher, watcher.watchlist)
     hub.watch(other, ["u1"])
@@ -158,15 +170,15 @@ def test_expired_entries_are_swept_by_later_writes(hub):
     assert set(hub.app(APP.id).cache) == {"cache-live"}
 
 
-def test_a_cache_miss_is_reported_once_until_an_event_fills_the_channel(hub):
-    a = joined(hub, "1.1", "cache-a")
+def test_a_cache_miss_is_reported_once_until_an_event_fills_the_channel(hub, joined):
+    a = joined("1.1", "cache-a")
     assert hub.first_cache_miss(APP.id, "cache-a") is True
     assert hub.first_cache_miss(APP.id, "cache-a") is False
     hub.cache_set(APP.id, "cache-a", "e", "d", ttl=0)
     assert hub.first_cache_miss(APP.id, "cache-a") is True
     assert hub.first_cache_miss(APP.id, "cache-a") is False
     hub.unsubscribe(a, "cache-a")  # vacated: the reported miss goes with the channel
-    joined(hub, "1.2", "cache-a")
+    joined("1.2", "cache-a")
     assert hub.first_cache_miss(APP.id, "cache-a") is True
 
 

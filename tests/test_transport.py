@@ -12,8 +12,8 @@ import websocket
 from bunpulse.errors import ErrorCode
 from bunpulse.frames import build_frame, close_frame
 from bunpulse.outbox import Outbox
-from conftest import (APP_ID, KEY, RawClient, WholePublisher, connected, signed_request,
-                      wait_until)
+from conftest import (APP_ID, KEY, RawClient, WholePublisher, connected, server_frames,
+                      signed_request, wait_until)
 
 
 def _pair():
@@ -219,22 +219,6 @@ class _Counter(threading.Thread):
             self.error = exc
 
 
-def _frames(data):
-    """(opcode, payload) of the whole server frames in `data`, and the bytes after them."""
-    frames, at = [], 0
-    while len(data) - at >= 2:
-        n, head = data[at + 1] & 0x7F, 2
-        if n == 126:
-            n, head = int.from_bytes(data[at + 2:at + 4], "big"), 4
-        elif n == 127:
-            n, head = int.from_bytes(data[at + 2:at + 10], "big"), 10
-        if len(data) - at < head + n:
-            break
-        frames.append((data[at] & 0x0F, data[at + head:at + head + n]))
-        at += head + n
-    return frames, data[at:]
-
-
 def _read_to_the_end(client):
     """Everything a paused client finds when it reads again, as fast as it can (the server
     drops an evicted socket CLOSE_LINGER seconds after its close frame was queued)."""
@@ -249,7 +233,7 @@ def _read_to_the_end(client):
         if not chunk:
             break
         data += chunk
-    return _frames(bytes(data))
+    return server_frames(bytes(data))
 
 
 def _evicted_in_full(subscribed_on, published_on, publish, channel):
