@@ -233,6 +233,22 @@ def test_presence_member_size_is_per_app(multi, raw):
         answer["data"]["error"], answer
 
 
+def test_presence_member_size_holds_for_a_signed_in_user(multi, raw):
+    # a presence subscription without channel_data takes the signed-in user's user_info
+    key, secret = CREDENTIALS["8"]
+    for size, event in ((2048, "pusher_internal:subscription_succeeded"),
+                        (2049, "pusher:subscription_error")):
+        client = raw_app(raw, multi, "8")
+        socket_id = connected(client)
+        info = {"n": ""}
+        info["n"] = "x" * (size - len(json.dumps(info, separators=(",", ":"))))
+        raw_signin(client, socket_id, {"id": f"s{size}", "user_info": info}, key, secret)
+        client.recv_event("pusher:signin_success")
+        raw_subscribe(client, socket_id, "presence-signed", key=key, secret=secret)
+        answer = client.recv()
+        assert answer["event"] == event, answer
+
+
 def test_presence_member_size_of_the_environment_app(start_server, raw):
     server = start_server(env={"BUNPULSE_MAX_PRESENCE_MEMBER_SIZE_IN_KB": "3"})
     answer = presence_join(raw(target=server), APP_ID, "presence-big", "u1", 3072)
