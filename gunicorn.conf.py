@@ -32,8 +32,9 @@ worker_class = "bunpulse.worker.PusherWorker"
 worker_connections = 20000      # requests being read at once (upgraded sockets leave the pool)
 wsgi_app = "bunpulse.wsgi:create_app()"
 timeout = 30                    # the hub never blocks; a stuck worker is restarted
-graceful_timeout = 10           # on a reload, old workers wait up to 7 s for a new one to
-                                # answer, then tell their clients 4200
+# On a reload, old workers wait up to 7 s for a new one to answer, then tell their clients
+# 4200 and take BUNPULSE_SHUTDOWN_GRACE_MS (3 s by default) for them to leave.
+graceful_timeout = 7 + -(-_settings.shutdown_grace_ms // 1000)
 keepalive = 5
 backlog = _settings.backlog     # BUNPULSE_BACKLOG: gunicorn's own default is 2048 too
 loglevel = _settings.log_level

@@ -1,21 +1,42 @@
 """The app record (credentials, limits, webhooks) and lookup by key or id."""
 import dataclasses
 import json
+import re
 
 from .config import DEV_APP, ConfigError
+from .origins import ANY, AllowedOrigins
 
 WEBHOOK_EVENTS = frozenset(("channel_occupied", "channel_vacated", "member_added",
                             "member_removed", "client_event", "cache_miss",
                             "subscription_count"))
 
 
+# Headers a target may not set: BunPulse writes them, and the receiver checks them.
+RESERVED_HEADERS = frozenset(("content-type", "content-length", "transfer-encoding", "host",
+                              "connection", "x-pusher-key", "x-pusher-signature"))
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110)
+_WEBHOOK_FIELDS = ("url", "event_types", "filter", "headers")
+_FILTER_FIELDS = ("channel_name_starts_with", "channel_name_ends_with")
+
+
 @dataclasses.dataclass(frozen=True)
 class WebhookTarget:
     url: str
     event_types: frozenset = WEBHOOK_EVENTS
+    # soketi's filter: only events of channels whose name starts / ends so ("" takes all)
+    channel_name_starts_with: str = ""
+    channel_name_ends_with: str = ""
+    headers: tuple = ()  # (name, value) pairs sent with each request
 
     def wants(self, name):
         return name in self.event_types
+
+    def takes(self, event):
+        """Whether this target receives `event` (a webhook event with a channel)."""
+        channel = event.get("channel") or ""
+        return event["name"] in self.event_types and \
+            channel.startswith(self.channel_name_starts_with) and \
+            channel.endswith(self.channel_name_ends_with)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,10 +55,13 @@ class App:
     max_channel_name_length: int = 200
     max_event_name_length: int = 200
     max_presence_members: int = 100
+    max_presence_member_size_in_kb: int = 1  # user_info of one member (Pusher: 1 KB)
+    allowed_origins: AllowedOrigins = ANY    # pages that may connect (origins.py)
     webhooks: tuple = ()
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(App)}
+_AT_LEAST_ONE = ("max_presence_member_size_in_kb",)
 
 
 class AppRegistry:
@@ -74,33 +98,92 @@ def _targets(settings):
     return tuple(targets)
 
 
+def _unknown(raw, known, spot):
+    """ConfigError naming the first key of `raw` that is not `known` (a misspelt key would
+    otherwise be ignored, and its setting with it)."""
+    for name in raw:
+        if name not in known:
+            hint = _snake(name)
+            raise ConfigError(f"{spot}: unknown field {name!r}" + (
+                f" (BunPulse's name: {hint!r})" if hint != name and hint in known else
+                f"; known: {', '.join(known)}" if len(known) <= 6 else ""))
+
+
+def _snake(name):
+    """soketi's camelCase names as BunPulse spells them (maxConnections: max_connections)."""
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
+
+
 def _parse_webhooks(raw, where):
     if not isinstance(raw, list):
         raise ConfigError(f"{where}: field 'webhooks' must be a list")
     targets = []
     for n, hook in enumerate(raw):
         spot = f"{where}: webhooks[{n}]"
-        if not isinstance(hook, dict) or not isinstance(hook.get("url"), str) \
+        if not isinstance(hook, dict):
+            raise ConfigError(f"{spot}: each webhook must be a JSON object with a 'url'")
+        _unknown(hook, _WEBHOOK_FIELDS, spot)
+        if not isinstance(hook.get("url"), str) \
                 or not hook["url"].startswith(("http://", "https://")):
             raise ConfigError(f"{spot}: field 'url' must be an http(s) URL")
         types = hook.get("event_types", sorted(WEBHOOK_EVENTS))
         if not isinstance(types, list) or not set(types) <= WEBHOOK_EVENTS:
             raise ConfigError(f"{spot}: field 'event_types' must list some of "
                               f"{', '.join(sorted(WEBHOOK_EVENTS))}")
-        targets.append(WebhookTarget(hook["url"], frozenset(types)))
+        targets.append(WebhookTarget(hook["url"], frozenset(types),
+                                     **_parse_filter(hook.get("filter", {}), spot),
+                                     headers=_parse_headers(hook.get("headers", {}), spot)))
     return tuple(targets)
+
+
+def _parse_filter(raw, spot):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{spot}: field 'filter' must be an object with "
+                          f"{' and/or '.join(_FILTER_FIELDS)}")
+    _unknown(raw, _FILTER_FIELDS, f"{spot}: filter")
+    for name, value in raw.items():
+        if not isinstance(value, str):
+            raise ConfigError(f"{spot}: filter: field {name!r} must be a string")
+    return raw
+
+
+def _parse_headers(raw, spot):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{spot}: field 'headers' must be an object of header names to "
+                          "values")
+    for name, value in raw.items():
+        if not _TOKEN.fullmatch(name):
+            raise ConfigError(f"{spot}: headers: {name!r} is not a header name")
+        if name.lower() in RESERVED_HEADERS:
+            raise ConfigError(f"{spot}: headers: {name!r} is set by BunPulse itself (it may "
+                              "not be replaced: the receiver checks it)")
+        if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
+            raise ConfigError(f"{spot}: headers: the value of {name!r} must be a string on "
+                              "one line")
+    return tuple(raw.items())
+
+
+def _parse_origins(raw, where):
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{where}: field 'allowed_origins' must be a non-empty list of "
+                          "origins (https://app.example.com), hosts (*.example.com) or \"*\"")
+    try:
+        return AllowedOrigins(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: field 'allowed_origins': {exc}") from None
 
 
 def parse_app(raw, where):
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: each app must be a JSON object")
     values = {}
+    _unknown(raw, tuple(_FIELDS), where)
     for name, value in raw.items():
-        field = _FIELDS.get(name)
-        if field is None:
-            raise ConfigError(f"{where}: unknown field {name!r}")
+        field = _FIELDS[name]
         if name == "webhooks":
             value = _parse_webhooks(value, where)
+        elif name == "allowed_origins":
+            value = _parse_origins(value, where)
         elif name == "id":
             if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value) == "":
                 raise ConfigError(f"{where}: field 'id' must be a non-empty string or number")
@@ -111,8 +194,10 @@ def parse_app(raw, where):
         elif field.type == "bool" or field.type is bool:
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}: field {name!r} must be true or false")
-        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{where}: field {name!r} must be a whole number of at least 0")
+        elif isinstance(value, bool) or not isinstance(value, int) or \
+                value < (name in _AT_LEAST_ONE):
+            raise ConfigError(f"{where}: field {name!r} must be a whole number of at least "
+                              f"{int(name in _AT_LEAST_ONE)}")
         values[name] = value
     for required in ("id", "key", "secret"):
         if required not in values:
@@ -168,14 +253,17 @@ def load_apps_file(path, taken=()):
 def load_apps(settings):
     """The apps of a deployment: the environment's app, the apps file's, or the dev app."""
     apps = []
+    # What the options set of the environment's app (or the development app).
+    options = dict(client_events=settings.client_events,
+                   max_connections=settings.max_connections,
+                   allowed_origins=settings.allowed_origins or ANY,
+                   max_presence_member_size_in_kb=settings.max_presence_member_size_in_kb,
+                   webhooks=_targets(settings))
     if settings.app_id:
         apps.append(App(id=settings.app_id, key=settings.app_key, secret=settings.app_secret,
-                        client_events=settings.client_events,
-                        max_connections=settings.max_connections, webhooks=_targets(settings)))
+                        **options))
     if settings.apps_file:
         apps.extend(load_apps_file(settings.apps_file, taken=apps))
     if not apps:
-        apps.append(App(client_events=settings.client_events,
-                        max_connections=settings.max_connections,
-                        webhooks=_targets(settings), **DEV_APP))
+        apps.append(App(**options, **DEV_APP))
     return AppRegistry(apps)

@@ -12,6 +12,7 @@ from dotenv import dotenv_values
 
 from . import soketi
 from .addresses import parse_trusted
+from .origins import parse_list as parse_origins
 
 
 class ConfigError(Exception):
@@ -74,6 +75,17 @@ def _text(value):
 _text.metavar = "TEXT"
 
 
+def _key_prefix(value):
+    # In a key, braces would take the Redis Cluster hash tag from the part BunPulse tags.
+    text = str(value)
+    if not text or any(c in text for c in "{}") or any(c.isspace() for c in text):
+        raise ValueError("must be a non-empty name without braces or spaces")
+    return text
+
+
+_key_prefix.metavar = "PREFIX"
+
+
 @dataclasses.dataclass(frozen=True)
 class Option:
     name: str
@@ -101,6 +113,14 @@ OPTIONS = (
            "allow client-* events for the app from the environment"),
     Option("max_connections", "BUNPULSE_MAX_CONNECTIONS", 0, _int(0),
            "connection limit of the app from the environment (0: none)"),
+    Option("allowed_origins", "BUNPULSE_ALLOWED_ORIGINS", None, parse_origins,
+           "pages that may connect to the app from the environment, by the upgrade's Origin: "
+           "comma-separated origins (https://app.example.com) or hosts (*.example.com); "
+           "others get pusher:error and close 4009, a request without Origin is never refused",
+           shown_default="*"),
+    Option("max_presence_member_size_in_kb", "BUNPULSE_MAX_PRESENCE_MEMBER_SIZE_IN_KB", 1,
+           _int(1), "KB of user_info one presence member of the app from the environment may "
+           "have (Pusher's limit: 1)"),
     Option("heartbeat_interval", "BUNPULSE_HEARTBEAT_INTERVAL", 25000, _int(100),
            "ms without traffic before the server sends pusher:ping"),
     Option("heartbeat_timeout", "BUNPULSE_HEARTBEAT_TIMEOUT", 60000, _int(200),
@@ -159,8 +179,14 @@ OPTIONS = (
            "webhook events held per target before new ones are dropped (and counted)"),
     Option("redis_url", "BUNPULSE_REDIS_URL", None, _url(("redis", "rediss", "unix")),
            "Redis for several workers or nodes (pub/sub and shared state)"),
+    Option("redis_key_prefix", "BUNPULSE_REDIS_KEY_PREFIX", "bp", _key_prefix,
+           "first part of every Redis key and pub/sub channel: two deployments on one Redis "
+           "need two prefixes"),
     Option("redis_cluster", "BUNPULSE_REDIS_CLUSTER", False, _bool,
            "the Redis URL is a seed node of a Redis Cluster (sharded pub/sub, Redis 7+)"),
+    Option("shutdown_grace_ms", "BUNPULSE_SHUTDOWN_GRACE_MS", 3000, _int(0),
+           "ms a stopping worker gives its clients to leave after telling them to reconnect "
+           "(4200), and its webhooks to go out, before it exits"),
     Option("dashboard", "BUNPULSE_DASHBOARD", False, _bool,
            "serve the debug dashboard at /dashboard (sign in with an app's id and secret)"),
     Option("workers", "BUNPULSE_WORKERS", 1, _int(1),

@@ -281,8 +281,13 @@ class Connection:
             if not channel_auth_ok(self.app, self.socket_id, name, auth):
                 raise SubscriptionError(f"Invalid signature: expected HMAC SHA256 hex digest of "
                                         f"{self.socket_id}:{name}")
-            user = protocol.loads(self.user_data)
-            return self.user_id, user.get("user_info")
+            info = protocol.loads(self.user_data).get("user_info")
+            try:
+                protocol.check_user_info(info, self.app.max_presence_member_size_in_kb * 1024)
+            except ValueError as exc:
+                raise SubscriptionError(f"Invalid user_data: {exc}", 400,
+                                        "InvalidChannelData") from None
+            return self.user_id, info
         if kind.presence:
             if not isinstance(channel_data, str):
                 raise SubscriptionError("Presence channels need channel_data, a JSON string",
@@ -291,7 +296,8 @@ class Connection:
                 raise SubscriptionError(f"Invalid signature: expected HMAC SHA256 hex digest of "
                                         f"{self.socket_id}:{name}:channel_data")
             try:
-                return protocol.parse_presence_data(channel_data)
+                return protocol.parse_presence_data(
+                    channel_data, self.app.max_presence_member_size_in_kb * 1024)
             except ValueError as exc:
                 raise SubscriptionError(f"Invalid channel_data: {exc}", 400,
                                         "InvalidChannelData") from None

@@ -2,6 +2,7 @@
 library call. Its callbacks and socket ids are in hooks.py."""
 import logging
 import re
+import time
 
 import gevent
 
@@ -16,7 +17,7 @@ from .errors import (ClientError, ConnectionRefused, ErrorCode, PresenceFull,
                      SubscriptionError)
 from .hooks import Hooks, SocketIds
 from .hub import YIELD_EVERY, Hub
-from .logs import Throttled
+from .logs import Throttled, printable
 from .metrics import Metrics
 from .protocol import channel_kind, data_string
 from .frames import build_frame
@@ -59,11 +60,11 @@ class BunPulse:
 
     # ---------------------------------------------------------------- connections
 
-    def admit(self, path, query):
+    def admit(self, path, query, origin=None):
         """The app a new connection is for, or the ConnectionRefused to report on the socket
-        once it is upgraded."""
+        once it is upgraded. `origin`: the upgrade's Origin header (None without one)."""
         try:
-            return self._admit(path, query)
+            return self._admit(path, query, origin)
         except ConnectionRefused as refusal:
             return refusal
 
@@ -125,7 +126,7 @@ class BunPulse:
         return channel is None or (not channel.sending
                                    and len(channel.subscribers) < YIELD_EVERY)
 
-    def _admit(self, path, query):
+    def _admit(self, path, query, origin):
         match = APP_PATH.match(path)
         if match is None:
             raise ConnectionRefused(ErrorCode.PATH_NOT_FOUND,
@@ -142,6 +143,14 @@ class BunPulse:
                                     f"Unsupported protocol version {version[:16]}: use 5, 6 or 7")
         if not app.enabled:
             raise ConnectionRefused(ErrorCode.APP_DISABLED, "Application is disabled")
+        if not app.allowed_origins.allows(origin):
+            # 4009, as Reverb answers it: pusher-js stops there (a 4000-4099 close), where an
+            # HTTP 403 on the upgrade would have it retry for ever.
+            self.limits.warning((app.id, "allowed_origins"), "app %s: a page from %s was "
+                                "refused (allowed_origins): 4009", app.id, printable(origin[:200]),
+                                app_id=app.id, limit="allowed_origins")
+            raise ConnectionRefused(ErrorCode.UNAUTHORIZED,
+                                    f"Origin not allowed: {origin[:200]}")
         if app.max_connections and self.adapter.connection_count(app.id) >= app.max_connections:
             self.limits.warning((app.id, "max_connections"), "app %s is at its connection limit "
                                 "(%d): new connections are refused with 4004", app.id,
@@ -186,17 +195,16 @@ class BunPulse:
     def shutdown(self):
         """Tell every client to reconnect at once (4200), e.g. when a worker stops."""
         self.stopping = True  # /health and /ready answer 503 from now on
+        deadline = time.monotonic() + self.settings.shutdown_grace_ms / 1000
         for conn in self.hub.connections():
             conn.refuse(ErrorCode.RECONNECT, "Server is restarting: reconnect")
-        # Let them leave (up to 1 s) and send the webhooks their leaving causes (up to 2 s):
-        # channels this server vacated are reported, not left occupied at the receiver.
-        for _ in range(50):
-            if not self.hub.connections():
-                break
+        # Within --shutdown-grace-ms, let them leave and send the webhooks their leaving
+        # causes: channels this server vacated are reported, not left occupied at the receiver.
+        while self.hub.connections() and time.monotonic() < deadline:
             gevent.sleep(0.02)
         if self.dashboard is not None:
             self.dashboard.stop()
-        self.webhooks.close(grace=2.0)
+        self.webhooks.close(grace=max(0.0, deadline - time.monotonic()))
         self.adapter.stop()
         self.metrics.stop_flushing()  # the last counts land before the worker exits
 

@@ -15,7 +15,7 @@ SOCKET_ID_RE = re.compile(r"^[0-9]+\.[0-9]+\Z")
 CHANNEL_NAME_RE = re.compile(r"^[A-Za-z0-9_\-=@,.;]+\Z")
 USER_CHANNEL_PREFIX = "#server-to-user-"
 MAX_CHANNEL_NAME = 200
-MAX_USER_INFO_BYTES = 1024
+MAX_USER_INFO_BYTES = 1024  # Pusher's; an app's max_presence_member_size_in_kb changes it
 MAX_USER_ID_LENGTH = 128
 MAX_WATCHLIST = 100
 
@@ -116,7 +116,7 @@ def parse_client_frame(text):
     return ClientFrame(event, data, channel)
 
 
-def parse_presence_data(channel_data):
+def parse_presence_data(channel_data, max_info_bytes=MAX_USER_INFO_BYTES):
     """Validate presence channel_data; return (user_id, user_info) or raise ValueError."""
     if not isinstance(channel_data, str):
         raise ValueError("channel_data must be a JSON string")
@@ -135,9 +135,14 @@ def parse_presence_data(channel_data):
     if len(user_id) > MAX_USER_ID_LENGTH:
         raise ValueError(f"user_id is longer than {MAX_USER_ID_LENGTH} characters")
     user_info = member.get("user_info")
-    if user_info is not None and len(orjson.dumps(user_info)) > MAX_USER_INFO_BYTES:
-        raise ValueError(f"user_info is larger than {MAX_USER_INFO_BYTES} bytes")
+    check_user_info(user_info, max_info_bytes)
     return user_id, user_info
+
+
+def check_user_info(user_info, max_info_bytes=MAX_USER_INFO_BYTES):
+    """A presence member's user_info as JSON fits in max_info_bytes, or ValueError."""
+    if user_info is not None and len(orjson.dumps(user_info)) > max_info_bytes:
+        raise ValueError(f"user_info is larger than {max_info_bytes} bytes")
 
 
 def parse_user_data(user_data):

@@ -47,7 +47,7 @@ class WebhookSender:
         # greenlet, so the inbox, not the targets' queues, would hold the whole flood.
         self._inbox = queue.Queue(self.queue_size)
         self._delayed = {}   # (name, app id, channel, user_id) -> (due, app, event)
-        self._targets = {}   # (app id, url) -> _Target
+        self._targets = {}   # (app id, WebhookTarget) -> _Target
         self._running = True
         self._flushing = False  # stopping: delayed events go at once, batches without waiting
         self._thread = None
@@ -145,21 +145,22 @@ class WebhookSender:
 
     def _route(self, app, event):
         for target in app.webhooks:
-            if target.wants(event["name"]):
-                sender = self._targets.get((app.id, target.url))
+            if target.takes(event):  # its event types and its channel filter
+                sender = self._targets.get((app.id, target))
                 if sender is None:
-                    sender = self._targets[(app.id, target.url)] = _Target(self, app, target.url)
+                    sender = self._targets[(app.id, target)] = _Target(self, app, target)
                 sender.add(event)
 
 
 class _Target:
     """One receiver of one app: a bounded queue and a sender that batches and retries."""
 
-    def __init__(self, owner, app, url):
+    def __init__(self, owner, app, target):
         self.owner = owner
         self.app = app
-        self.url = url
-        self.shown = redacted(url)  # for logs: no credentials of the URL
+        self.url = target.url
+        self.headers = dict(target.headers)  # the target's own, none of them BunPulse's
+        self.shown = redacted(self.url)  # for logs: no credentials of the URL
         self.metrics = owner.metrics.app(app.id)
         self.events = deque()
         self.wake = threading.Event()
@@ -228,7 +229,8 @@ class _Target:
     def _post(self, batch):
         # Signed anew on each attempt: validators refuse a time_ms far from now.
         body = orjson.dumps({"time_ms": int(time.time() * 1000), "events": batch})
-        headers = {"Content-Type": "application/json", "X-Pusher-Key": self.app.key,
+        headers = {**self.headers, "Content-Type": "application/json",
+                   "X-Pusher-Key": self.app.key,
                    "X-Pusher-Signature": webhook_signature(self.app.secret, body)}
         try:
             # One deadline for connect, send and the whole answer: a receiver that answers a

@@ -262,7 +262,8 @@ def serve_upgraded(context, ws, environ):
     try:
         admission = ConnectionRefused(ErrorCode.UNAUTHORIZED, REFUSED) \
             if core.dev_app.refuses(environ) else \
-            core.admit(request_path(environ), query_params(environ))
+            core.admit(request_path(environ), query_params(environ),
+                       environ.get("HTTP_ORIGIN"))
         core.serve_websocket(ws, admission, core.address_of(environ))
     finally:
         not_served(ws)

@@ -17,6 +17,8 @@ APPS = [
     {"id": "4", "key": "key-off", "secret": "secret-off", "enabled": False},
     {"id": "5", "key": "key-small", "secret": "secret-small", "max_connections": 2},
     {"id": "6", "key": "key-auth", "secret": "secret-auth", "user_authentication_timeout": 400},
+    {"id": "8", "key": "key-members", "secret": "secret-members",
+     "max_presence_member_size_in_kb": 2},
 ]
 CREDENTIALS = {str(a["id"]): (a["key"], a["secret"]) for a in APPS}
 CREDENTIALS[APP_ID] = (KEY, SECRET)
@@ -70,6 +72,16 @@ def until_marker(client, channel):
         if message.get("event") == "marker" and message.get("channel") == channel:
             return [m["event"] for m in seen]
         seen.append(message)
+
+
+def presence_join(client, app_id, channel, user_id, info_bytes):
+    """Subscribe to a presence channel with a user_info of exactly info_bytes (as JSON)."""
+    info = {"n": ""}
+    info["n"] = "x" * (info_bytes - len(json.dumps(info, separators=(",", ":"))))
+    key, secret = CREDENTIALS[app_id]
+    raw_subscribe(client, connected(client), channel,
+                  json.dumps({"user_id": user_id, "user_info": info}), key=key, secret=secret)
+    return client.recv()  # subscription_succeeded, or subscription_error
 
 
 # ------------------------------------------------------------------------ isolation
@@ -209,6 +221,43 @@ def test_environment_app_client_events_switch_leaves_file_apps_alone(start_serve
 
 # ------------------------------------------------------------------------ authorized connections
 
+def test_presence_member_size_is_per_app(multi, raw):
+    # app 8 takes 2 KB of user_info, the environment's app Pusher's 1 KB
+    answer = presence_join(raw_app(raw, multi, "8"), "8", "presence-big", "u1", 2048)
+    assert answer["event"] == "pusher_internal:subscription_succeeded", answer
+    answer = presence_join(raw_app(raw, multi, "8"), "8", "presence-big", "u2", 2049)
+    assert answer["event"] == "pusher:subscription_error", answer
+    assert answer["data"]["status"] == 400 and "2048 bytes" in answer["data"]["error"]
+    answer = presence_join(raw_app(raw, multi, APP_ID), APP_ID, "presence-big", "u3", 1025)
+    assert answer["event"] == "pusher:subscription_error" and "1024 bytes" in \
+        answer["data"]["error"], answer
+
+
+def test_presence_member_size_holds_for_a_signed_in_user(multi, raw):
+    # a presence subscription without channel_data takes the signed-in user's user_info
+    key, secret = CREDENTIALS["8"]
+    for size, event in ((2048, "pusher_internal:subscription_succeeded"),
+                        (2049, "pusher:subscription_error")):
+        client = raw_app(raw, multi, "8")
+        socket_id = connected(client)
+        info = {"n": ""}
+        info["n"] = "x" * (size - len(json.dumps(info, separators=(",", ":"))))
+        raw_signin(client, socket_id, {"id": f"s{size}", "user_info": info}, key, secret)
+        client.recv_event("pusher:signin_success")
+        raw_subscribe(client, socket_id, "presence-signed", key=key, secret=secret)
+        answer = client.recv()
+        assert answer["event"] == event, answer
+
+
+def test_presence_member_size_of_the_environment_app(start_server, raw):
+    server = start_server(env={"BUNPULSE_MAX_PRESENCE_MEMBER_SIZE_IN_KB": "3"})
+    answer = presence_join(raw(target=server), APP_ID, "presence-big", "u1", 3072)
+    assert answer["event"] == "pusher_internal:subscription_succeeded", answer
+    answer = presence_join(raw(target=server), APP_ID, "presence-big", "u2", 3073)
+    assert answer["event"] == "pusher:subscription_error" and "3072 bytes" in \
+        answer["data"]["error"], answer
+
+
 def test_user_authentication_timeout(multi, raw):
     key, secret = CREDENTIALS["6"]
     signed = raw_app(raw, multi, "6")
@@ -283,8 +332,27 @@ GOOD = {"id": "7", "key": "key-seven", "secret": "secret-seven"}
     ([GOOD, {"id": "8", "key": KEY, "secret": "s"}], "8", "key"),
     ([GOOD, {"id": 7, "key": "key-eight", "secret": "s"}], "7", "id"),
     ('[{"id": "8", "key": "key-eight", "secret": "a", "secret": "b"}]', "8", "secret"),
+    ([dict(GOOD, webhooks=[{"url": "http://h/", "event_type": ["channel_occupied"]}])],
+     "7", "event_type"),
+    ([dict(GOOD, webhooks=[{"url": "http://h/", "filter": {"channel_name_prefix": "a"}}])],
+     "7", "channel_name_prefix"),
+    ([dict(GOOD, webhooks=[{"url": "http://h/", "filter": {"channel_name_ends_with": 1}}])],
+     "7", "channel_name_ends_with"),
+    ([dict(GOOD, webhooks=[{"url": "http://h/", "headers": {"Content-Type": "text/plain"}}])],
+     "7", "Content-Type"),
+    ([dict(GOOD, webhooks=[{"url": "http://h/", "headers": {"X-Pusher-Signature": "0"}}])],
+     "7", "X-Pusher-Signature"),
+    ([dict(GOOD, webhooks=[{"url": "http://h/", "headers": {"X-A": "1\r\nHost: b"}}])],
+     "7", "X-A"),
+    ([dict(GOOD, allowed_origins=["https://app.example.com/path"])], "7", "allowed_origins"),
+    ([dict(GOOD, allowed_origins=[])], "7", "allowed_origins"),
+    ([dict(GOOD, max_presence_member_size_in_kb=0)], "7", "max_presence_member_size_in_kb"),
+    ([dict(GOOD, maxPresenceMemberSizeInKb=2)], "7", "maxPresenceMemberSizeInKb"),
 ], ids=["bad-json", "missing-secret", "wrong-type-int", "wrong-type-bool", "unknown-field",
-        "duplicate-key", "duplicate-key-of-env-app", "duplicate-id", "duplicate-field"])
+        "duplicate-key", "duplicate-key-of-env-app", "duplicate-id", "duplicate-field",
+        "webhook-unknown-field", "webhook-filter-unknown-field", "webhook-filter-not-text",
+        "webhook-header-content-type", "webhook-header-signature", "webhook-header-line-break",
+        "origin-with-path", "no-origin", "member-size-zero", "soketi-name"])
 def test_malformed_apps_file_stops_start_up(tmp_path, content, app, field):
     path = write_apps(tmp_path, content)
     result = start_failing(["--apps-file", path])
@@ -295,6 +363,13 @@ def test_malformed_apps_file_stops_start_up(tmp_path, content, app, field):
         assert f"app {app}" in message and repr(field) in message, message
     else:
         assert "invalid JSON at line 1" in message, message
+
+
+def test_soketi_names_are_refused_with_the_bunpulse_name(tmp_path):
+    path = write_apps(tmp_path, [dict(GOOD, maxPresenceMemberSizeInKb=2)])
+    message = start_failing(["--apps-file", path]).stderr.strip().splitlines()[-1]
+    assert message.endswith("app 7: unknown field 'maxPresenceMemberSizeInKb' (BunPulse's "
+                            "name: 'max_presence_member_size_in_kb')"), message
 
 
 def test_malformed_apps_file_from_the_environment_stops_start_up(tmp_path):

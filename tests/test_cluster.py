@@ -128,7 +128,7 @@ def test_a_node_listens_only_to_channels_it_has_subscribers_for(nodes, node_for,
     client_a, client_b = node_for(a), node_for(b)
     client_a.connect("a")
     client_b.connect("b")
-    events = Keys.events("1", "interest")
+    events = Keys().events("1", "interest")
     client_a.subscribe("a", "interest")
     assert redis_server.listeners(events) == 1  # node a only: b has nobody there
     client_b.subscribe("b", "interest")
@@ -452,6 +452,41 @@ def test_presence_member_limit_holds_across_nodes(start_server, redis_server, ra
     assert join(a, "1")["event"] == "pusher_internal:subscription_succeeded"  # a known user
 
 
+def test_two_deployments_with_their_own_key_prefix_share_nothing(start_server, redis_server,
+                                                                  raw):
+    """Deployment "bp" (two nodes, the default prefix) and "tenant-b" on one Redis (or
+    cluster), the same app id, key and secret in both: no event, count or member crosses."""
+    from conftest import raw_subscribe
+    a1 = start_server(env=cluster_env(redis_server))
+    a2 = start_server(env=cluster_env(redis_server))
+    b = start_server(env=cluster_env(redis_server, BUNPULSE_REDIS_KEY_PREFIX="tenant-b"))
+    clients = {}
+    for name, node in (("a", a2), ("b", b)):
+        client = clients[name] = raw(target=node)
+        socket_id = connected(client)
+        raw_subscribe(client, socket_id, "news")
+        client.recv_event("pusher_internal:subscription_succeeded")
+        raw_subscribe(client, socket_id, "presence-room", json.dumps({"user_id": f"u{name}"}))
+        roster = client.recv_event("pusher_internal:subscription_succeeded")
+        assert json.loads(roster["data"])["presence"]["ids"] == [f"u{name}"]
+    pusher_api(a1).trigger(["news", "presence-room"], "from-a", {})  # a's other node
+    pusher_api(b).trigger(["news", "presence-room"], "from-b", {})
+    for name in ("a", "b"):  # nothing of the other (an event, a member_added) came first
+        seen = [(m["event"], m["channel"]) for m in (clients[name].recv() for _ in range(2))]
+        assert seen == [(f"from-{name}", "news"), (f"from-{name}", "presence-room")], seen
+    for node, user in ((a1, "ua"), (b, "ub")):
+        api = pusher_api(node)
+        assert api.channel_info("news", ["subscription_count"])["subscription_count"] == 1
+        assert api.channel_info("presence-room", ["user_count"])["user_count"] == 1
+        assert api.users_info("presence-room")["users"] == [{"id": user}]
+    if not redis_server.cluster:  # every key is one deployment's
+        keys = redis_server.cli("--scan").split()
+        assert keys and all(k.startswith(("bp:{", "tenant-b:{")) for k in keys), keys
+        assert any(k.startswith("tenant-b:{") for k in keys)
+        channels = redis_server.cli("pubsub", "channels").split()
+        assert all(c.startswith(("bp:{", "tenant-b:{")) for c in channels), channels
+
+
 # Last in the module: it leaves the cluster with a master and its replica swapped.
 FAILOVER_WINDOW = 6.0  # seconds: the test cluster's node timeout (1 s), the replica's
 #                        election, and a node's reconnection (at most 1 s apart)
@@ -468,7 +503,7 @@ def test_master_failover_loses_no_event_beyond_the_window(redis_cluster, start_s
     master = int(cluster.cli(cluster.ports[3], "info", "replication")
                  .split("master_port:")[1].split()[0])  # the master with a replica
     channel = next(f"failover-{n}" for n in range(1000)
-                   if cluster.master_of(Keys.events("1", f"failover-{n}")) == master)
+                   if cluster.master_of(Keys().events("1", f"failover-{n}")) == master)
     env = cluster_env(cluster)
     a, b = start_server(env=env), start_server(env=env)
     subscriber = raw(target=b)

@@ -129,6 +129,12 @@ def test_library_overrides_beat_everything(tmp_path):
     (["--redis-cluster", "maybe"], {}, "--redis-cluster"),
     (["--trust-proxy", "all"], {}, "--trust-proxy"),
     (["--ipv6-prefix", "129"], {}, "--ipv6-prefix"),
+    (["--redis-key-prefix", "a{b}"], {}, "--redis-key-prefix"),  # would move the hash tag
+    ([], {"BUNPULSE_REDIS_KEY_PREFIX": "two words"}, "BUNPULSE_REDIS_KEY_PREFIX"),
+    (["--allowed-origins", ","], {}, "--allowed-origins"),
+    (["--allowed-origins", "ftp://a.com"], {}, "--allowed-origins"),
+    (["--max-presence-member-size-in-kb", "0"], {}, "--max-presence-member-size-in-kb"),
+    (["--shutdown-grace-ms", "-1"], {}, "--shutdown-grace-ms"),
     # pusher-js resubscribes to all its channels at once: 4100 on every reconnect (issue 21)
     (["--max-subscriptions", "2500"], {}, "--max-subscriptions"),
     ([], {"BUNPULSE_MESSAGE_BURST": "10", "BUNPULSE_MAX_SUBSCRIPTIONS": "10"},

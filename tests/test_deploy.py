@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 
 import pusher
 import pytest
@@ -152,14 +153,30 @@ def test_proxy_timeouts_outlast_the_heartbeat():
     assert "proxy_set_header Upgrade $http_upgrade;" in nginx
 
 
+def gunicorn_graceful_timeout(**env):
+    """gunicorn.conf.py's graceful_timeout under the default settings and `env`."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BUNPULSE_", "PUSHER_"))}
+    answer = subprocess.run(
+        [sys.executable, "-c", "import runpy; print(runpy.run_path('gunicorn.conf.py')"
+                               "['graceful_timeout'])"],
+        cwd=ROOT, env={**clean, "BUNPULSE_ENV_FILE": os.devnull, **env}, capture_output=True,
+        text=True, timeout=30)
+    assert answer.returncode == 0, answer.stderr
+    return int(answer.stdout)
+
+
+def test_graceful_timeout_makes_room_for_the_shutdown_grace():
+    assert gunicorn_graceful_timeout(BUNPULSE_SHUTDOWN_GRACE_MS="12500") == 7 + 13
+
+
 def test_the_systemd_unit_verifies_and_stops_gracefully(tmp_path):
     analyze = shutil.which("systemd-analyze")
     unit = read("bunpulse.service")
     assert re.search(r"^LimitNOFILE=\d{5,}$", unit, re.M)
     assert re.search(r"^KillSignal=SIGTERM$", unit, re.M)
     stop_timeout = int(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.M).group(1))
-    with open(os.path.join(ROOT, "gunicorn.conf.py")) as handle:
-        graceful = int(re.search(r"^graceful_timeout = (\d+)", handle.read(), re.M).group(1))
+    graceful = gunicorn_graceful_timeout()
+    assert graceful >= 10  # 7 s for a successor on a reload, and the default shutdown grace
     assert stop_timeout > graceful  # systemd never kills workers still saying goodbye
     if analyze is None:
         pytest.skip("systemd-analyze is not available here")

@@ -38,6 +38,9 @@ clients only:
                           warnings only, and Werkzeug logs the request line still encoded)
 16. dashboard sign-in     a signed-out copy of the session cookie is refused, and the sixth
                           wrong secret in a row gets 429 with Retry-After (issue 21, item 8)
+17. allowed origins     with --allowed-origins, an upgrade from a page of another origin gets
+                          pusher:error 4009 and close 4009; an allowed one and one without
+                          Origin (a server library) connect (issue 24, item 3)
 
 One server per (way, profile), started once per way: "limits" (cells 1-7, 9 on, 10, then 11,
 which stops it), "plain" (compression off, default heartbeat: 8 through the HTTP API, 9 off),
@@ -119,6 +122,8 @@ LIMITS = {"BUNPULSE_HANDSHAKE_TIMEOUT": str(int(HANDSHAKE_S * 1000)),
           "BUNPULSE_MAX_CONNECTIONS_PER_IP": "2", "BUNPULSE_TRUST_PROXY": "1",
           "BUNPULSE_MAX_MESSAGES_PER_SECOND": "20", "BUNPULSE_MESSAGE_BURST": "40",
           "BUNPULSE_MAX_SUBSCRIPTIONS": "3",
+          # websocket-client sends Origin: http://127.0.0.1:PORT unless told otherwise
+          "BUNPULSE_ALLOWED_ORIGINS": "http://127.0.0.1:*, https://allowed.test",
           "BUNPULSE_COMPRESSION": "true",
           "BUNPULSE_HEARTBEAT_INTERVAL": "1000",
           "BUNPULSE_HEARTBEAT_TIMEOUT": str(int(HEARTBEAT_TIMEOUT_S * 1000))}
@@ -243,13 +248,14 @@ def dial(server, address="127.0.0.1", timeout=10):
                                     source_address=(address, 0))
 
 
-def ws(server, address=None, timeout=10, headers=()):
+def ws(server, address=None, timeout=10, headers=(), **options):
     """A RawClient to the way's /app/KEY from `address` (a fresh loopback address if None),
-    its handshake carrying `headers` ("Name: value" lines) too."""
+    its handshake carrying `headers` ("Name: value" lines) too; options: websocket-client's
+    (origin=, suppress_origin=)."""
     sock = dial(server, address or source(), timeout)
     return RawClient(server.ws_url + server.prefix + f"/app/{KEY}?protocol=7&client=py&version=1",
                      timeout=timeout, socket=sock, skip_utf8_validation=True,
-                     header=list(headers))
+                     header=list(headers), **options)
 
 
 def established(client):
@@ -812,6 +818,26 @@ def test_dashboard_sessions_and_sign_in_limit(plain):
                for n in range(6)]
     assert [a.status_code for a in answers] == [401] * 5 + [429]
     assert int(answers[-1].headers["Retry-After"]) >= 1
+
+
+# ---------------------------------------------------------------------------- 17: origins
+
+@pytest.mark.parametrize("origin, code", [("https://evil.test", 4009),
+                                          ("https://allowed.test", None), (None, None)],
+                         ids=["refused", "allowed", "no-origin"])
+def test_allowed_origins(limits, origin, code):
+    client = ws(limits, origin=origin, suppress_origin=origin is None)
+    try:
+        messages, end, _ = until_closed(client, 1.5)
+        if code is None:
+            assert end == "open" and messages[0]["event"] == "pusher:connection_established", \
+                f"{origin} got {messages}, {end}"
+        else:
+            assert messages and messages[0]["event"] == "pusher:error" and \
+                messages[0]["data"]["code"] == code and end == code, \
+                f"{origin} got {messages}, then {end}"
+    finally:
+        client.close()
 
 
 # ---------------------------------------------------------------------------- 11: stop (last)

@@ -4,6 +4,7 @@ import inspect
 import subprocess
 import sys
 
+import pytest
 import redis
 from redis.crc import key_slot
 
@@ -11,43 +12,62 @@ from bunpulse.adapters.redis.scripts import MISS_TTL, SCRIPTS, Keys
 from conftest import KEY, ROOT, RawClient, churn, connected, wait_until
 
 
+KEYS = Keys()  # the default prefix, "bp"
+
+
 def slot(key):
     return key_slot(key.encode())
 
 
-def test_a_channels_keys_and_events_share_one_slot():
+@pytest.mark.parametrize("prefix", ["bp", "tenant-b", "staging:eu"])
+def test_a_channels_keys_and_events_share_one_slot(prefix):
+    KEYS = Keys(prefix)  # noqa: N806 - the module's name, with another prefix
     for app_id, channel in (("1", "news"), ("app-id", "presence-room"),
                             ("7", "#server-to-user-42"), ("1", "private-encrypted-x;y=z")):
-        keys = [Keys.subscriptions(app_id, channel), Keys.members(app_id, channel),
-                Keys.node_members(app_id, channel, "node1"), Keys.member_infos(app_id, channel),
-                Keys.cache(app_id, channel), Keys.cache_miss(app_id, channel),
-                Keys.events(app_id, channel)]
+        keys = [KEYS.subscriptions(app_id, channel), KEYS.members(app_id, channel),
+                KEYS.node_members(app_id, channel, "node1"), KEYS.member_infos(app_id, channel),
+                KEYS.cache(app_id, channel), KEYS.cache_miss(app_id, channel),
+                KEYS.events(app_id, channel)]
         assert len({slot(key) for key in keys}) == 1, keys
         assert len(set(keys)) == len(keys)
 
 
-def test_an_apps_keys_share_one_slot_and_the_deployments_another():
-    keys = [Keys.connections("1"), Keys.users("1"), Keys.node_users("1", "n"),
-            Keys.occupied("1", "n"), Keys.occupied("1", "m")]
+@pytest.mark.parametrize("prefix", ["bp", "tenant-b"])
+def test_an_apps_keys_share_one_slot_and_the_deployments_another(prefix):
+    KEYS = Keys(prefix)  # noqa: N806 - the module's name, with another prefix
+    keys = [KEYS.connections("1"), KEYS.users("1"), KEYS.node_users("1", "n"),
+            KEYS.occupied("1", "n"), KEYS.occupied("1", "m")]
     assert len({slot(key) for key in keys}) == 1
-    deployment = [Keys.NODES, Keys.CONTROL, Keys.reap_lock("n")]
+    deployment = [KEYS.NODES, KEYS.CONTROL, KEYS.reap_lock("n")]
     assert len({slot(key) for key in deployment}) == 1
 
 
 def test_channels_spread_over_slots():
-    slots = {slot(Keys.events("1", f"channel-{n}")) for n in range(1000)}
+    slots = {slot(KEYS.events("1", f"channel-{n}")) for n in range(1000)}
     assert len(slots) > 900  # a cluster shares the channels out between its masters
 
 
 def test_every_key_kind_is_declared_once_in_keys():
-    kinds = [name for name, _ in inspect.getmembers(Keys) if not name.startswith("_")]
+    kinds = [name for name, _ in inspect.getmembers(KEYS)
+             if not name.startswith("_") and name != "prefix"]
     suffixes = []
     for name in kinds:
-        member = getattr(Keys, name)
+        member = getattr(KEYS, name)
         key = member if isinstance(member, str) else member(
             *["a"] * len(inspect.signature(member).parameters))
         suffixes.append(key.split("}", 1)[1])
     assert len(set(suffixes)) == len(suffixes), suffixes
+
+
+def test_the_prefix_begins_every_key_and_the_default_keeps_the_names():
+    assert (KEYS.NODES, KEYS.CONTROL) == ("bp:{bp}:nodes", "bp:{bp}:control")
+    assert KEYS.events("1", "news") == "bp:{1:news}:events"
+    other = Keys("tenant-b")
+    for name, member in inspect.getmembers(other):
+        if not name.startswith("_") and name != "prefix":
+            key = member if isinstance(member, str) else member(
+                *["a"] * len(inspect.signature(member).parameters))
+            assert key.startswith("tenant-b:{"), key
 
 
 # ---------------------------------------------------------------- keys named by clients
@@ -89,7 +109,7 @@ def test_a_miss_is_kept_only_while_its_channel_is_occupied(redis_server):
 
     for source, _ in SCRIPTS.values():
         client.script_load(source)
-    subs, miss = Keys.subscriptions("1", "cache-x"), Keys.cache_miss("1", "cache-x")
+    subs, miss = KEYS.subscriptions("1", "cache-x"), KEYS.cache_miss("1", "cache-x")
     assert run("miss", [subs, miss], [MISS_TTL]) == 1  # nobody in it: reported, not kept
     assert client.exists(miss) == 0
     assert run("channel", [subs, miss], ["n1", 1]) == 1
@@ -102,9 +122,9 @@ def test_a_miss_is_kept_only_while_its_channel_is_occupied(redis_server):
     assert client.exists(miss) == 0 and client.exists(subs) == 0
     # A presence channel's last member leaving takes it too.
     channel = "presence-cache-y"
-    presence = [Keys.subscriptions("1", channel), Keys.members("1", channel),
-                Keys.node_members("1", channel, "n1"), Keys.member_infos("1", channel)]
-    miss = Keys.cache_miss("1", channel)
+    presence = [KEYS.subscriptions("1", channel), KEYS.members("1", channel),
+                KEYS.node_members("1", channel, "n1"), KEYS.member_infos("1", channel)]
+    miss = KEYS.cache_miss("1", channel)
     run("join", presence, ["n1", "u1", "{}", 100])
     assert run("miss", [presence[0], miss], [MISS_TTL]) == 1
     assert run("miss", [presence[0], miss], [MISS_TTL]) == 0

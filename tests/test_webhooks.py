@@ -255,6 +255,44 @@ def test_event_types_per_target_from_apps_file(start_server, webhook_receiver, s
                                 request["body"].decode())
 
 
+def test_filter_and_headers_per_target_from_apps_file(start_server, webhook_receiver,
+                                                     second_receiver, clients, tmp_path):
+    # soketi's webhook filter (channel-name prefix, suffix, both) and custom headers
+    apps = tmp_path / "apps.json"
+    apps.write_text(json.dumps([{"id": "5", "key": "key5", "secret": "secret5", "webhooks": [
+        {"url": webhook_receiver.url, "event_types": ["channel_occupied"],
+         "filter": {"channel_name_starts_with": "presence-"},
+         "headers": {"X-Token": "t0ken", "Authorization": "Bearer abc"}},
+        {"url": second_receiver.url, "event_types": ["channel_occupied"],
+         "filter": {"channel_name_starts_with": "private-", "channel_name_ends_with": "-audit"}},
+        {"url": second_receiver.url, "event_types": ["channel_occupied"],
+         "filter": {"channel_name_ends_with": "-log"}}]}]))
+    server = start_server(env={"BUNPULSE_APPS_FILE": str(apps), **FAST})
+    api = pusher.Pusher(app_id="5", key="key5", secret="secret5", host=server.host,
+                        port=server.port, ssl=False)
+    client = clients(server, key="key5")
+    socket_id = connected(client)
+    names = ["presence-room", "private-x-audit", "private-x", "room-audit", "room-log",
+             "presence-marker-log"]
+    for name in names:
+        member = {"user_id": "u1"} if name.startswith("presence-") else None
+        subscribe(client, api, name, member, socket_id)
+    second_receiver.wait_events("channel_occupied", 3)
+    webhook_receiver.wait_events("channel_occupied", 2)
+    time.sleep(0.3)  # nothing else comes
+    assert [e["channel"] for e in webhook_receiver.events()] == ["presence-room",
+                                                                 "presence-marker-log"]
+    assert [e["channel"] for e in second_receiver.events()] == [
+        "private-x-audit", "room-log", "presence-marker-log"]
+    for request in webhook_receiver.requests:
+        headers = lower(request["headers"])
+        assert (headers["x-token"], headers["authorization"]) == ("t0ken", "Bearer abc")
+        assert headers["x-pusher-key"] == "key5"
+        assert api.validate_webhook("key5", headers["x-pusher-signature"],
+                                    request["body"].decode())
+    assert all("x-token" not in lower(r["headers"]) for r in second_receiver.requests)
+
+
 # ------------------------------------------------------------------ delay and cancellation
 
 def test_vacated_is_delayed_and_cancelled_by_a_quick_return(start_server, webhook_receiver,

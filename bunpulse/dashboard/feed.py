@@ -50,7 +50,7 @@ class Feed:
         if core.settings.redis_url:
             from .relay import RedisRelay  # imported only when used, as the adapter
             self.relay = RedisRelay(self)
-            self.sessions = RedisSessions(self.relay.redis)
+            self.sessions = RedisSessions(self.relay.redis, self.relay.space)
         self._greenlet = None
         core.dashboard = self
         core.webhooks.observer = self._webhook

@@ -1,13 +1,14 @@
 """The dashboard across workers and nodes, through the adapter's Redis.
 
-- Who watches: each worker with a viewer of an app keeps `bp:dash:watching` (a sorted set,
-  app id -> expiry) fresh, and announces a new viewer on the `bp:dash` pub/sub channel so that
-  every worker starts reporting at once. A worker reports an app's events only while some
-  viewer anywhere watches it.
-- Log records: published on `bp:dash` with the sender's node id; each worker hands the others'
-  records to its own viewers.
+PREFIX is --redis-key-prefix (`bp` by default).
+- Who watches: each worker with a viewer of an app keeps `PREFIX:dash:watching` (a sorted
+  set, app id -> expiry) fresh, and announces a new viewer on the `PREFIX:dash` pub/sub
+  channel so that every worker starts reporting at once. A worker reports an app's events
+  only while some viewer anywhere watches it.
+- Log records: published on `PREFIX:dash` with the sender's node id; each worker hands the
+  others' records to its own viewers.
 - Charts: each worker appends its per-second samples to a list of its own per app
-  (`bp:dash:ring:{app}:{node}`, an hour kept); a chart sums the lists by second.
+  (`PREFIX:dash:ring:{app}:{node}`, an hour kept); a chart sums the lists by second.
 - Sessions live in Redis (sessions.py); a sign-out is announced so that the session's streams
   end on every worker.
 Redis being down costs the other workers' share of the view, and sessions: none is accepted
@@ -24,22 +25,15 @@ from .stats import HISTORY
 
 log = logging.getLogger("bunpulse.dashboard")
 
-CHANNEL = "bp:dash"
-WATCHING = "bp:dash:watching"
 WATCH_TTL = 10.0        # seconds a viewer's mark lasts without being refreshed
-
-
-def _ring(app_id, node):
-    return f"bp:dash:ring:{app_id}:{node}"
-
-
-def _rings(app_id):
-    return f"bp:dash:rings:{app_id}"
 
 
 class RedisRelay:
     def __init__(self, feed):
         self.feed = feed
+        # Every key and the channel begin with --redis-key-prefix ("bp" in the names above):
+        # two deployments on one Redis see neither the other's viewers nor its records.
+        self.space = f"{feed.core.settings.redis_key_prefix}:dash"
         self.watching = feed.core.watching
         self.node = secrets.token_hex(8)
         self.redis = redis.Redis.from_url(feed.core.settings.redis_url, socket_connect_timeout=1,
@@ -56,7 +50,7 @@ class RedisRelay:
 
     def _send(self, kind, app_id, payload=None):
         try:
-            self.redis.publish(CHANNEL, orjson.dumps([self.node, kind, app_id, payload]))
+            self.redis.publish(self.space, orjson.dumps([self.node, kind, app_id, payload]))
         except redis.RedisError as exc:
             log.warning("dashboard relay: %s", exc)
 
@@ -64,7 +58,7 @@ class RedisRelay:
 
     def watch(self, app_id):
         try:
-            self.redis.zadd(WATCHING, {app_id: time.time() + WATCH_TTL})
+            self.redis.zadd(f"{self.space}:watching", {app_id: time.time() + WATCH_TTL})
         except redis.RedisError as exc:
             log.warning("dashboard relay: %s", exc)
         self._send("watch", app_id)
@@ -78,16 +72,16 @@ class RedisRelay:
         pipe = self.redis.pipeline(transaction=False)
         local = list(self.feed.viewers)
         if local:
-            pipe.zadd(WATCHING, {app_id: now + WATCH_TTL for app_id in local})
-        pipe.zremrangebyscore(WATCHING, "-inf", now)
-        pipe.zrangebyscore(WATCHING, now, "+inf", withscores=True)
+            pipe.zadd(f"{self.space}:watching", {app_id: now + WATCH_TTL for app_id in local})
+        pipe.zremrangebyscore(f"{self.space}:watching", "-inf", now)
+        pipe.zrangebyscore(f"{self.space}:watching", now, "+inf", withscores=True)
         for app_id, sample in samples.items():
-            ring = _ring(app_id, self.node)
+            ring = f"{self.space}:ring:{app_id}:{self.node}"
             pipe.rpush(ring, orjson.dumps(sample))
             pipe.ltrim(ring, -HISTORY, -1)
             pipe.expire(ring, HISTORY + 60)
-            pipe.sadd(_rings(app_id), self.node)
-            pipe.expire(_rings(app_id), HISTORY + 60)
+            pipe.sadd(f"{self.space}:rings:{app_id}", self.node)
+            pipe.expire(f"{self.space}:rings:{app_id}", HISTORY + 60)
         try:
             results = pipe.execute()
         except redis.RedisError as exc:
@@ -115,7 +109,7 @@ class RedisRelay:
             pubsub = None
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(CHANNEL)
+                pubsub.subscribe(self.space)
                 backoff = 0.1
                 while True:
                     message = pubsub.get_message(timeout=1.0)
@@ -152,10 +146,10 @@ class RedisRelay:
         """Every worker's samples of the app after `since`, summed by second; None when
         Redis does not answer."""
         try:
-            nodes = [n.decode() for n in self.redis.smembers(_rings(app_id))]
+            nodes = [n.decode() for n in self.redis.smembers(f"{self.space}:rings:{app_id}")]
             pipe = self.redis.pipeline(transaction=False)
             for node in nodes:
-                pipe.lrange(_ring(app_id, node), 0, -1)
+                pipe.lrange(f"{self.space}:ring:{app_id}:{node}", 0, -1)
             lists = pipe.execute()
         except redis.RedisError as exc:
             log.warning("dashboard relay: %s", exc)

@@ -3,7 +3,7 @@ session is live only while the store holds it. Signing out deletes it, so a copi
 worth nothing afterwards, restart or not.
 
 - Without Redis: this process's memory. A restart signs everyone out (nothing to forget).
-- With Redis: `bp:dash:session:{id}` (app id and expiry, expiring with the session), shared by
+- With Redis: `PREFIX:dash:session:{id}` (PREFIX: --redis-key-prefix) (app id and expiry, expiring with the session), shared by
   every worker and node, kept across restarts. When Redis does not answer, no session is
   accepted (SessionStoreDown: the dashboard answers 503), never one that may be signed out."""
 import secrets
@@ -50,12 +50,12 @@ class MemorySessions:
 
 
 class RedisSessions:
-    def __init__(self, client):
+    def __init__(self, client, space):
         self.redis = client
+        self.space = space  # "PREFIX:dash": --redis-key-prefix's, as the relay's keys
 
-    @staticmethod
-    def _key(session_id):
-        return f"bp:dash:session:{session_id}"
+    def _key(self, session_id):
+        return f"{self.space}:session:{session_id}"
 
     def create(self, app_id, expires_at):
         session_id = _new_id()

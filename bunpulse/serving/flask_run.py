@@ -65,7 +65,8 @@ class ThreadedDispatch:
         """At exit (SIGTERM included, see _exit_on_sigterm): clients are told 4200, as every
         other way tells them when it stops."""
         try:
-            self._hub.call(self._context.stop, timeout=5)
+            self._hub.call(self._context.stop,
+                           timeout=self._context.settings.shutdown_grace_ms / 1000 + 2)
         except Exception:  # noqa: BLE001 - exiting regardless
             log.exception("stopping BunPulse failed")
 

@@ -82,11 +82,13 @@ class PusherWorker(GeventWebSocketWorker):
             server.close()
         # On a reload the clients are told to reconnect only once a successor answers on our
         # address: events published meanwhile still reach them here (through Redis).
-        deadline = time.monotonic() + max(0.0, self.cfg.graceful_timeout - 3)
+        # The stop itself takes up to --shutdown-grace-ms: kept out of graceful_timeout.
+        context = context_of(self.wsgi)
+        grace = context.settings.shutdown_grace_ms / 1000 if context is not None else 0
+        deadline = time.monotonic() + max(0.0, self.cfg.graceful_timeout - grace)
         gevent.sleep(0.2)  # the siblings stopped with this worker have heard it too
         while time.monotonic() < deadline and self._successor() == "pending":
             gevent.sleep(0.1)
-        context = context_of(self.wsgi)
         if context is not None:
             try:
                 context.stop()

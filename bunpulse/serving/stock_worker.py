@@ -172,4 +172,7 @@ def _watch(context, server):
             gevent.sleep(0.2)
         context.stop()
 
-    gevent.spawn(stop_when_closed)
+    # In the server's pool: gunicorn's worker exits once its pool is empty (or after its
+    # graceful_timeout), so the stop gets its --shutdown-grace-ms there too.
+    pool = getattr(server, "pool", None)
+    (pool.spawn if pool is not None else gevent.spawn)(stop_when_closed)

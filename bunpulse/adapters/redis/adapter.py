@@ -76,6 +76,7 @@ class RedisAdapter(LocalAdapter):
         super().__init__(hub)
         self.url = settings.redis_url
         self.node = secrets.token_hex(8)
+        self.keys = Keys(settings.redis_key_prefix)  # every key and channel of this deployment
         self.core = None
         self._redis, self.control, topology = connect(settings)
         self.bus = Bus(topology, self.node, self._on_event, self._on_control, self._link_down)
@@ -90,7 +91,7 @@ class RedisAdapter(LocalAdapter):
         self.core = core
 
     def start(self):
-        self.bus.start(Keys.CONTROL)
+        self.bus.start(self.keys.CONTROL)
         self.nodes.start()
         log.info("Redis adapter: node %s on %s%s", self.node, redacted(self.url),
                  " (cluster)" if isinstance(self.bus.topology, RedisClusterTopology) else "")
@@ -149,20 +150,20 @@ class RedisAdapter(LocalAdapter):
 
     def _occupied_here(self, app_id, channel):
         """This node got its first subscriber for a channel: listen to it."""
-        self.bus.command(Keys.occupied(app_id, self.node), "SADD",
-                         Keys.occupied(app_id, self.node), channel)
-        return self.bus.want(Keys.events(app_id, channel), (app_id, channel))
+        self.bus.command(self.keys.occupied(app_id, self.node), "SADD",
+                         self.keys.occupied(app_id, self.node), channel)
+        return self.bus.want(self.keys.events(app_id, channel), (app_id, channel))
 
     def _vacated_here(self, app_id, channel):
-        self.bus.drop(Keys.events(app_id, channel))
-        self.bus.command(Keys.occupied(app_id, self.node), "SREM",
-                         Keys.occupied(app_id, self.node), channel)
+        self.bus.drop(self.keys.events(app_id, channel))
+        self.bus.command(self.keys.occupied(app_id, self.node), "SREM",
+                         self.keys.occupied(app_id, self.node), channel)
 
     # ---------------------------------------------------------------- delivery
 
     def publish(self, app_id, channel, frame, except_socket_id=None):
         count = self.hub.broadcast(app_id, channel, frame, except_socket_id)  # this node
-        if not self.bus.publish(Keys.events(app_id, channel), b"%s%s\n%s" % (
+        if not self.bus.publish(self.keys.events(app_id, channel), b"%s%s\n%s" % (
                 self._header, (except_socket_id or "").encode(), frame)):
             self._metrics.redis_relay_errors.inc()  # the others miss it; this node delivered
         return count
@@ -176,7 +177,7 @@ class RedisAdapter(LocalAdapter):
         self._control("terminate", app_id, user_id)
 
     def _control(self, kind, app_id, user_id, frame=b""):
-        if not self.bus.publish(Keys.CONTROL, self._header +
+        if not self.bus.publish(self.keys.CONTROL, self._header +
                                 orjson.dumps([kind, app_id, user_id]) + b"\n" + frame):
             self._metrics.redis_relay_errors.inc()
 
@@ -195,22 +196,22 @@ class RedisAdapter(LocalAdapter):
     # Each takes the node whose share changes: this one, or a dead one being reaped.
 
     def channel_delta(self, app_id, channel, delta, pipe=None, node=None):
-        return self.eval("channel", [Keys.subscriptions(app_id, channel),
-                                     Keys.cache_miss(app_id, channel)],
+        return self.eval("channel", [self.keys.subscriptions(app_id, channel),
+                                     self.keys.cache_miss(app_id, channel)],
                          [node or self.node, delta], pipe)
 
     def member_delta(self, app_id, channel, user_id, delta, info=None, pipe=None, node=None):
-        return self.eval("member", [Keys.members(app_id, channel),
-                                    Keys.node_members(app_id, channel, node or self.node),
-                                    Keys.member_infos(app_id, channel)],
+        return self.eval("member", [self.keys.members(app_id, channel),
+                                    self.keys.node_members(app_id, channel, node or self.node),
+                                    self.keys.member_infos(app_id, channel)],
                          [user_id, delta, orjson.dumps(info)], pipe)
 
     def user_delta(self, app_id, user_id, delta, pipe=None, node=None):
-        return self.eval("member", [Keys.users(app_id), Keys.node_users(app_id, node or self.node)],
+        return self.eval("member", [self.keys.users(app_id), self.keys.node_users(app_id, node or self.node)],
                          [user_id, delta, ""], pipe)
 
     def connections_delta(self, app_id, delta, pipe=None, node=None):
-        return self.eval("counter", [Keys.connections(app_id)], [node or self.node, delta], pipe)
+        return self.eval("counter", [self.keys.connections(app_id)], [node or self.node, delta], pipe)
 
     # ---------------------------------------------------------------- connections
 
@@ -221,7 +222,7 @@ class RedisAdapter(LocalAdapter):
 
     @or_local
     def connection_count(self, app_id):
-        return sum(int(v) for v in self.redis.hvals(Keys.connections(app_id)))
+        return sum(int(v) for v in self.redis.hvals(self.keys.connections(app_id)))
 
     def remove_connection(self, conn):
         app_id = conn.app.id
@@ -247,11 +248,11 @@ class RedisAdapter(LocalAdapter):
     def _leave(self, app_id, channel, user_id, pipe=None):
         if user_id is None:
             return self.channel_delta(app_id, channel, -1, pipe)
-        return self.eval("leave", [Keys.subscriptions(app_id, channel),
-                                   Keys.members(app_id, channel),
-                                   Keys.node_members(app_id, channel, self.node),
-                                   Keys.member_infos(app_id, channel),
-                                   Keys.cache_miss(app_id, channel)],
+        return self.eval("leave", [self.keys.subscriptions(app_id, channel),
+                                   self.keys.members(app_id, channel),
+                                   self.keys.node_members(app_id, channel, self.node),
+                                   self.keys.member_infos(app_id, channel),
+                                   self.keys.cache_miss(app_id, channel)],
                          [self.node, user_id], pipe)
 
     @staticmethod
@@ -266,7 +267,7 @@ class RedisAdapter(LocalAdapter):
 
     def subscribe(self, conn, channel, member=None, limit=None):
         app_id = conn.app.id
-        events = Keys.events(app_id, channel)
+        events = self.keys.events(app_id, channel)
         if member is None:
             occupied, added, roster = super().subscribe(conn, channel)
             subscribed = self._occupied_here(app_id, channel) if occupied else \
@@ -279,8 +280,8 @@ class RedisAdapter(LocalAdapter):
         result = None
         with self.tolerant():
             result = self.eval("join", [
-                Keys.subscriptions(app_id, channel), Keys.members(app_id, channel),
-                Keys.node_members(app_id, channel, self.node), Keys.member_infos(app_id, channel)],
+                self.keys.subscriptions(app_id, channel), self.keys.members(app_id, channel),
+                self.keys.node_members(app_id, channel, self.node), self.keys.member_infos(app_id, channel)],
                 [self.node, user_id, orjson.dumps(info), limit or 1 << 30])
         if result is None:  # Redis is down: this node's own view
             occupied, added, roster = super().subscribe(conn, channel, member, limit)
@@ -315,19 +316,19 @@ class RedisAdapter(LocalAdapter):
 
     @or_local
     def user_online(self, app_id, user_id):
-        return bool(self.redis.hexists(Keys.users(app_id), user_id))
+        return bool(self.redis.hexists(self.keys.users(app_id), user_id))
 
     # ---------------------------------------------------------------- queries
 
     @or_local
     def channel_counts(self, app_id):
-        nodes = {n.decode() for n in self.redis.zrange(Keys.NODES, 0, -1)} | {self.node}
+        nodes = {n.decode() for n in self.redis.zrange(self.keys.NODES, 0, -1)} | {self.node}
         names = [n.decode() for n in self.redis.sunion(
-            [Keys.occupied(app_id, node) for node in sorted(nodes)])]
+            [self.keys.occupied(app_id, node) for node in sorted(nodes)])]
         pipe = self.redis.pipeline(transaction=False)
         for name in names:
-            pipe.hvals(Keys.subscriptions(app_id, name))
-            pipe.hlen(Keys.members(app_id, name))
+            pipe.hvals(self.keys.subscriptions(app_id, name))
+            pipe.hlen(self.keys.members(app_id, name))
         values = pipe.execute()
         counts = {}
         for n, name in enumerate(names):
@@ -338,16 +339,16 @@ class RedisAdapter(LocalAdapter):
 
     @or_local
     def subscription_count(self, app_id, channel):
-        return sum(int(v) for v in self.redis.hvals(Keys.subscriptions(app_id, channel)))
+        return sum(int(v) for v in self.redis.hvals(self.keys.subscriptions(app_id, channel)))
 
     @or_local
     def members(self, app_id, channel):
-        raw = self.redis.hgetall(Keys.member_infos(app_id, channel))
+        raw = self.redis.hgetall(self.keys.member_infos(app_id, channel))
         return {uid.decode(): orjson.loads(info) for uid, info in raw.items()}
 
     @or_local
     def member_count(self, app_id, channel):
-        return self.redis.hlen(Keys.members(app_id, channel))
+        return self.redis.hlen(self.keys.members(app_id, channel))
 
     # ---------------------------------------------------------------- cache channels
 
@@ -355,15 +356,15 @@ class RedisAdapter(LocalAdapter):
         super().cache_set(app_id, channel, event, data, ttl)
         with self.tolerant():
             pipe = self.redis.pipeline(transaction=False)
-            pipe.set(Keys.cache(app_id, channel), orjson.dumps([event, data]), ex=ttl)
-            pipe.delete(Keys.cache_miss(app_id, channel))
+            pipe.set(self.keys.cache(app_id, channel), orjson.dumps([event, data]), ex=ttl)
+            pipe.delete(self.keys.cache_miss(app_id, channel))
             pipe.execute()
 
     @or_local
     def cache_get(self, app_id, channel):
         pipe = self.redis.pipeline(transaction=False)
-        pipe.get(Keys.cache(app_id, channel))
-        pipe.pttl(Keys.cache(app_id, channel))
+        pipe.get(self.keys.cache(app_id, channel))
+        pipe.pttl(self.keys.cache(app_id, channel))
         raw, ttl_ms = pipe.execute()
         if raw is None:
             return None
@@ -372,5 +373,5 @@ class RedisAdapter(LocalAdapter):
 
     @or_local
     def first_cache_miss(self, app_id, channel):
-        return self.eval("miss", [Keys.subscriptions(app_id, channel),
-                                  Keys.cache_miss(app_id, channel)], [MISS_TTL]) == 1
+        return self.eval("miss", [self.keys.subscriptions(app_id, channel),
+                                  self.keys.cache_miss(app_id, channel)], [MISS_TTL]) == 1

@@ -16,7 +16,7 @@ import redis
 from ...hub import Left
 from ..local import LocalAdapter
 from .bus import FAILURES
-from .scripts import SCRIPTS, SEP, Keys
+from .scripts import SCRIPTS, SEP
 
 log = logging.getLogger("bunpulse.redis")
 
@@ -31,6 +31,7 @@ class Nodes:
         self.adapter = adapter
         self.control = adapter.control  # a connection of its own: a busy pool never delays
         self.node = adapter.node        # a heartbeat
+        self.keys = adapter.keys
         self._greenlet = None
 
     def start(self):
@@ -81,7 +82,7 @@ class Nodes:
 
     def heartbeat(self):
         """Returns True when this node was missing from NODES (first beat, or reaped)."""
-        return self.control.zadd(Keys.NODES, {self.node: time.time()}) == 1
+        return self.control.zadd(self.keys.NODES, {self.node: time.time()}) == 1
 
     def load_scripts(self):
         # Called by EVALSHA alone afterwards; a Redis that restarted (or a replica promoted
@@ -97,15 +98,15 @@ class Nodes:
 
     def reap_dead_nodes(self):
         cutoff = time.time() - NODE_TIMEOUT
-        for raw in self.control.zrangebyscore(Keys.NODES, "-inf", cutoff):
+        for raw in self.control.zrangebyscore(self.keys.NODES, "-inf", cutoff):
             node = raw.decode()
-            if node != self.node and self.control.set(Keys.reap_lock(node), self.node,
+            if node != self.node and self.control.set(self.keys.reap_lock(node), self.node,
                                                       nx=True, ex=60):
                 log.warning("node %s stopped heartbeating: removing its connections", node)
                 self.apply(node, self.owned(node), {kind: {} for kind in KINDS}, announce=True)
                 for app_id in self._apps():
-                    self.control.delete(Keys.occupied(app_id, node))
-                self.control.zrem(Keys.NODES, node)
+                    self.control.delete(self.keys.occupied(app_id, node))
+                self.control.zrem(self.keys.NODES, node)
 
     def owned(self, node, also=()):
         """What Redis counts for a node: {kind: {field: count}}, over the channels in its
@@ -113,9 +114,9 @@ class Nodes:
         apps = self._apps()
         pipe = self.control.pipeline(transaction=False)
         for app_id in apps:
-            pipe.hget(Keys.connections(app_id), node)
-            pipe.hgetall(Keys.node_users(app_id, node))
-            pipe.smembers(Keys.occupied(app_id, node))
+            pipe.hget(self.keys.connections(app_id), node)
+            pipe.hgetall(self.keys.node_users(app_id, node))
+            pipe.smembers(self.keys.occupied(app_id, node))
         answers = pipe.execute()
         owned = {kind: {} for kind in KINDS}
         channels = set(also)
@@ -129,8 +130,8 @@ class Nodes:
         channels = sorted(channels)
         pipe = self.control.pipeline(transaction=False)
         for app_id, channel in channels:
-            pipe.hget(Keys.subscriptions(app_id, channel), node)
-            pipe.hgetall(Keys.node_members(app_id, channel, node))
+            pipe.hget(self.keys.subscriptions(app_id, channel), node)
+            pipe.hgetall(self.keys.node_members(app_id, channel, node))
         answers = pipe.execute()
         for n, (app_id, channel) in enumerate(channels):
             subs, members = answers[2 * n:2 * n + 2]
@@ -177,7 +178,7 @@ class Nodes:
         pipe = self.control.pipeline(transaction=False)
         for field in actual["subs"]:
             app_id, channel = field.split(SEP, 1)
-            pipe.sadd(Keys.occupied(app_id, self.node), channel)
+            pipe.sadd(self.keys.occupied(app_id, self.node), channel)
         pipe.execute()
 
     def apply(self, node, owned, actual, announce):

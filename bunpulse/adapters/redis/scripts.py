@@ -14,59 +14,54 @@ MISS_TTL = 3600
 
 
 class Keys:
-    # the deployment's
-    NODES = "bp:{bp}:nodes"        # sorted set: node -> time of its last heartbeat
-    CONTROL = "bp:{bp}:control"    # pub/sub: watchlist events and terminations, for every node
+    """The keys of one deployment: each begins with its --redis-key-prefix ("bp"), outside
+    the hash tag, so two deployments on one Redis share nothing and a channel's keys still
+    share one slot."""
 
-    @staticmethod
-    def reap_lock(node):           # held by the one node that reaps a dead one
-        return f"bp:{{bp}}:reap:{node}"
+    def __init__(self, prefix="bp"):
+        self.prefix = prefix
+        # the deployment's
+        self.NODES = f"{prefix}:{{{prefix}}}:nodes"      # sorted set: node -> last heartbeat
+        self.CONTROL = f"{prefix}:{{{prefix}}}:control"  # pub/sub: watchlist events and
+        #                                                  terminations, for every node
+
+    def reap_lock(self, node):           # held by the one node that reaps a dead one
+        return f"{self.prefix}:{{{self.prefix}}}:reap:{node}"
 
     # an app's
-    @staticmethod
-    def connections(app_id):       # hash: node -> its connections
-        return f"bp:{{{app_id}}}:conns"
+    def connections(self, app_id):       # hash: node -> its connections
+        return f"{self.prefix}:{{{app_id}}}:conns"
 
-    @staticmethod
-    def users(app_id):             # hash: user -> signed-in connections in the deployment
-        return f"bp:{{{app_id}}}:users"
+    def users(self, app_id):             # hash: user -> signed-in connections in the deployment
+        return f"{self.prefix}:{{{app_id}}}:users"
 
-    @staticmethod
-    def node_users(app_id, node):  # hash: user -> signed-in connections on node
-        return f"bp:{{{app_id}}}:users:{node}"
+    def node_users(self, app_id, node):  # hash: user -> signed-in connections on node
+        return f"{self.prefix}:{{{app_id}}}:users:{node}"
 
-    @staticmethod
-    def occupied(app_id, node):    # set: the channels node has subscribers in
-        return f"bp:{{{app_id}}}:occupied:{node}"
+    def occupied(self, app_id, node):    # set: the channels node has subscribers in
+        return f"{self.prefix}:{{{app_id}}}:occupied:{node}"
 
     # a channel's
-    @staticmethod
-    def subscriptions(app_id, channel):        # hash: node -> its subscriptions
-        return f"bp:{{{app_id}:{channel}}}:subs"
+    def subscriptions(self, app_id, channel):        # hash: node -> its subscriptions
+        return f"{self.prefix}:{{{app_id}:{channel}}}:subs"
 
-    @staticmethod
-    def members(app_id, channel):              # hash: user -> connections in the deployment
-        return f"bp:{{{app_id}:{channel}}}:members"
+    def members(self, app_id, channel):              # hash: user -> connections in the deployment
+        return f"{self.prefix}:{{{app_id}:{channel}}}:members"
 
-    @staticmethod
-    def node_members(app_id, channel, node):   # hash: user -> connections on node
-        return f"bp:{{{app_id}:{channel}}}:members:{node}"
+    def node_members(self, app_id, channel, node):   # hash: user -> connections on node
+        return f"{self.prefix}:{{{app_id}:{channel}}}:members:{node}"
 
-    @staticmethod
-    def member_infos(app_id, channel):         # hash: user -> user_info (JSON)
-        return f"bp:{{{app_id}:{channel}}}:infos"
+    def member_infos(self, app_id, channel):         # hash: user -> user_info (JSON)
+        return f"{self.prefix}:{{{app_id}:{channel}}}:infos"
 
-    @staticmethod
-    def cache(app_id, channel):                # string: the last event, with the cache TTL
-        return f"bp:{{{app_id}:{channel}}}:cache"
+    def cache(self, app_id, channel):                # string: the last event, with the cache TTL
+        return f"{self.prefix}:{{{app_id}:{channel}}}:cache"
 
-    @staticmethod
-    def cache_miss(app_id, channel):           # string: the miss was reported (occupied only)
-        return f"bp:{{{app_id}:{channel}}}:miss"
+    def cache_miss(self, app_id, channel):           # string: the miss was reported (occupied only)
+        return f"{self.prefix}:{{{app_id}:{channel}}}:miss"
 
-    @staticmethod
-    def events(app_id, channel):               # pub/sub: the channel's events, between nodes
-        return f"bp:{{{app_id}:{channel}}}:events"
+    def events(self, app_id, channel):               # pub/sub: the channel's events, between nodes
+        return f"{self.prefix}:{{{app_id}:{channel}}}:events"
 
 
 # Each script changes a count and reports the deployment-wide total in one atomic step, so
