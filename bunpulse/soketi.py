@@ -27,6 +27,11 @@ NAMES = {
     "SOKETI_SSL_PASS": ("BUNPULSE_SSL_KEY_PASSWORD", None),
     "SOKETI_METRICS_HOST": ("BUNPULSE_METRICS_HOST", None),
     "SOKETI_CHANNEL_CACHE_TTL": ("BUNPULSE_CACHE_TTL", None),
+    "SOKETI_SHUTDOWN_GRACE_PERIOD": ("BUNPULSE_SHUTDOWN_GRACE_MS", None),
+    "SOKETI_PRESENCE_MAX_MEMBER_SIZE": ("BUNPULSE_MAX_PRESENCE_MEMBER_SIZE_IN_KB", None),
+    # soketi prefixes its pub/sub channels and its keys apart; BunPulse has one prefix for both
+    "SOKETI_ADAPTER_REDIS_PREFIX": ("BUNPULSE_REDIS_KEY_PREFIX", None),
+    "SOKETI_DB_REDIS_KEY_PREFIX": ("BUNPULSE_REDIS_KEY_PREFIX", None),
 }
 # Read together with others, below: the metrics port only when soketi's metrics are on, the
 # Redis connection only with soketi's redis adapter.

@@ -42,7 +42,8 @@ DOCUMENTED_DEFAULTS = {
     "webhook_queue_size": 10000, "redis_url": None, "redis_cluster": False, "dashboard": False,
     "workers": 1, "log_level": "info", "log_format": "text", "access_log": False,
     "metrics_port": None, "metrics_host": "127.0.0.1", "ssl_cert": None, "ssl_key": None,
-    "ssl_key_password": None, "env_file": ".env",
+    "ssl_key_password": None, "env_file": ".env", "allowed_origins": None,
+    "max_presence_member_size_in_kb": 1, "redis_key_prefix": "bp", "shutdown_grace_ms": 3000,
 }
 
 

@@ -26,6 +26,10 @@ def test_soketi_names_become_bunpulse_names():
                          "SOKETI_DB_REDIS_PASSWORD": "pw", "SOKETI_METRICS_ENABLED": "true"})
     assert env["BUNPULSE_REDIS_URL"] == "redis://:pw@cache:6379/0"
     assert env["BUNPULSE_METRICS_PORT"] == "9601"
+    env, _ = translated({"SOKETI_SHUTDOWN_GRACE_PERIOD": "5000", "SOKETI_ADAPTER_REDIS_PREFIX":
+                         "blue", "SOKETI_PRESENCE_MAX_MEMBER_SIZE": "2"})
+    assert (env["BUNPULSE_SHUTDOWN_GRACE_MS"], env["BUNPULSE_REDIS_KEY_PREFIX"],
+            env["BUNPULSE_MAX_PRESENCE_MEMBER_SIZE_IN_KB"]) == ("5000", "blue", "2")
     assert translated({"PATH": "/bin"}) == ({"PATH": "/bin"}, None)
     _, note = translated({"SOKETI_ADAPTER_DRIVER": "nats"})
     assert "SOKETI_ADAPTER_DRIVER=nats" in note
