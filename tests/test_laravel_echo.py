@@ -307,3 +307,22 @@ def test_user_sign_in_goes_through_broadcasting_user_auth(laravel):
     assert json.loads(success["data"]["user_data"]) == {"id": "1", "name": "Ada"}
     request = next(r for r in laravel.app.requests if r["path"] == "/broadcasting/user-auth")
     assert request["form"] == {"socket_id": socket_id}
+
+
+def test_laravel_signing_with_another_secret_is_refused_by_bunpulse(laravel):
+    """BunPulse checks Laravel's signature: an app on another secret gets
+    pusher:subscription_error 401, which Echo's .error() hears."""
+    env, p = laravel.env, PREFIX[laravel.connection]
+    wrong = LaravelApp(laravel_publisher(dict(env, **{p + "APP_SECRET": "not-the-secret"}),
+                                         laravel.connection))
+    echo = Echo(laravel.server, laravel.echo.echo_js, env, wrong.url)
+    try:
+        echo.start("ada", csrf_token="token-ada")
+        echo.call("subscribe", id="ada", kind="private", name="orders.1")
+        refused = echo.wait_for("subscription_error", "ada", "orders.1")
+        assert refused["error"]["status"] == 401
+        assert refused["error"]["error"].startswith("Invalid signature")
+        assert len([r for r in wrong.requests if r["path"] == "/broadcasting/auth"]) == 1
+    finally:
+        echo.close()
+        wrong.close()
