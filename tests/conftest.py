@@ -304,14 +304,18 @@ def browser():
 # ------------------------------------------------------------------------ pusher-js
 
 class NodeDriver:
-    """pusher-js and the npm `pusher` library in one Node process (tests/js/driver.js)."""
+    """pusher-js and the npm `pusher` library in one Node process (tests/js/driver.js), or
+    another script of tests/js that speaks the same line protocol (`script`, with `env`)."""
 
-    def __init__(self, server, app_id=APP_ID, key=KEY, secret=SECRET, prefix=""):
+    def __init__(self, server, app_id=APP_ID, key=KEY, secret=SECRET, prefix="",
+                 script="driver.js", env=None):
+        extra = env or {}
         env = dict(os.environ, BP_HOST=server.host, BP_PORT=str(server.port), BP_APP_ID=app_id,
                    BP_KEY=key, BP_SECRET=secret, BP_MASTER_KEY=MASTER_KEY, BP_PREFIX=prefix)
         if getattr(server, "tls", False):
             env.update(BP_TLS="1", NODE_EXTRA_CA_CERTS=server.ca)
-        self.proc = subprocess.Popen(["node", "driver.js"], cwd=JS_DIR, env=env,
+        env.update(extra)
+        self.proc = subprocess.Popen(["node", script], cwd=JS_DIR, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, bufsize=1)
         self.reports = []
