@@ -76,7 +76,7 @@ def relayed(redis_server, node, channel):
     through the node after it reaches a subscriber of the channel's Redis key (a node relays a
     channel's events in order, on one link to its master)."""
     from bunpulse.adapters.redis.scripts import Keys
-    key = Keys.events("1", channel).encode()
+    key = Keys().events("1", channel).encode()
     port, command = ((redis_server.master_of(key.decode()), b"SSUBSCRIBE")
                      if redis_server.cluster else (redis_server.port, b"SUBSCRIBE"))
     marker = f"relayed-{next(MARKERS)}-end"
@@ -296,7 +296,7 @@ def test_users_watchlists_terminate_and_cache_cross_nodes(nodes, node_for, redis
     # sendToUser through node a reaches the user signed in on node b, once node b listens to
     # the user's channel in Redis
     from bunpulse.adapters.redis.scripts import Keys
-    wait_until(lambda: redis_server.listeners(Keys.events("1", "#server-to-user-target")) == 1,
+    wait_until(lambda: redis_server.listeners(Keys().events("1", "#server-to-user-target")) == 1,
                message="node b listening to the user's channel")
     reply = client_a.call("api", method="sendToUser", args=["target", "ping", {"k": 1}])
     assert reply["ok"], reply
