@@ -4,6 +4,8 @@ upgrade's head, and a request body: exactly Content-Length bytes (Werkzeug's str
 socket: reading past them would wait for the client), a chunked body up to the limit, 413
 before reading past `max_body`, 400 when it stops short or its framing is ambiguous. The caller
 bounds the time, and closes the connection after a refusal."""
+import socket
+
 from ..errors import ApiError
 
 
@@ -60,3 +62,12 @@ def buffered_ahead(rfile, sock):
         return b""
     finally:
         sock.settimeout(timeout)
+
+
+def shut_reading(sock):
+    """The head deadline of another server's reader (stock_worker, flask_run) passed: its read
+    ends, as if the client had stopped, and the 408 can still be written."""
+    try:
+        sock.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass

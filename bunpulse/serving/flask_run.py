@@ -26,7 +26,7 @@ from ..errors import ApiError
 from ..handshake import Refusal, accept_environ
 from ..request import TOO_SLOW
 from ..websocket import PusherWebSocket, serve_upgraded
-from .body import buffered_ahead, read_body
+from .body import buffered_ahead, read_body, shut_reading
 from .hub_thread import HubThread
 
 log = logging.getLogger("bunpulse")
@@ -183,10 +183,7 @@ def arm_werkzeug_head_deadline(context):
 
         def _head_too_slow(self):
             self._late = True
-            try:
-                self.connection.shutdown(socket.SHUT_RD)  # the 408 can still be written
-            except OSError:
-                pass
+            shut_reading(self.connection)
 
     if getattr(serving.WSGIRequestHandler, "head_timeout", None) is None:
         serving.WSGIRequestHandler = HeadDeadlineHandler

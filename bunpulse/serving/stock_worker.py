@@ -8,14 +8,13 @@ limits are then those of BunPulse's own worker; each request head gets --handsha
 """
 import io
 import logging
-import socket
 
 import gevent
 from geventwebsocket.handler import WebSocketHandler
 
 from ..request import TOO_SLOW
 from ..websocket import PusherWebSocket, detach_socket, serve_upgraded
-from .body import buffered_ahead, read_body
+from .body import buffered_ahead, read_body, shut_reading
 from .loop import set_nodelay
 
 log = logging.getLogger("bunpulse")
@@ -72,10 +71,7 @@ class HeadDeadlineHandler(WebSocketHandler):
 
     def _head_too_slow(self):
         self._late = True
-        try:
-            self.socket.shutdown(socket.SHUT_RD)  # the 408 can still be written
-        except OSError:
-            pass
+        shut_reading(self.socket)
 
 
 class _HeadTooSlow(ValueError):
