@@ -203,3 +203,12 @@ def test_rejected_settings(tmp_path):
     done = subprocess.run([sys.executable, "-m", "bunpulse"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=20)
     assert done.returncode == 2 and "BUNPULSE_MAX_BACKEND_EVENTS_PER_SECOND" in done.stderr
+
+
+def test_soketi_environment_names():
+    from bunpulse.soketi import translated
+    env, note = translated({"SOKETI_DEFAULT_APP_MAX_BACKEND_EVENTS_PER_SEC": "-1",
+                            "SOKETI_DEFAULT_APP_MAX_READ_REQ_PER_SEC": "50"})
+    assert env["BUNPULSE_MAX_BACKEND_EVENTS_PER_SECOND"] == "0"  # soketi's -1: no limit
+    assert env["BUNPULSE_MAX_READ_REQUESTS_PER_SECOND"] == "50"
+    assert "not supported" not in note
