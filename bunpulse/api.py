@@ -20,6 +20,7 @@ from .request import decoded as _decoded, query_params, request_path  # noqa: F4
 from .errors import ApiError
 from .logs import printable
 from .protocol import channel_kind
+from .rates import EVENTS, READS
 from .signatures import bearer_ok, verify_api_request
 
 log = logging.getLogger("bunpulse.api")
@@ -127,6 +128,27 @@ def _authenticated_app(core, req, app_id=None):
     return app
 
 
+_RATES = {EVENTS: ("max_backend_events_per_second", "events"),
+          READS: ("max_read_requests_per_second", "read requests")}
+
+
+def _within_rate(core, app, kind, points=1):
+    """Count a request against one of the app's HTTP API rates (rates.py): 429 past it."""
+    field, what = _RATES[kind]
+    limit = getattr(app, field)
+    if not limit or core.rates.take(app.id, kind, points, limit):
+        return
+    core.limits.warning((app.id, field), "app %s passed %s (%d)", app.id, field, limit,
+                        app_id=app.id, limit=field)
+    if points > limit:  # waiting never lets it through: say so
+        message = (f"Too many requests: this request counts {points} {what}, more than the "
+                   f"app's {field} ({limit}): send fewer at a time")
+    else:
+        message = f"Too many requests: the app's {field} is {limit}"
+    # The windows are clock seconds: the next begins within a second.
+    raise ApiError(429, message, headers=(("Retry-After", "1"),))
+
+
 def _attributes(raw):
     attributes = [a for a in (raw or "").split(",") if a]
     unknown = set(attributes) - CHANNEL_ATTRIBUTES
@@ -191,8 +213,8 @@ def _route(rule, methods=("GET",), shortcut=False, **options):
         if not hasattr(handler, "flask_view"):  # one view however many rules
             def view(**route_args):
                 req = ApiRequest(request.environ, current_app.config["MAX_CONTENT_LENGTH"])
-                status, body = answer(handler, _core(), req, route_args)
-                return current_app.response_class(body, status=status,
+                status, body, headers = answer(handler, _core(), req, route_args)
+                return current_app.response_class(body, status=status, headers=headers,
                                                   mimetype="application/json")
             handler.flask_view = view
         blueprint.add_url_rule(rule, handler.__name__, handler.flask_view,
@@ -229,25 +251,27 @@ def refusal(start_response, error, close=False, headers=()):
 
 
 def answer(handler, core, req, route_args):
-    """Run a handler: (status, JSON body). A refusal is its ApiError's answer; a bug is logged
-    and answered 500, and the server goes on."""
+    """Run a handler: (status, JSON body, extra headers). A refusal is its ApiError's answer;
+    a bug is logged and answered 500, and the server goes on."""
+    headers = ()
     try:
         if "app_id" in route_args and core.dev_app.refuses(req.environ):
             raise ApiError(403, REFUSED)
         payload = handler(core, req, **route_args)
         status, payload = payload if isinstance(payload, tuple) else (200, payload)
     except ApiError as exc:
-        status, payload = exc.status, {"error": exc.message}
+        status, payload, headers = exc.status, {"error": exc.message}, exc.headers
     except Exception:  # noqa: BLE001 - one bad request must not take the worker down
         log.exception("Error serving %s %s", req.method, printable(req.path))
         status, payload = 500, {"error": "Internal server error"}
-    return status, orjson.dumps(payload)
+    return status, orjson.dumps(payload), headers
 
 
 @_route("/apps/<app_id>/events", methods=["POST"], shortcut=True)
 def trigger(core, req, app_id):
     app = _authenticated_app(core, req, app_id)
     name, data, channels, socket_id, attributes = _event(app, _json_body(req))
+    _within_rate(core, app, EVENTS, len(channels))  # soketi's count: one per channel
     core.trigger(app, channels, name, data, socket_id)
     if not attributes:
         return {}
@@ -267,6 +291,7 @@ def trigger_batch(core, req, app_id):
         if not isinstance(item, dict):
             raise ApiError(400, f"batch[{n}]: each event must be a JSON object")
         events.append(_event(app, item, f"batch[{n}]: ", allow_many=False))
+    _within_rate(core, app, EVENTS, len(events))  # one channel each
     for name, data, channels, socket_id, _ in events:
         core.trigger(app, channels, name, data, socket_id)
     if not any(event[4] for event in events):
@@ -278,6 +303,7 @@ def trigger_batch(core, req, app_id):
 @_route("/apps/<app_id>/channels")
 def channels(core, req, app_id):
     app = _authenticated_app(core, req, app_id)
+    _within_rate(core, app, READS)
     prefix = req.params.get("filter_by_prefix", "")
     attributes = _attributes(req.params.get("info"))
     if "cache" in attributes or "subscription_count" in attributes:
@@ -294,6 +320,7 @@ def channels(core, req, app_id):
 @_route("/apps/<app_id>/channels/<path:name>")
 def channel(core, req, app_id, name):
     app = _authenticated_app(core, req, app_id)
+    _within_rate(core, app, READS)
     _check_channel(app, name)
     attributes = _attributes(req.params.get("info"))
     kind = channel_kind(name)
@@ -314,6 +341,7 @@ def channel(core, req, app_id, name):
 @_route("/apps/<app_id>/channels/<path:name>/users")
 def channel_users(core, req, app_id, name):
     app = _authenticated_app(core, req, app_id)
+    _within_rate(core, app, READS)
     _check_channel(app, name)
     if not channel_kind(name).presence:
         raise ApiError(400, "Users are only available for presence channels")
@@ -362,9 +390,9 @@ def shortcut(core, max_body):
             match = pattern.match(path)
             if match is not None:
                 req = ApiRequest(environ, max_body, path)
-                status, body = answer(handler, core, req, match.groupdict())
+                status, body, headers = answer(handler, core, req, match.groupdict())
                 start_response(f"{status} {HTTP_STATUS_CODES[status].upper()}",  # as werkzeug
-                               [JSON_HEADER, ("Content-Length", str(len(body)))])
+                               [JSON_HEADER, ("Content-Length", str(len(body))), *headers])
                 return [body]
         return None
     return serve

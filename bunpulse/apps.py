@@ -56,6 +56,9 @@ class App:
     max_event_name_length: int = 200
     max_presence_members: int = 100
     max_presence_member_size_in_kb: int = 1  # user_info of one member (Pusher: 1 KB)
+    # HTTP API rates (rates.py), soketi's names; 0: no limit
+    max_backend_events_per_second: int = 0   # each channel of each event triggered
+    max_read_requests_per_second: int = 0    # GET channels, channel, users
     allowed_origins: AllowedOrigins = ANY    # pages that may connect (origins.py)
     webhooks: tuple = ()
 
@@ -258,6 +261,8 @@ def load_apps(settings):
                    max_connections=settings.max_connections,
                    allowed_origins=settings.allowed_origins or ANY,
                    max_presence_member_size_in_kb=settings.max_presence_member_size_in_kb,
+                   max_backend_events_per_second=settings.max_backend_events_per_second,
+                   max_read_requests_per_second=settings.max_read_requests_per_second,
                    webhooks=_targets(settings))
     if settings.app_id:
         apps.append(App(id=settings.app_id, key=settings.app_key, secret=settings.app_secret,

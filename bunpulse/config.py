@@ -121,6 +121,15 @@ OPTIONS = (
     Option("max_presence_member_size_in_kb", "BUNPULSE_MAX_PRESENCE_MEMBER_SIZE_IN_KB", 1,
            _int(1), "KB of user_info one presence member of the app from the environment may "
            "have (Pusher's limit: 1)"),
+    Option("max_backend_events_per_second", "BUNPULSE_MAX_BACKEND_EVENTS_PER_SECOND", 0,
+           _int(0),
+           "events the app from the environment may trigger through the HTTP API per second, "
+           "each channel of each event counted, deployment-wide with Redis (0: no limit); "
+           "past it 429 with Retry-After"),
+    Option("max_read_requests_per_second", "BUNPULSE_MAX_READ_REQUESTS_PER_SECOND", 0, _int(0),
+           "HTTP API reads (GET channels, channel, users) the app from the environment may "
+           "make per second, deployment-wide with Redis (0: no limit); past it 429 with "
+           "Retry-After"),
     Option("heartbeat_interval", "BUNPULSE_HEARTBEAT_INTERVAL", 25000, _int(100),
            "ms without traffic before the server sends pusher:ping"),
     Option("heartbeat_timeout", "BUNPULSE_HEARTBEAT_TIMEOUT", 60000, _int(200),

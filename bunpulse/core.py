@@ -20,6 +20,7 @@ from .hub import YIELD_EVERY, Hub
 from .logs import Throttled, printable
 from .metrics import Metrics
 from .protocol import channel_kind, data_string
+from .rates import ApiRates
 from .frames import build_frame
 from .webhooks import WebhookSender
 
@@ -39,6 +40,7 @@ class BunPulse:
         self.stopping = False
         self.hub = Hub(self.metrics)
         self.adapter = make_adapter(settings, self.hub)
+        self.rates = ApiRates(self.adapter)  # the apps' HTTP API rates (429 past them)
         self.webhooks = WebhookSender(settings, self.metrics)
         self.hooks = Hooks()
         self.new_socket_id = SocketIds()

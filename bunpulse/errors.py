@@ -66,10 +66,11 @@ class SubscriptionError(Exception):
 class ApiError(Exception):
     """An HTTP API refusal: the status and a message that says what is wrong."""
 
-    def __init__(self, status, message):
+    def __init__(self, status, message, headers=()):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers  # (name, value) pairs the answer carries (Retry-After on a 429)
 
 
 class PresenceFull(Exception):

@@ -41,8 +41,11 @@ clients only:
 17. allowed origins     with --allowed-origins, an upgrade from a page of another origin gets
                           pusher:error 4009 and close 4009; an allowed one and one without
                           Origin (a server library) connect (issue 24, item 3)
+18. HTTP API rates      in one clock second, the 4th publish sent whole in one write (what the
+                          event loop answers itself where it may) and the 3rd read
+                          get 429 with Retry-After (issue 22, item 4)
 
-One server per (way, profile), started once per way: "limits" (cells 1-7, 9 on, 10, then 11,
+One server per (way, profile), started once per way: "limits" (cells 1-7, 9 on, 10, 18, then 11,
 which stops it), "plain" (compression off, default heartbeat: 8 through the HTTP API, 9 off),
 "redis" (two processes on one redis-server: 8 through Redis) and the development-app cell's own.
 WebSockets of the other cells come from their own 127.0.0.x, so the per-address limit of the
@@ -75,7 +78,8 @@ import websocket
 
 from bunpulse.signatures import sign_api_request
 from conftest import (APP_ID, KEY, SECRET, RawClient, RedisServer, ServerProcess, free_port,
-                      signed_query)
+                      publish_request, signed_query)
+from test_api_rates import fresh_second
 from test_hosting import HOST_ENV, PREFIX, WAYS
 
 # ---------------------------------------------------------------------------- ways
@@ -125,6 +129,9 @@ LIMITS = {"BUNPULSE_HANDSHAKE_TIMEOUT": str(int(HANDSHAKE_S * 1000)),
           # websocket-client sends Origin: http://127.0.0.1:PORT unless told otherwise
           "BUNPULSE_ALLOWED_ORIGINS": "http://127.0.0.1:*, https://allowed.test",
           "BUNPULSE_COMPRESSION": "true",
+          # no other cell's publish or read gets past its checks: only cell 18 counts
+          "BUNPULSE_MAX_BACKEND_EVENTS_PER_SECOND": "3",
+          "BUNPULSE_MAX_READ_REQUESTS_PER_SECOND": "2",
           "BUNPULSE_HEARTBEAT_INTERVAL": "1000",
           "BUNPULSE_HEARTBEAT_TIMEOUT": str(int(HEARTBEAT_TIMEOUT_S * 1000))}
 PLAIN = {"BUNPULSE_COMPRESSION": "false",  # and heartbeats that stay out of the way
@@ -838,6 +845,30 @@ def test_allowed_origins(limits, origin, code):
                 f"{origin} got {messages}, then {end}"
     finally:
         client.close()
+
+
+# ---------------------------------------------------------------------------- 18: API rates
+
+def test_api_rates_429(limits):
+    path = f"{limits.prefix}/apps/{APP_ID}/events"
+    fresh_second()
+    heads = []
+    for n in range(4):  # each whole in one write: the loop's kind of request
+        head, body = publish_request(path, {"name": "tick", "channels": ["rated"],
+                                            "data": str(n)})
+        sock = dial(limits)
+        sock.sendall(head + b"\r\n" + body)
+        heads.append(http_answer(sock))
+        sock.close()
+    statuses = [head[9:12] for head in heads]
+    assert statuses == [b"200"] * 3 + [b"429"], heads
+    assert b"\r\nRetry-After: 1" in heads[-1], heads[-1]
+    url = f"{limits.url}{limits.prefix}/apps/{APP_ID}/channels"
+    reads = [requests.get(url, params=signed_query("GET", f"{limits.prefix}/apps/{APP_ID}/"
+                                                          "channels"), timeout=5)
+             for _ in range(3)]
+    assert [r.status_code for r in reads] == [200, 200, 429], [r.text for r in reads]
+    assert reads[-1].headers.get("Retry-After") == "1"
 
 
 # ---------------------------------------------------------------------------- 11: stop (last)

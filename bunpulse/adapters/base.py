@@ -20,6 +20,12 @@ class Adapter(ABC):
         """Whether what this adapter depends on (Redis) is reachable: /ready says 503 if not."""
         return True
 
+    def lease(self, app_id, kind, second, wanted, limit):
+        """Up to `wanted` of the deployment's `limit` tokens of an app's HTTP API rate
+        (rates.py) in the clock `second`: how many were granted, or None when the worker
+        counts alone (one process, or Redis unreachable)."""
+        return None
+
     # ---------------------------------------------------------------- connections
 
     @abstractmethod

@@ -146,6 +146,11 @@ class RedisAdapter(LocalAdapter):
         return (pipe if pipe is not None else self.redis).execute_command(
             "EVALSHA", SCRIPTS[name][1], len(keys), *keys, *args)
 
+    def lease(self, app_id, kind, second, wanted, limit):
+        with self.tolerant():
+            return self.eval("lease", [self.keys.rate(app_id, kind, second)], [wanted, limit])
+        return None  # Redis is down: this worker counts alone until it is back
+
     # ---------------------------------------------------------------- interest
 
     def _occupied_here(self, app_id, channel):

@@ -41,6 +41,9 @@ class Keys:
     def occupied(self, app_id, node):    # set: the channels node has subscribers in
         return f"{self.prefix}:{{{app_id}}}:occupied:{node}"
 
+    def rate(self, app_id, kind, second):  # string: tokens of an API rate granted in a second
+        return f"{self.prefix}:{{{app_id}}}:rate:{kind}:{second}"
+
     # a channel's
     def subscriptions(self, app_id, channel):        # hash: node -> its subscriptions
         return f"{self.prefix}:{{{app_id}:{channel}}}:subs"
@@ -127,6 +130,16 @@ return {subscriptions(KEYS[1], KEYS[5], ARGV[1], -1),
 if redis.call('EXISTS', KEYS[1]) == 0 then return 1 end
 if redis.call('SET', KEYS[2], 1, 'NX', 'EX', ARGV[1]) then return 1 end
 return 0""",
+    # Lease up to ARGV[1] tokens of an API rate whose limit is ARGV[2] a second: the number
+    # granted (0 once the second is spent). The count never passes the limit, and goes with
+    # its second. KEYS: the second's rate key. ARGV: wanted, limit.
+    "lease": """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local granted = math.min(tonumber(ARGV[1]), tonumber(ARGV[2]) - used)
+if granted <= 0 then return 0 end
+redis.call('INCRBY', KEYS[1], granted)
+redis.call('EXPIRE', KEYS[1], 10)
+return granted""",
 }
 
 SCRIPTS = {name: (_LIB + body, hashlib.sha1((_LIB + body).encode()).hexdigest())
