@@ -13,7 +13,8 @@ WEBHOOK_EVENTS = frozenset(("channel_occupied", "channel_vacated", "member_added
 
 # Headers a target may not set: BunPulse writes them, and the receiver checks them.
 RESERVED_HEADERS = frozenset(("content-type", "content-length", "transfer-encoding", "host",
-                              "connection", "x-pusher-key", "x-pusher-signature"))
+                              "connection", "x-pusher-key", "x-pusher-signature",
+                              "x-bunpulse-webhook-id"))
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110)
 _WEBHOOK_FIELDS = ("url", "event_types", "filter", "headers")
 _FILTER_FIELDS = ("channel_name_starts_with", "channel_name_ends_with")

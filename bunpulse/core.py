@@ -41,7 +41,7 @@ class BunPulse:
         self.hub = Hub(self.metrics)
         self.adapter = make_adapter(settings, self.hub)
         self.rates = ApiRates(self.adapter)  # the apps' HTTP API rates (429 past them)
-        self.webhooks = WebhookSender(settings, self.metrics)
+        self.webhooks = WebhookSender(settings, self.metrics, self._durable_webhooks(settings))
         self.hooks = Hooks()
         self.new_socket_id = SocketIds()
         # Clients ping after this many seconds of silence, well before the server's timeout.
@@ -59,6 +59,14 @@ class BunPulse:
         self.dashboard = None
         self.adapter.bind(self)
         self.adapter.start()
+        self.webhooks.start(lambda: self.apps)  # with Redis: pending ones, a dead worker's too
+
+    def _durable_webhooks(self, settings):
+        """With Redis, webhooks are queued there (webhook_queue.py); else in memory."""
+        if not settings.redis_url:
+            return None
+        from .webhook_queue import DurableWebhooks  # imports redis: only when it is used
+        return DurableWebhooks(self.adapter, settings)
 
     # ---------------------------------------------------------------- connections
 

@@ -9,11 +9,16 @@ receiver that fails and recovers gets every event once and in order.
 The workers are threads: under gevent's monkey-patching (the CLI, gunicorn) they are greenlets;
 in an unpatched host program (the library API) they are real threads, so a slow receiver never
 blocks the server's event loop.
+
+With Redis (`durable`, webhook_queue.py) the delay and the targets' queues live in Redis
+instead, so that no worker's crash or restart loses an event; the dispatcher stays.
+Every request carries an id (DELIVERY_ID), the same on each repeat of it.
 """
 import logging
 import queue
 import threading
 import time
+import uuid
 from collections import deque
 
 import orjson
@@ -28,11 +33,42 @@ log = logging.getLogger("bunpulse.webhooks")
 
 DELAYED = {"channel_vacated": "channel_occupied", "member_removed": "member_added"}
 CANCELS = {again: delayed for delayed, again in DELAYED.items()}
+FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
+# Not Pusher's (it sends no id): the same on every repeat of a request, so that a receiver can
+# drop repeats. With Redis a request's id survives a worker's restart too.
+DELIVERY_ID = "X-BunPulse-Webhook-Id"
+
+
+def post_batch(session, timeout, url, headers, app, batch, delivery_id, shown):
+    """POST one batch of events to a target, signed; whether it was delivered (a 2xx)."""
+    # Signed anew on each attempt: validators refuse a time_ms far from now.
+    body = orjson.dumps({"time_ms": int(time.time() * 1000), "events": batch})
+    headers = {**headers, "Content-Type": "application/json", DELIVERY_ID: delivery_id,
+               "X-Pusher-Key": app.key,
+               "X-Pusher-Signature": webhook_signature(app.secret, body)}
+    try:
+        # One deadline for connect, send and the whole answer: a receiver that answers a
+        # byte at a time is given up on, and retried, like one that does not answer.
+        # A redirect would turn the POST into a GET: a 3xx counts as a failure.
+        response = post_within(session, timeout, url, data=body, headers=headers,
+                               allow_redirects=False)
+    except DeadlineExceeded as exc:
+        log.warning("webhook to %s failed: %s", shown, exc)
+        return False
+    except requests.RequestException as exc:
+        log.warning("webhook to %s failed: %s", shown, exc.__class__.__name__)
+        return False
+    if 200 <= response.status_code < 300:
+        return True
+    log.warning("webhook to %s answered %d", shown, response.status_code)
+    return False
 
 
 class WebhookSender:
-    def __init__(self, settings, metrics=None):
+    def __init__(self, settings, metrics=None, durable=None):
+        """durable: a DurableWebhooks (webhook_queue.py) holding the delay and the targets'
+        queues in Redis; None keeps them in this worker's memory."""
         self.delay = settings.webhook_delay_ms / 1000
         self.batch_window = settings.webhook_batch_ms / 1000
         self.batch_size = settings.webhook_batch_size
@@ -51,6 +87,15 @@ class WebhookSender:
         self._running = True
         self._flushing = False  # stopping: delayed events go at once, batches without waiting
         self._thread = None
+        self.durable = durable
+        if durable is not None:
+            durable.bind(self)
+
+    def start(self, apps):
+        """With Redis: from now on, send what any worker queued for `apps()` (a callable: the
+        apps may change) and did not deliver, a dead worker's included."""
+        if self.durable is not None:
+            self.durable.start(apps)
 
     def wanted(self, app, name):
         """Whether any target of the app takes `name` (or needs it to cancel a delayed one)."""
@@ -86,6 +131,14 @@ class WebhookSender:
         """Stop sending. With grace, first deliver what is queued (delayed events at once) for
         up to grace seconds, so that a stopping server still reports what its leaving clients
         vacated."""
+        if self.durable is not None:  # what is queued waits in Redis: just hand it over
+            deadline = time.monotonic() + grace
+            while not self._idle() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            self._running = False
+            self._wake()
+            self.durable.close()
+            return
         if grace and self._thread is not None:
             self._flushing = True
             self._wake()
@@ -104,6 +157,8 @@ class WebhookSender:
             pass  # a full inbox wakes the dispatcher anyway
 
     def _idle(self):
+        if self.durable is not None:
+            return self._inbox.unfinished_tasks == 0 and self.durable.idle()
         return self._inbox.unfinished_tasks == 0 and not self._delayed and all(
             not t.events and not t.busy for t in self._targets.values())
 
@@ -121,7 +176,7 @@ class WebhookSender:
             except queue.Empty:
                 item, got = None, False
             if item is not None:
-                self._accept(*item)
+                (self.durable.accept if self.durable is not None else self._accept)(*item)
             now = float("inf") if self._flushing else time.monotonic()
             for key in [k for k, (due, _, _) in self._delayed.items() if due <= now]:
                 _, app, event = self._delayed.pop(key)
@@ -207,9 +262,11 @@ class _Target:
     def _deliver(self, batch):
         owner = self.owner
         deadline = time.monotonic() + owner.retry_for
-        backoff = 0.5
+        backoff = FIRST_BACKOFF
+        delivery_id = uuid.uuid4().hex  # the same on each retry of the batch
         while self.running:
-            if self._post(batch):
+            if post_batch(self.session, owner.timeout, self.url, self.headers, self.app, batch,
+                          delivery_id, self.shown):
                 self.metrics.webhooks_sent_total.inc(len(batch))
                 owner.report(self.app, "sent", batch)
                 return
@@ -225,26 +282,3 @@ class _Target:
                 return
             time.sleep(min(backoff, left))
             backoff = min(backoff * 2, MAX_BACKOFF)
-
-    def _post(self, batch):
-        # Signed anew on each attempt: validators refuse a time_ms far from now.
-        body = orjson.dumps({"time_ms": int(time.time() * 1000), "events": batch})
-        headers = {**self.headers, "Content-Type": "application/json",
-                   "X-Pusher-Key": self.app.key,
-                   "X-Pusher-Signature": webhook_signature(self.app.secret, body)}
-        try:
-            # One deadline for connect, send and the whole answer: a receiver that answers a
-            # byte at a time is given up on, and retried, like one that does not answer.
-            # A redirect would turn the POST into a GET: a 3xx counts as a failure.
-            response = post_within(self.session, self.owner.timeout, self.url, data=body,
-                                   headers=headers, allow_redirects=False)
-        except DeadlineExceeded as exc:
-            log.warning("webhook to %s failed: %s", self.shown, exc)
-            return False
-        except requests.RequestException as exc:
-            log.warning("webhook to %s failed: %s", self.shown, exc.__class__.__name__)
-            return False
-        if 200 <= response.status_code < 300:
-            return True
-        log.warning("webhook to %s answered %d", self.shown, response.status_code)
-        return False

@@ -393,6 +393,10 @@ def test_failed_deliveries_are_retried_once_each_in_order(start_server, webhook_
     # the failed requests held the same first events as the one that succeeded
     failed, first_ok = webhook_receiver.requests[0], webhook_receiver.requests[2]
     assert json.loads(failed["body"])["events"] == json.loads(first_ok["body"])["events"]
+    # ... under one delivery id, so that a receiver can drop repeats; the next batch has its own
+    ids = [lower(r["headers"])["x-bunpulse-webhook-id"] for r in webhook_receiver.requests]
+    assert ids[0] == ids[1] == ids[2] and len(ids[0]) == 32
+    assert len(set(ids[2:])) == len(ids) - 2
 
 
 def test_a_receiver_that_times_out_is_retried(start_server, webhook_receiver, clients):

@@ -66,6 +66,23 @@ class Keys:
     def events(self, app_id, channel):               # pub/sub: the channel's events, between nodes
         return f"{self.prefix}:{{{app_id}:{channel}}}:events"
 
+    # an app's webhooks (webhook_queue.py), on the app's slot: a script that moves a delayed
+    # event into its targets' queues touches one slot
+    def webhook_delayed(self, app_id):     # hash: delayed event's identity -> what to queue
+        return f"{self.prefix}:{{{app_id}}}:wh:delayed"
+
+    def webhook_due(self, app_id):         # sorted set: delayed event's identity -> due (ms)
+        return f"{self.prefix}:{{{app_id}}}:wh:due"
+
+    def webhook_queue(self, app_id, target):  # stream: a target's events, oldest first
+        return f"{self.prefix}:{{{app_id}}}:wh:q:{target}"
+
+    def webhook_lock(self, app_id, target):   # string: the node sending the target's batch
+        return f"{self.prefix}:{{{app_id}}}:wh:lock:{target}"
+
+    def webhook_retry(self, app_id, target):  # hash: the head batch's end and retry schedule
+        return f"{self.prefix}:{{{app_id}}}:wh:retry:{target}"
+
 
 # Each script changes a count and reports the deployment-wide total in one atomic step, so
 # each transition (occupied, vacated, member added or removed, online, offline) and its
@@ -141,6 +158,98 @@ redis.call('INCRBY', KEYS[1], granted)
 redis.call('EXPIRE', KEYS[1], 10)
 return granted""",
 }
+
+# Durable webhooks (webhook_queue.py). A target's queue is a stream sent from its head by one
+# node at a time (the lock, a lease), so batches go out in order; an entry is deleted once
+# delivered, so a node that dies mid-batch leaves it for the next. The head batch's end and its
+# retry schedule live in Redis: a batch is retried whole, under the same id, by whichever node
+# takes it next, when its schedule says.
+_WEBHOOK_SOURCES = {
+    # Queue one event unless the target holds `limit` already. KEYS: queue. ARGV: limit,
+    # event (JSON). Returns the entry's id, or nil when full.
+    "wh_add": """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+return redis.call('XADD', KEYS[1], '*', 'e', ARGV[2])""",
+    # Delay an event (channel_vacated, member_removed): 0 when `limit` wait already (send it
+    # now). KEYS: delayed, due. ARGV: identity, {"e": event, "q": [queues]}, due (ms), limit.
+    "wh_delay": """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 and
+   redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1""",
+    # A return in time: 1 when the delayed event was there (both are dropped), else 0.
+    # KEYS: delayed, due. ARGV: identity.
+    "wh_cancel": """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1""",
+    # Move the delayed events that are due into their queues, in one step. KEYS: delayed, due.
+    # ARGV: now (ms), limit, most events. Returns each queue added to, "!" before one that was
+    # full (the event dropped there).
+    "wh_due": """
+local out = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0,
+                               tonumber(ARGV[3]))) do
+  local held = redis.call('HGET', KEYS[1], id)
+  redis.call('HDEL', KEYS[1], id)
+  redis.call('ZREM', KEYS[2], id)
+  if held then
+    held = cjson.decode(held)
+    for _, queue in ipairs(held.q) do
+      if redis.call('XLEN', queue) < tonumber(ARGV[2]) then
+        redis.call('XADD', queue, '*', 'e', held.e)
+        table.insert(out, queue)
+      else
+        table.insert(out, '!' .. queue)
+      end
+    end
+  end
+end
+return out""",
+    # Take a target's head batch to send it: {0} nothing queued, {1} another node sends it,
+    # {2, at} its retry is due at `at` (ms), {3, entries} taken (the lock held for the lease).
+    # The batch taken once is taken again, whole, until delivered or dropped.
+    # KEYS: queue, lock, retry. ARGV: node, lease (ms), now (ms), batch size.
+    "wh_take": """
+if redis.call('XLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[3]) return {0} end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then return {1} end
+local at = tonumber(redis.call('HGET', KEYS[3], 'at') or '0')
+if at > tonumber(ARGV[3]) then return {2, at} end
+local last = redis.call('HGET', KEYS[3], 'last')
+local entries = {}
+if last then entries = redis.call('XRANGE', KEYS[1], '-', last) end
+if #entries == 0 then
+  redis.call('DEL', KEYS[3])
+  entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', tonumber(ARGV[4]))
+  redis.call('HSET', KEYS[3], 'last', entries[#entries][1])
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return {3, entries}""",
+    # The batch was delivered (or dropped): delete it (the queue too once empty: nothing
+    # stays behind), its schedule, and the lock if still this node's. KEYS: queue, lock, retry. ARGV: node, entry ids...
+    "wh_done": """
+for i = 2, #ARGV do redis.call('XDEL', KEYS[1], ARGV[i]) end
+if redis.call('XLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
+redis.call('DEL', KEYS[3])
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return 1""",
+    # The batch failed: schedule its next try (backoff doubling up to a most, the first
+    # failure's deadline kept) and free the lock; 0 when its deadline has passed (drop it).
+    # KEYS: lock, retry. ARGV: node, now (ms), first backoff (ms), most backoff (ms), retry
+    # for (ms).
+    "wh_failed": """
+local now = tonumber(ARGV[2])
+local backoff = tonumber(redis.call('HGET', KEYS[2], 'backoff') or ARGV[3])
+local deadline = tonumber(redis.call('HGET', KEYS[2], 'until') or (now + tonumber(ARGV[5])))
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if now >= deadline then return 0 end
+redis.call('HSET', KEYS[2], 'at', now + math.min(backoff, deadline - now),
+           'backoff', math.min(backoff * 2, tonumber(ARGV[4])), 'until', deadline)
+return 1""",
+}
+_SOURCES.update(_WEBHOOK_SOURCES)
 
 SCRIPTS = {name: (_LIB + body, hashlib.sha1((_LIB + body).encode()).hexdigest())
            for name, body in _SOURCES.items()}
