@@ -58,6 +58,7 @@ class App:
     max_presence_member_size_in_kb: int = 1  # user_info of one member (Pusher: 1 KB)
     allowed_origins: AllowedOrigins = ANY    # pages that may connect (origins.py)
     webhooks: tuple = ()
+    subscription_count: bool = False         # pusher_internal:subscription_count (Pusher's)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(App)}
@@ -258,6 +259,7 @@ def load_apps(settings):
                    max_connections=settings.max_connections,
                    allowed_origins=settings.allowed_origins or ANY,
                    max_presence_member_size_in_kb=settings.max_presence_member_size_in_kb,
+                   subscription_count=settings.subscription_count,
                    webhooks=_targets(settings))
     if settings.app_id:
         apps.append(App(id=settings.app_id, key=settings.app_key, secret=settings.app_secret,

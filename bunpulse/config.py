@@ -121,6 +121,10 @@ OPTIONS = (
     Option("max_presence_member_size_in_kb", "BUNPULSE_MAX_PRESENCE_MEMBER_SIZE_IN_KB", 1,
            _int(1), "KB of user_info one presence member of the app from the environment may "
            "have (Pusher's limit: 1)"),
+    Option("subscription_count", "BUNPULSE_SUBSCRIPTION_COUNT", False, _bool,
+           "send pusher_internal:subscription_count to the subscribers of non-presence "
+           "channels of the app from the environment when their count changes (at most one "
+           "message a second per channel)"),
     Option("heartbeat_interval", "BUNPULSE_HEARTBEAT_INTERVAL", 25000, _int(100),
            "ms without traffic before the server sends pusher:ping"),
     Option("heartbeat_timeout", "BUNPULSE_HEARTBEAT_TIMEOUT", 60000, _int(200),
