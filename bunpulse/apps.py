@@ -62,6 +62,7 @@ class App:
     max_read_requests_per_second: int = 0    # GET channels, channel, users
     allowed_origins: AllowedOrigins = ANY    # pages that may connect (origins.py)
     webhooks: tuple = ()
+    subscription_count: bool = False         # pusher_internal:subscription_count (Pusher's)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(App)}
@@ -264,6 +265,7 @@ def load_apps(settings):
                    max_presence_member_size_in_kb=settings.max_presence_member_size_in_kb,
                    max_backend_events_per_second=settings.max_backend_events_per_second,
                    max_read_requests_per_second=settings.max_read_requests_per_second,
+                   subscription_count=settings.subscription_count,
                    webhooks=_targets(settings))
     if settings.app_id:
         apps.append(App(id=settings.app_id, key=settings.app_key, secret=settings.app_secret,

@@ -130,6 +130,10 @@ OPTIONS = (
            "HTTP API reads (GET channels, channel, users) the app from the environment may "
            "make per second, deployment-wide with Redis (0: no limit); past it 429 with "
            "Retry-After"),
+    Option("subscription_count", "BUNPULSE_SUBSCRIPTION_COUNT", False, _bool,
+           "send pusher_internal:subscription_count to the subscribers of non-presence "
+           "channels of the app from the environment when their count changes (at most one "
+           "message a second per channel)"),
     Option("heartbeat_interval", "BUNPULSE_HEARTBEAT_INTERVAL", 25000, _int(100),
            "ms without traffic before the server sends pusher:ping"),
     Option("heartbeat_timeout", "BUNPULSE_HEARTBEAT_TIMEOUT", 60000, _int(200),

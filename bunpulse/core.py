@@ -19,6 +19,7 @@ from .hooks import Hooks, SocketIds
 from .hub import YIELD_EVERY, Hub
 from .logs import Throttled, printable
 from .metrics import Metrics
+from .subscription_counts import SubscriptionCounts
 from .protocol import channel_kind, data_string
 from .rates import ApiRates
 from .frames import build_frame
@@ -42,6 +43,7 @@ class BunPulse:
         self.adapter = make_adapter(settings, self.hub)
         self.rates = ApiRates(self.adapter)  # the apps' HTTP API rates (429 past them)
         self.webhooks = WebhookSender(settings, self.metrics, self._durable_webhooks(settings))
+        self.counts = SubscriptionCounts(self)  # pusher_internal:subscription_count
         self.hooks = Hooks()
         self.new_socket_id = SocketIds()
         # Clients ping after this many seconds of silence, well before the server's timeout.
@@ -264,6 +266,7 @@ class BunPulse:
             emit(app, {"name": "member_added", "channel": name, "user_id": member[0]})
         if app.webhooks:  # every new subscription changes the count, as every leave
             self._emit_subscription_count(app, name)
+        self.counts.changed(app, name)
         if kind.cache:
             self._replay_cache(conn, name)
 
@@ -285,8 +288,10 @@ class BunPulse:
                                      "user_id": removed})
         if vacated:
             self.webhooks.emit(app, {"name": "channel_vacated", "channel": name})
-        elif app.webhooks:
+            return
+        if app.webhooks:
             self._emit_subscription_count(app, name)
+        self.counts.changed(app, name)
 
     def cluster_removals(self, left, offline):
         """Announce what a dead node's departure removed: [(app_id, Left)] and
@@ -299,6 +304,14 @@ class BunPulse:
             app = self.apps.by_id(app_id)
             if app is not None:
                 self._tell_watchers(app, user_id, "offline")
+
+    def cluster_recounted(self, channels):
+        """A dead node's subscriptions were taken from these [(app_id, channel)], still
+        occupied elsewhere: their subscribers get the new count."""
+        for app_id, channel in channels:
+            app = self.apps.by_id(app_id)
+            if app is not None:
+                self.counts.changed(app, channel)
 
     def _emit_subscription_count(self, app, name):
         if self.webhooks.wanted(app, "subscription_count"):

@@ -217,6 +217,12 @@ def member_removed(channel, user_id):
     return event("pusher_internal:member_removed", channel, dumps({"user_id": user_id}).decode())
 
 
+def subscription_count(channel, count):
+    # data a JSON string, as every channel event's: pusher-js parses it into event.data
+    return event("pusher_internal:subscription_count", channel,
+                 dumps({"subscription_count": count}).decode())
+
+
 def cache_miss(channel):
     return dumps({"event": "pusher:cache_miss", "channel": channel})
 

@@ -43,7 +43,8 @@ DOCUMENTED_DEFAULTS = {
     "workers": 1, "log_level": "info", "log_format": "text", "access_log": False,
     "metrics_port": None, "metrics_host": "127.0.0.1", "ssl_cert": None, "ssl_key": None,
     "ssl_key_password": None, "env_file": ".env", "allowed_origins": None,
-    "max_presence_member_size_in_kb": 1, "max_backend_events_per_second": 0,
+    "max_presence_member_size_in_kb": 1, "subscription_count": False,
+    "max_backend_events_per_second": 0,
     "max_read_requests_per_second": 0, "redis_key_prefix": "bp", "shutdown_grace_ms": 3000,
 }
 

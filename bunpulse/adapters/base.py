@@ -46,6 +46,10 @@ class Adapter(ABC):
     def publish(self, app_id, channel, frame, except_socket_id=None):
         """Deliver a prebuilt WebSocket frame to a channel's subscribers."""
 
+    def count_changed(self, app_id, channel):
+        """Tell the other nodes that a channel's subscription count changed here (their
+        subscribers get pusher_internal:subscription_count); one node has none to tell."""
+
     @abstractmethod
     def tell_watchers(self, app_id, user_id, frame):
         """Send a watchlist frame to every connection watching user_id."""

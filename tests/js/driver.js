@@ -86,6 +86,8 @@ const handlers = {
   disconnect: ({id}) => clients[id].disconnect(),
   socket_id: ({id}) => clients[id].connection.socket_id,
   state: ({id}) => clients[id].connection.state,
+  // what pusher-js keeps from pusher_internal:subscription_count (null before the first)
+  subscription_count: ({id, channel}) => clients[id].channel(channel).subscriptionCount,
   members: ({id, channel}) => {
     const m = clients[id].channel(channel).members;
     return {count: m.count, ids: Object.keys(m.members), me: m.me};

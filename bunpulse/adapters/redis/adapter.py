@@ -29,6 +29,10 @@ from .scripts import MISS_TTL, SCRIPTS, Keys
 
 log = logging.getLogger("bunpulse.redis")
 
+# In place of the excluded socket id of a message between nodes (socket ids are digits and a
+# dot): "a channel's subscription count changed", with no frame (subscription_counts.py).
+COUNT_NOTICE = "count"
+
 POOL_SIZE = 128         # Redis connections a worker holds at most (plus its pub/sub links)
 POOL_WAIT = 30.0        # seconds a call may wait for a free connection
 
@@ -173,6 +177,11 @@ class RedisAdapter(LocalAdapter):
             self._metrics.redis_relay_errors.inc()  # the others miss it; this node delivered
         return count
 
+    def count_changed(self, app_id, channel):
+        if not self.bus.publish(self.keys.events(app_id, channel),
+                                b"%s%s\n" % (self._header, COUNT_NOTICE.encode())):
+            self._metrics.redis_relay_errors.inc()
+
     def tell_watchers(self, app_id, user_id, frame):
         super().tell_watchers(app_id, user_id, frame)
         self._control("watch", app_id, user_id, frame)
@@ -187,6 +196,9 @@ class RedisAdapter(LocalAdapter):
             self._metrics.redis_relay_errors.inc()
 
     def _on_event(self, app_id, channel, except_socket_id, frame, events):
+        if except_socket_id == COUNT_NOTICE:
+            self.core.counts.changed_elsewhere(app_id, channel)
+            return
         self.hub.broadcast(app_id, channel, frame, except_socket_id, events)
 
     def _on_control(self, header, frame):

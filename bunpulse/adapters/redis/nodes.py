@@ -215,8 +215,10 @@ class Nodes:
         results = pipe.execute()
         if not announce or adapter.core is None:
             return
-        left, offline = [], []
+        left, offline, recounted = [], [], []
         for (kind, details, delta), total in zip(queued, results):
+            if kind == "subs" and delta < 0 and total > 0:
+                recounted.append(details)
             if delta >= 0 or total > 0:
                 continue
             if kind == "subs":
@@ -230,3 +232,4 @@ class Nodes:
         # member_removed before channel_vacated, as when the members leave one by one
         left.sort(key=lambda item: item[1].vacated)
         adapter.core.cluster_removals(left, offline)
+        adapter.core.cluster_recounted(recounted)
