@@ -163,10 +163,14 @@ def test_deployment_wide_through_redis(start_server):
         limit = 40
         env = dict(redis.env, BUNPULSE_MAX_BACKEND_EVENTS_PER_SECOND=str(limit))
         nodes = [pusher_api(start_server(env=env)), pusher_api(start_server(env=env))]
-        fresh_second()
-        started = time.time()
-        statuses = [trigger(nodes[n % 2], "wide", n) for n in range(60)]
-        assert int(time.time()) == int(started), "the test took more than one clock second"
+        for _ in range(5):  # the 60 publishes must fall in one clock second: a loaded machine
+            fresh_second()  # may need another try
+            started = time.time()
+            statuses = [trigger(nodes[n % 2], "wide", n) for n in range(60)]
+            if int(time.time()) == int(started):
+                break
+        else:
+            pytest.fail("60 publishes never fitted in one clock second")
         accepted = statuses.count(200)
         # A node's unspent lease (batches of limit/20 = 2) may lapse with its second.
         assert limit - 2 <= accepted <= limit, statuses
