@@ -275,6 +275,7 @@ class Connection:
             return None
         if not kind.private:
             return None
+        self._refresh_app()
         auth = data.get("auth")
         channel_data = data.get("channel_data")
         if kind.presence and channel_data is None and self.user_id is not None:
@@ -305,6 +306,12 @@ class Connection:
             raise SubscriptionError(f"Invalid signature: expected HMAC SHA256 hex digest of "
                                     f"{self.socket_id}:{name}")
         return None
+
+    def _refresh_app(self):
+        """Before a signature is checked: the app's record as the apps store has it now (a
+        rotation's pair added since this connection opened); kept when the app is gone."""
+        if self.core is not None:
+            self.app = self.core.apps.by_id(self.app.id) or self.app
 
     def _client_event(self, frame):
         app, name, channel = self.app, frame.event, frame.channel
@@ -347,6 +354,7 @@ class Connection:
             raise ClientError(f"Already signed in as {self.user_id[:64]}: open a new "
                               "connection to sign in as another user")
         user_data, auth = data.get("user_data"), data.get("auth")
+        self._refresh_app()
         if not isinstance(user_data, str) or not user_auth_ok(self.app, self.socket_id,
                                                               user_data, auth):
             self.refuse(ErrorCode.UNAUTHORIZED, "Invalid signature for pusher:signin")

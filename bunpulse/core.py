@@ -10,7 +10,7 @@ from . import protocol
 from .adapters import make_adapter
 from .adapters.local import LocalAdapter
 from .addresses import TrustedProxies, client_address, counted_as
-from .apps import load_apps
+from .apps_reload import live_apps
 from .connection import Connection
 from .devapp import DevAppGuard
 from .errors import (ClientError, ConnectionRefused, ErrorCode, PresenceFull,
@@ -33,7 +33,9 @@ class BunPulse:
 
     def __init__(self, settings, apps=None):
         self.settings = settings
-        self.apps = apps if apps is not None else load_apps(settings)
+        self.apps = apps if apps is not None else live_apps(settings)
+        if hasattr(self.apps, "on_reload"):  # the apps file, re-read when it changes
+            self.apps.on_reload = self._apps_reloaded
         self.metrics = Metrics(enabled=settings.metrics_port is not None)
         self.limits = Throttled(log)  # "limit hit" lines, at most one a minute per app and kind
         self.stopping = False
@@ -57,6 +59,15 @@ class BunPulse:
         self.dashboard = None
         self.adapter.bind(self)
         self.adapter.start()
+
+    def _apps_reloaded(self, old, new):
+        """Open connections take their app's new record (its keys: a subscription signed with
+        a pair added since they connected; its webhooks and limits); a connection of an app
+        that is gone keeps the record it had."""
+        for conn in self.hub.connections():
+            record = new.by_id(conn.app.id)
+            if record is not None:
+                conn.app = record
 
     # ---------------------------------------------------------------- connections
 

@@ -149,6 +149,7 @@ class WebhookSender:
                 sender = self._targets.get((app.id, target))
                 if sender is None:
                     sender = self._targets[(app.id, target)] = _Target(self, app, target)
+                sender.app = app  # the newest record signs: a rotation's promoted pair
                 sender.add(event)
 
 
