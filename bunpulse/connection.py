@@ -267,6 +267,7 @@ class Connection:
         """Check a subscription's auth; return the presence member (user_id, user_info) or
         None. Raise SubscriptionError when refused."""
         kind = channel_kind(name)
+        self._refresh_app()
         if kind.user:
             if self.user_id is None or name != protocol.user_channel(self.user_id):
                 raise SubscriptionError(f"Only the user signed in on this connection may "
@@ -275,7 +276,6 @@ class Connection:
             return None
         if not kind.private:
             return None
-        self._refresh_app()
         auth = data.get("auth")
         channel_data = data.get("channel_data")
         if kind.presence and channel_data is None and self.user_id is not None:
@@ -308,8 +308,9 @@ class Connection:
         return None
 
     def _refresh_app(self):
-        """Before a signature is checked: the app's record as the apps store has it now (a
-        rotation's pair added since this connection opened); kept when the app is gone."""
+        """Before a subscription or a sign-in: the app's record as the apps store has it now
+        (a rotation's pair added since this connection opened, webhooks); kept when the app
+        is gone."""
         if self.core is not None:
             self.app = self.core.apps.by_id(self.app.id) or self.app
 

@@ -34,14 +34,15 @@ class BunPulse:
     def __init__(self, settings, apps=None):
         self.settings = settings
         self.apps = apps if apps is not None else live_apps(settings)
-        if hasattr(self.apps, "on_reload"):  # the apps file, re-read when it changes
-            self.apps.on_reload = self._apps_reloaded
         self.metrics = Metrics(enabled=settings.metrics_port is not None)
         self.limits = Throttled(log)  # "limit hit" lines, at most one a minute per app and kind
         self.stopping = False
         self.hub = Hub(self.metrics)
         self.adapter = make_adapter(settings, self.hub)
         self.webhooks = WebhookSender(settings, self.metrics)
+        if hasattr(self.apps, "on_reload"):  # the apps file, re-read when it changes
+            self.apps.on_reload = self._apps_reloaded
+            self.webhooks.current = lambda app: self.apps.by_id(app.id) or app
         self.hooks = Hooks()
         self.new_socket_id = SocketIds()
         # Clients ping after this many seconds of silence, well before the server's timeout.

@@ -43,6 +43,9 @@ class WebhookSender:
         self.dropped_full = 0  # inbox overflows, for the log line
         # observer(app, outcome, events): "sent", "failed" or "dropped" (the dashboard's log)
         self.observer = None
+        # current(app): the app's record now (the core's apps, re-read when the apps file
+        # changes): a rotation's promoted pair signs what a connection opened before it causes
+        self.current = None
         # Bounded too: a connection that floods without blocking starves the dispatcher
         # greenlet, so the inbox, not the targets' queues, would hold the whole flood.
         self._inbox = queue.Queue(self.queue_size)
@@ -59,6 +62,8 @@ class WebhookSender:
 
     def emit(self, app, event):
         """Queue one webhook event; cheap and never blocking."""
+        if self.current is not None:
+            app = self.current(app)
         if not app.webhooks or not self.wanted(app, event["name"]):
             return
         if self._thread is None:
