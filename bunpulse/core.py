@@ -64,8 +64,14 @@ class BunPulse:
     def _apps_reloaded(self, old, new):
         """Open connections take their app's new record (its keys: a subscription signed with
         a pair added since they connected; its webhooks and limits); a connection of an app
-        that is gone keeps the record it had."""
-        for conn in self.hub.connections():
+        that is gone keeps the record it had. A lookup from a host application's thread
+        (flask run) may get here while the hub thread changes the connections: those left out
+        take the new record at their next subscription (Connection._refresh_app)."""
+        try:
+            connections = self.hub.connections()
+        except RuntimeError:  # a dict changed size under another thread's iteration
+            return
+        for conn in connections:
             record = new.by_id(conn.app.id)
             if record is not None:
                 conn.app = record
