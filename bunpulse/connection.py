@@ -267,7 +267,6 @@ class Connection:
         """Check a subscription's auth; return the presence member (user_id, user_info) or
         None. Raise SubscriptionError when refused."""
         kind = channel_kind(name)
-        self._refresh_app()
         if kind.user:
             if self.user_id is None or name != protocol.user_channel(self.user_id):
                 raise SubscriptionError(f"Only the user signed in on this connection may "
@@ -307,7 +306,7 @@ class Connection:
                                     f"{self.socket_id}:{name}")
         return None
 
-    def _refresh_app(self):
+    def refresh_app(self):
         """Before a subscription or a sign-in: the app's record as the apps store has it now
         (a rotation's pair added since this connection opened, webhooks); kept when the app
         is gone."""
@@ -355,7 +354,7 @@ class Connection:
             raise ClientError(f"Already signed in as {self.user_id[:64]}: open a new "
                               "connection to sign in as another user")
         user_data, auth = data.get("user_data"), data.get("auth")
-        self._refresh_app()
+        self.refresh_app()
         if not isinstance(user_data, str) or not user_auth_ok(self.app, self.socket_id,
                                                               user_data, auth):
             self.refuse(ErrorCode.UNAUTHORIZED, "Invalid signature for pusher:signin")

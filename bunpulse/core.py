@@ -66,7 +66,7 @@ class BunPulse:
         a pair added since they connected; its webhooks and limits); a connection of an app
         that is gone keeps the record it had. A lookup from a host application's thread
         (flask run) may get here while the hub thread changes the connections: those left out
-        take the new record at their next subscription (Connection._refresh_app)."""
+        take the new record at their next subscription (Connection.refresh_app)."""
         try:
             connections = self.hub.connections()
         except RuntimeError:  # a dict changed size under another thread's iteration
@@ -229,6 +229,7 @@ class BunPulse:
     # ---------------------------------------------------------------- channels
 
     def subscribe(self, conn, name, data):
+        conn.refresh_app()  # a changed apps file: its keys verify the auth, its limits apply
         app = conn.app
         if not protocol.valid_channel_name(name, app.max_channel_name_length):
             raise SubscriptionError(
