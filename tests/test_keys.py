@@ -272,7 +272,8 @@ def test_rotation_without_a_disconnect(start_server, tmp_path, node_for, webhook
 
 def test_rotation_under_gunicorn_with_two_workers(start_server, tmp_path, node_for,
                                                   webhook_receiver, redis_server):
-    """Each worker reads the file by itself; clients land on both."""
+    """Each worker reads the file by itself; the kernel hands connections and API calls to
+    either, so every step is checked against both (not asserted per worker)."""
     path = write_apps(tmp_path, rotation_apps(OLD, webhook=webhook_receiver.url))
     server = start_server(command=GUNICORN, env={
         "BUNPULSE_APPS_FILE": path, "BUNPULSE_APPS_FILE_RELOAD": str(RELOAD),
