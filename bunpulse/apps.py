@@ -41,9 +41,17 @@ class WebhookTarget:
 
 
 @dataclasses.dataclass(frozen=True)
+class KeyPair:
+    """One key/secret pair of an app: a client connects with the key, and what names the key
+    (an API call's auth_key, the "key:" of an auth signature) is verified with its secret."""
+    key: str
+    secret: str
+
+
+@dataclasses.dataclass(frozen=True)
 class App:
     id: str
-    key: str
+    key: str                                 # the primary pair: it signs the webhooks
     secret: str
     enabled: bool = True
     client_events: bool = True
@@ -63,6 +71,22 @@ class App:
     allowed_origins: AllowedOrigins = ANY    # pages that may connect (origins.py)
     webhooks: tuple = ()
     subscription_count: bool = False         # pusher_internal:subscription_count (Pusher's)
+    keys: tuple = ()  # KeyPairs active beside the primary one (a rotation's overlap)
+
+    @property
+    def pairs(self):
+        """Every active pair, the primary first."""
+        return (KeyPair(self.key, self.secret),) + self.keys
+
+    def secret_for(self, key):
+        """The secret of the active pair whose key is `key`, or None (a key is public: how
+        long finding it takes tells nothing)."""
+        if key == self.key:
+            return self.secret
+        for pair in self.keys:
+            if pair.key == key:
+                return pair.secret
+        return None
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(App)}
@@ -74,7 +98,8 @@ class AppRegistry:
         self._by_key = {}
         self._by_id = {}
         for app in apps:
-            for index, value, what in ((self._by_key, app.key, "key"), (self._by_id, app.id, "id")):
+            named = [(self._by_key, pair.key, "key") for pair in app.pairs]
+            for index, value, what in named + [(self._by_id, app.id, "id")]:
                 if value in index:
                     raise ConfigError(f"two apps share the {what} {value!r}")
                 index[value] = app
@@ -168,6 +193,46 @@ def _parse_headers(raw, spot):
     return tuple(raw.items())
 
 
+def _parse_keys(raw, where):
+    """`keys`: [{"key", "secret"}, ...], the pairs active beside (or, without a top-level
+    key/secret, as) the app's primary pair."""
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: field 'keys' must be a list of {{\"key\", \"secret\"}} "
+                          "objects")
+    pairs = []
+    for n, entry in enumerate(raw):
+        spot = f"{where}: keys[{n}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{spot}: each pair must be a JSON object with a 'key' and a "
+                              "'secret'")
+        _unknown(entry, ("key", "secret"), spot)
+        for name in ("key", "secret"):
+            if not isinstance(entry.get(name), str) or not entry[name]:
+                raise ConfigError(f"{spot}: field {name!r} must be a non-empty string")
+        pairs.append(KeyPair(entry["key"], entry["secret"]))
+    return tuple(pairs)
+
+
+def _with_primary(values, where):
+    """The top-level key/secret is the primary pair; without it, the first of `keys` is."""
+    extra = values.pop("keys", ())
+    if ("key" in values) != ("secret" in values):
+        missing = "secret" if "key" in values else "key"
+        raise ConfigError(f"{where}: field {missing!r} is missing")
+    if "key" not in values:
+        if not extra:
+            raise ConfigError(f"{where}: field 'key' is missing (or give 'keys')")
+        values["key"], values["secret"] = extra[0].key, extra[0].secret
+        extra = extra[1:]
+    seen = {values["key"]}
+    for pair in extra:
+        if pair.key in seen:
+            raise ConfigError(f"{where}: the key {pair.key!r} is given twice")
+        seen.add(pair.key)
+    values["keys"] = extra
+    return values
+
+
 def _parse_origins(raw, where):
     if not isinstance(raw, list) or not raw:
         raise ConfigError(f"{where}: field 'allowed_origins' must be a non-empty list of "
@@ -189,6 +254,8 @@ def parse_app(raw, where):
             value = _parse_webhooks(value, where)
         elif name == "allowed_origins":
             value = _parse_origins(value, where)
+        elif name == "keys":
+            value = _parse_keys(value, where)
         elif name == "id":
             if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value) == "":
                 raise ConfigError(f"{where}: field 'id' must be a non-empty string or number")
@@ -204,10 +271,9 @@ def parse_app(raw, where):
             raise ConfigError(f"{where}: field {name!r} must be a whole number of at least "
                               f"{int(name in _AT_LEAST_ONE)}")
         values[name] = value
-    for required in ("id", "key", "secret"):
-        if required not in values:
-            raise ConfigError(f"{where}: field {required!r} is missing")
-    return App(**values)
+    if "id" not in values:
+        raise ConfigError(f"{where}: field 'id' is missing")
+    return App(**_with_primary(values, where))
 
 
 def _no_repeated_fields(pairs):
@@ -239,20 +305,23 @@ def load_apps_file(path, taken=()):
     if not isinstance(raw, list):
         raise ConfigError(f"--apps-file {path}: expected a JSON list of apps")
     apps = []
-    owners = {(field, getattr(app, field)): f"app {app.id} of PUSHER_APP_ID"
-              for app in taken for field in ("id", "key")}
+    owners = {named: f"app {app.id} of PUSHER_APP_ID" for app in taken for named in _names(app)}
     for n, entry in enumerate(raw):
         label = entry.get("id", n) if isinstance(entry, dict) else n
         where = f"--apps-file {path}: app {label}"
         app = parse_app(entry, where)
-        for field in ("id", "key"):
-            value = getattr(app, field)
+        for field, value in _names(app):
             if (field, value) in owners:
                 raise ConfigError(f"{where}: field {field!r} {value!r} is already used by "
                                   f"{owners[field, value]}")
             owners[field, value] = f"app {app.id}"
         apps.append(app)
     return apps
+
+
+def _names(app):
+    """What no two apps may share: the id and every key."""
+    return [("id", app.id)] + [("key", pair.key) for pair in app.pairs]
 
 
 def load_apps(settings):
@@ -269,7 +338,7 @@ def load_apps(settings):
                    webhooks=_targets(settings))
     if settings.app_id:
         apps.append(App(id=settings.app_id, key=settings.app_key, secret=settings.app_secret,
-                        **options))
+                        keys=tuple(KeyPair(*pair) for pair in settings.app_keys or ()), **options))
     if settings.apps_file:
         apps.extend(load_apps_file(settings.apps_file, taken=apps))
     if not apps:

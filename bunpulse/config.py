@@ -86,6 +86,22 @@ def _key_prefix(value):
 _key_prefix.metavar = "PREFIX"
 
 
+def _key_pairs(value):
+    """`key:secret,key:secret` as ((key, secret), ...)."""
+    if value in (None, ""):
+        return None
+    pairs = []
+    for item in str(value).split(","):
+        key, colon, secret = item.strip().partition(":")
+        if not colon or not key or not secret:
+            raise ValueError("must be key:secret pairs separated by commas")
+        pairs.append((key, secret))
+    return tuple(pairs)
+
+
+_key_pairs.metavar = "KEY:SECRET,..."
+
+
 @dataclasses.dataclass(frozen=True)
 class Option:
     name: str
@@ -107,8 +123,14 @@ OPTIONS = (
     Option("app_id", "PUSHER_APP_ID", None, _text, "id of the app configured from the environment"),
     Option("app_key", "PUSHER_APP_KEY", None, _text, "public key of that app"),
     Option("app_secret", "PUSHER_APP_SECRET", None, _text, "secret of that app"),
+    Option("app_keys", "BUNPULSE_APP_KEYS", None, _key_pairs,
+           "more key:secret pairs of that app, comma-separated, active beside "
+           "PUSHER_APP_KEY/PUSHER_APP_SECRET (a rotation's overlap)"),
     Option("apps_file", "BUNPULSE_APPS_FILE", None, _text,
            "JSON file with a list of apps (id, key, secret and per-app settings)"),
+    Option("apps_file_reload", "BUNPULSE_APPS_FILE_RELOAD", 2, _int(0),
+           "seconds between looks at the apps file: a changed file is re-read in place, "
+           "without a restart (0: read once at start-up)"),
     Option("client_events", "BUNPULSE_CLIENT_EVENTS", True, _bool,
            "allow client-* events for the app from the environment"),
     Option("max_connections", "BUNPULSE_MAX_CONNECTIONS", 0, _int(0),
@@ -292,6 +314,12 @@ def _check(settings):
     if any(credentials) and not all(credentials):
         raise ConfigError("PUSHER_APP_ID, PUSHER_APP_KEY and PUSHER_APP_SECRET must be set "
                           "together")
+    keys = [settings.app_key] + [key for key, _ in settings.app_keys or ()]
+    if settings.app_keys and not settings.app_id:
+        raise ConfigError("BUNPULSE_APP_KEYS needs PUSHER_APP_ID, PUSHER_APP_KEY and "
+                          "PUSHER_APP_SECRET: its pairs are more keys of that app")
+    if len(set(keys)) < len(keys):
+        raise ConfigError("BUNPULSE_APP_KEYS: a key is given twice (PUSHER_APP_KEY's included)")
     if uses_dev_app(settings) and settings.host not in (None, "127.0.0.1", "localhost", "::1"):
         raise ConfigError(f"--host={settings.host} needs real credentials: the development app "
                           "(app-key/app-secret) is served on 127.0.0.1 only; set "

@@ -306,6 +306,13 @@ class Connection:
                                     f"{self.socket_id}:{name}")
         return None
 
+    def refresh_app(self):
+        """Before a subscription or a sign-in: the app's record as the apps store has it now
+        (a rotation's pair added since this connection opened, webhooks); kept when the app
+        is gone."""
+        if self.core is not None:
+            self.app = self.core.apps.by_id(self.app.id) or self.app
+
     def _client_event(self, frame):
         app, name, channel = self.app, frame.event, frame.channel
         if not app.client_events:
@@ -347,6 +354,7 @@ class Connection:
             raise ClientError(f"Already signed in as {self.user_id[:64]}: open a new "
                               "connection to sign in as another user")
         user_data, auth = data.get("user_data"), data.get("auth")
+        self.refresh_app()
         if not isinstance(user_data, str) or not user_auth_ok(self.app, self.socket_id,
                                                               user_data, auth):
             self.refuse(ErrorCode.UNAUTHORIZED, "Invalid signature for pusher:signin")

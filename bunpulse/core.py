@@ -10,7 +10,7 @@ from . import protocol
 from .adapters import make_adapter
 from .adapters.local import LocalAdapter
 from .addresses import TrustedProxies, client_address, counted_as
-from .apps import load_apps
+from .apps_reload import live_apps
 from .connection import Connection
 from .devapp import DevAppGuard
 from .errors import (ClientError, ConnectionRefused, ErrorCode, PresenceFull,
@@ -35,7 +35,7 @@ class BunPulse:
 
     def __init__(self, settings, apps=None):
         self.settings = settings
-        self.apps = apps if apps is not None else load_apps(settings)
+        self.apps = apps if apps is not None else live_apps(settings)
         self.metrics = Metrics(enabled=settings.metrics_port is not None)
         self.limits = Throttled(log)  # "limit hit" lines, at most one a minute per app and kind
         self.stopping = False
@@ -44,6 +44,9 @@ class BunPulse:
         self.rates = ApiRates(self.adapter)  # the apps' HTTP API rates (429 past them)
         self.webhooks = WebhookSender(settings, self.metrics, self._durable_webhooks(settings))
         self.counts = SubscriptionCounts(self)  # pusher_internal:subscription_count
+        if hasattr(self.apps, "on_reload"):  # the apps file, re-read when it changes
+            self.apps.on_reload = self._apps_reloaded
+            self.webhooks.current = lambda app: self.apps.by_id(app.id) or app
         self.hooks = Hooks()
         self.new_socket_id = SocketIds()
         # Clients ping after this many seconds of silence, well before the server's timeout.
@@ -69,6 +72,21 @@ class BunPulse:
             return None
         from .webhook_queue import DurableWebhooks  # imports redis: only when it is used
         return DurableWebhooks(self.adapter, settings)
+
+    def _apps_reloaded(self, old, new):
+        """Open connections take their app's new record (its keys: a subscription signed with
+        a pair added since they connected; its webhooks and limits); a connection of an app
+        that is gone keeps the record it had. A lookup from a host application's thread
+        (flask run) may get here while the hub thread changes the connections: those left out
+        take the new record at their next subscription (Connection.refresh_app)."""
+        try:
+            connections = self.hub.connections()
+        except RuntimeError:  # a dict changed size under another thread's iteration
+            return
+        for conn in connections:
+            record = new.by_id(conn.app.id)
+            if record is not None:
+                conn.app = record
 
     # ---------------------------------------------------------------- connections
 
@@ -223,6 +241,7 @@ class BunPulse:
     # ---------------------------------------------------------------- channels
 
     def subscribe(self, conn, name, data):
+        conn.refresh_app()  # a changed apps file: its keys verify the auth, its limits apply
         app = conn.app
         if not protocol.valid_channel_name(name, app.max_channel_name_length):
             raise SubscriptionError(

@@ -15,13 +15,14 @@ def sign(secret, message):
 
 
 def _auth_matches(app, auth, message):
+    """`auth` is "key:signature": verified with the secret of the pair that key names."""
     if not isinstance(auth, str) or ":" not in auth:
         return False
     key, _, signature = auth.partition(":")
-    expected = sign(app.secret, message)
-    # Compare both parts so that the time taken says nothing about either.
-    return hmac.compare_digest(key.encode(), app.key.encode()) & hmac.compare_digest(
-        signature.encode(), expected.encode())
+    secret = app.secret_for(key)
+    if secret is None:
+        return False
+    return hmac.compare_digest(signature.encode(), sign(secret, message).encode())
 
 
 def channel_auth_ok(app, socket_id, channel, auth, channel_data=None):
@@ -36,15 +37,18 @@ def user_auth_ok(app, socket_id, user_data, auth):
     return _auth_matches(app, auth, f"{socket_id}::user::{user_data}")
 
 
-def channel_auth(app, socket_id, channel, channel_data=None):
-    """The auth string a backend would hand out (used by tests and the benchmark tools)."""
+def channel_auth(app, socket_id, channel, channel_data=None, pair=None):
+    """The auth string a backend would hand out (used by tests and the benchmark tools);
+    signed with `pair` (a KeyPair), the app's primary pair by default."""
     message = f"{socket_id}:{channel}" if channel_data is None else \
         f"{socket_id}:{channel}:{channel_data}"
-    return f"{app.key}:{sign(app.secret, message)}"
+    pair = pair or app.pairs[0]
+    return f"{pair.key}:{sign(pair.secret, message)}"
 
 
-def user_auth(app, socket_id, user_data):
-    return f"{app.key}:{sign(app.secret, f'{socket_id}::user::{user_data}')}"
+def user_auth(app, socket_id, user_data, pair=None):
+    pair = pair or app.pairs[0]
+    return f"{pair.key}:{sign(pair.secret, f'{socket_id}::user::{user_data}')}"
 
 
 # ---------------------------------------------------------------- HTTP API
@@ -61,8 +65,10 @@ def verify_api_request(app, method, path, params, body, now=None, other_paths=()
     """Check a signed HTTP API request; raise ApiError(401) saying what is wrong.
     `other_paths`: other forms of `path` the client may have signed, tried in turn only if
     `path` fails (libraries sign what they send: some percent-encode a channel name, and a
-    client of a mounted server signs the mount's prefix or not)."""
-    if params.get("auth_key") != app.key:
+    client of a mounted server signs the mount's prefix or not). The signature is checked with
+    the secret of the pair that auth_key names (any active pair of the app)."""
+    secret = app.secret_for(params.get("auth_key"))
+    if secret is None:
         raise ApiError(401, "Unknown auth_key")
     signature = params.get("auth_signature")
     if not signature:
@@ -79,7 +85,7 @@ def verify_api_request(app, method, path, params, body, now=None, other_paths=()
         raise ApiError(401, "Unsupported auth_version (expected 1.0)")
     signature = signature.encode()
     if not any(hmac.compare_digest(signature,
-                                   sign_api_request(app.secret, method, p, params).encode())
+                                   sign_api_request(secret, method, p, params).encode())
                for p in itertools.chain((path,), other_paths)):
         raise ApiError(401, "Invalid signature: you should have sent the HMAC-SHA256 hex digest "
                             "of the method, path and sorted query, signed with the app secret")
@@ -94,10 +100,15 @@ def verify_api_request(app, method, path, params, body, now=None, other_paths=()
 
 
 def bearer_ok(app, authorization):
-    """`Authorization: Bearer <app secret>`; the key is public and never a credential."""
+    """`Authorization: Bearer <app secret>`, any active pair's secret; the key is public and
+    never a credential. Every secret is compared, so that the time says not which matched."""
     if not authorization or not authorization.startswith("Bearer "):
         return False
-    return hmac.compare_digest(authorization[7:].strip().encode(), app.secret.encode())
+    token = authorization[7:].strip().encode()
+    matched = False
+    for pair in app.pairs:
+        matched |= hmac.compare_digest(token, pair.secret.encode())
+    return matched
 
 
 # ---------------------------------------------------------------- webhooks

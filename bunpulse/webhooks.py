@@ -79,6 +79,9 @@ class WebhookSender:
         self.dropped_full = 0  # inbox overflows, for the log line
         # observer(app, outcome, events): "sent", "failed" or "dropped" (the dashboard's log)
         self.observer = None
+        # current(app): the app's record now (the core's apps, re-read when the apps file
+        # changes): a rotation's promoted pair signs what a connection opened before it causes
+        self.current = None
         # Bounded too: a connection that floods without blocking starves the dispatcher
         # greenlet, so the inbox, not the targets' queues, would hold the whole flood.
         self._inbox = queue.Queue(self.queue_size)
@@ -104,6 +107,8 @@ class WebhookSender:
 
     def emit(self, app, event):
         """Queue one webhook event; cheap and never blocking."""
+        if self.current is not None:
+            app = self.current(app)
         if not app.webhooks or not self.wanted(app, event["name"]):
             return
         if self._thread is None:
@@ -204,6 +209,7 @@ class WebhookSender:
                 sender = self._targets.get((app.id, target))
                 if sender is None:
                     sender = self._targets[(app.id, target)] = _Target(self, app, target)
+                sender.app = app  # the newest record signs: a rotation's promoted pair
                 sender.add(event)
 
 

@@ -31,7 +31,8 @@ def run_cli(*args, env=None, timeout=20):
 # config.py and in the docs together still fails here). None: unset.
 DOCUMENTED_DEFAULTS = {
     "host": None, "port": 6001, "app_id": None, "app_key": None, "app_secret": None,
-    "apps_file": None, "client_events": True, "max_connections": 0,
+    "app_keys": None,
+    "apps_file": None, "apps_file_reload": 2, "client_events": True, "max_connections": 0,
     "heartbeat_interval": 25000, "heartbeat_timeout": 60000, "max_message_size": 65536,
     "handshake_timeout": 10000, "keepalive_timeout": 5000, "compression": True,
     "max_buffer": 1048576, "max_messages_per_second": 100, "message_burst": 2500,

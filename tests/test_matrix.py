@@ -44,6 +44,11 @@ clients only:
 18. HTTP API rates      in one clock second, the 4th publish sent whole in one write (what the
                           event loop answers itself where it may) and the 3rd read
                           get 429 with Retry-After (issue 22, item 4)
+19. key rotation        an apps-file app's second key connects; the file replaced (the new
+                          pair alone) is re-read in place (--apps-file-reload): the new key
+                          connects, the retired one gets 4001, a connection opened with it
+                          stays and takes a subscription signed with the new pair
+                          (issue 22, item 3)
 
 One server per (way, profile), started once per way: "limits" (cells 1-7, 9 on, 10, 18, then 11,
 which stops it), "plain" (compression off, default heartbeat: 8 through the HTTP API, 9 off),
@@ -60,6 +65,7 @@ cells still fail on some ways (issue 20 lists why); the development-app cell fai
 """
 import base64
 import hashlib
+import hmac
 import itertools
 import json
 import os
@@ -138,6 +144,11 @@ PLAIN = {"BUNPULSE_COMPRESSION": "false",  # and heartbeats that stay out of the
          "BUNPULSE_HEARTBEAT_INTERVAL": "25000", "BUNPULSE_HEARTBEAT_TIMEOUT": "60000",
          "BUNPULSE_DASHBOARD": "true"}
 
+# Cell 18: an app of the apps file holding two pairs, and how often the file is looked at.
+ROTATED_APP = {"id": "30", "key": "key-old", "secret": "secret-old",
+               "keys": [{"key": "key-new", "secret": "secret-new"}]}
+APPS_RELOAD_S = 1
+
 _stopping = []
 
 
@@ -201,8 +212,12 @@ def limits(way):
 
 
 @pytest.fixture(scope="module")
-def plain(way):
-    server = start(way, PLAIN)
+def plain(way, tmp_path_factory):
+    apps = tmp_path_factory.mktemp("apps") / "apps.json"  # each way's own: cell 18 rewrites it
+    apps.write_text(json.dumps([ROTATED_APP]))
+    server = start(way, dict(PLAIN, BUNPULSE_APPS_FILE=str(apps),
+                             BUNPULSE_APPS_FILE_RELOAD=str(APPS_RELOAD_S)))
+    server.apps_file = str(apps)
     yield server
     stop_later(server)
 
@@ -869,6 +884,46 @@ def test_api_rates_429(limits):
              for _ in range(3)]
     assert [r.status_code for r in reads] == [200, 200, 429], [r.text for r in reads]
     assert reads[-1].headers.get("Retry-After") == "1"
+
+
+# ---------------------------------------------------------------------------- 19: key rotation
+
+def rotated_ws(server, key):
+    return RawClient(server.ws_url + server.prefix + f"/app/{key}?protocol=7&client=py&version=1",
+                     timeout=10)
+
+
+def first_answer(client):
+    message = client.recv()
+    return message.get("event") if isinstance(message, dict) else message[1]
+
+
+def test_key_rotation_without_a_restart(plain):
+    old = rotated_ws(plain, "key-old")
+    try:
+        socket_id = json.loads(old.recv_event("pusher:connection_established")["data"])[
+            "socket_id"]
+        second = rotated_ws(plain, "key-new")
+        assert first_answer(second) == "pusher:connection_established"
+        second.close()
+        spare = plain.apps_file + ".new"
+        with open(spare, "w") as handle:
+            json.dump([{"id": "30", "key": "key-new", "secret": "secret-new"}], handle)
+        os.replace(spare, plain.apps_file)
+        time.sleep(APPS_RELOAD_S + 0.5)
+        retired = rotated_ws(plain, "key-old")
+        assert first_answer(retired) == "pusher:error" and retired.recv_close()[0] == 4001
+        retired.close()
+        new = rotated_ws(plain, "key-new")
+        assert first_answer(new) == "pusher:connection_established"
+        new.close()
+        auth = hmac.new(b"secret-new", f"{socket_id}:private-rotated".encode(),
+                        hashlib.sha256).hexdigest()
+        old.send({"event": "pusher:subscribe", "data": {"channel": "private-rotated",
+                                                        "auth": f"key-new:{auth}"}})
+        assert old.recv_event("pusher_internal:subscription_succeeded")
+    finally:
+        old.close()
 
 
 # ---------------------------------------------------------------------------- 11: stop (last)
