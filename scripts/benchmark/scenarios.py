@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+from bunpulse.apps import KeyPair
 from bunpulse.signatures import channel_auth
 
 from . import BenchError, log
@@ -497,7 +498,8 @@ class Presence(Scenario):
             channel = channels[ws.index % nchannels]
             user = f"u{ws.index}"
             data = json.dumps({"user_id": user, "user_info": {"n": ws.index}})
-            auth = channel_auth(self.server, ws.socket_id, channel, data)
+            auth = channel_auth(self.server, ws.socket_id, channel, data,
+                                pair=KeyPair(self.server.key, self.server.secret))
             ws.user = (channel, user)
             self.members[channel].add(user)
             subscribe = json_frame({"event": "pusher:subscribe", "data": {
