@@ -302,13 +302,19 @@ def load_apps_file(path, taken=()):
         raise ConfigError(f"--apps-file {path}: {exc}") from None
     if isinstance(raw, dict) and "apps" in raw:
         raw = raw["apps"]
+    return parse_apps(raw, f"--apps-file {path}", taken)
+
+
+def parse_apps(raw, source, taken=()):
+    """The apps of a list of app records (an apps file's, or one about to be written), checked
+    as at start-up; `source` begins every error message."""
     if not isinstance(raw, list):
-        raise ConfigError(f"--apps-file {path}: expected a JSON list of apps")
+        raise ConfigError(f"{source}: expected a JSON list of apps")
     apps = []
     owners = {named: f"app {app.id} of PUSHER_APP_ID" for app in taken for named in _names(app)}
     for n, entry in enumerate(raw):
         label = entry.get("id", n) if isinstance(entry, dict) else n
-        where = f"--apps-file {path}: app {label}"
+        where = f"{source}: app {label}"
         app = parse_app(entry, where)
         for field, value in _names(app):
             if (field, value) in owners:
@@ -324,23 +330,32 @@ def _names(app):
     return [("id", app.id)] + [("key", pair.key) for pair in app.pairs]
 
 
+def environment_apps(settings):
+    """The app of PUSHER_APP_* (with its options), or none: a list."""
+    if not settings.app_id:
+        return []
+    return [App(id=settings.app_id, key=settings.app_key, secret=settings.app_secret,
+                keys=tuple(KeyPair(*pair) for pair in settings.app_keys or ()),
+                **_environment_options(settings))]
+
+
+def _environment_options(settings):
+    """What the options set of the environment's app (or the development app)."""
+    return dict(client_events=settings.client_events,
+                max_connections=settings.max_connections,
+                allowed_origins=settings.allowed_origins or ANY,
+                max_presence_member_size_in_kb=settings.max_presence_member_size_in_kb,
+                max_backend_events_per_second=settings.max_backend_events_per_second,
+                max_read_requests_per_second=settings.max_read_requests_per_second,
+                subscription_count=settings.subscription_count,
+                webhooks=_targets(settings))
+
+
 def load_apps(settings):
     """The apps of a deployment: the environment's app, the apps file's, or the dev app."""
-    apps = []
-    # What the options set of the environment's app (or the development app).
-    options = dict(client_events=settings.client_events,
-                   max_connections=settings.max_connections,
-                   allowed_origins=settings.allowed_origins or ANY,
-                   max_presence_member_size_in_kb=settings.max_presence_member_size_in_kb,
-                   max_backend_events_per_second=settings.max_backend_events_per_second,
-                   max_read_requests_per_second=settings.max_read_requests_per_second,
-                   subscription_count=settings.subscription_count,
-                   webhooks=_targets(settings))
-    if settings.app_id:
-        apps.append(App(id=settings.app_id, key=settings.app_key, secret=settings.app_secret,
-                        keys=tuple(KeyPair(*pair) for pair in settings.app_keys or ()), **options))
+    apps = environment_apps(settings)
     if settings.apps_file:
         apps.extend(load_apps_file(settings.apps_file, taken=apps))
     if not apps:
-        apps.append(App(**options, **DEV_APP))
+        apps.append(App(**_environment_options(settings), **DEV_APP))
     return AppRegistry(apps)
