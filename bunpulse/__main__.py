@@ -1,4 +1,5 @@
-"""`python -m bunpulse`: the embedded gevent server."""
+"""`python -m bunpulse`: the embedded gevent server; `python -m bunpulse apps ...`: the apps
+command (apps_cli.py)."""
 from gevent import monkey
 
 monkey.patch_all()
@@ -10,6 +11,9 @@ from .config import ConfigError, build_parser, load_settings  # noqa: E402
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["apps"]:  # the apps command: changes the store, serves nothing
+        from .apps_cli import main as apps_main
+        return apps_main(argv[1:])
     build_parser().parse_args(argv)  # --help exits here, before anything starts
     try:
         settings = load_settings(argv)

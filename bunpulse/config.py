@@ -262,6 +262,9 @@ def build_parser():
         prog="python -m bunpulse",
         description="BunPulse: a self-hosted Pusher Channels server. Every option can also be "
                     "set by its environment variable or in a .env file.",
+        epilog="python -m bunpulse apps COMMAND manages the apps of the apps file (add, list, "
+               "show, update, disable, enable, rotate-secret, promote-key, retire-key, "
+               "delete): see python -m bunpulse apps --help.",
         argument_default=argparse.SUPPRESS)
     for option in OPTIONS:
         default = option.shown_default or ("none" if option.default is None else option.default)
