@@ -87,7 +87,8 @@ class FileAppStore:
 
     def _write(self, records, wrapped):
         self._check(records)  # a duplicate key, a mistyped field: refused, the file untouched
-        if not os.access(self.path, os.W_OK):
+        # Its write bits too: root may write any file, but one marked read-only is meant so.
+        if not os.access(self.path, os.W_OK) or not os.stat(self.path).st_mode & 0o222:
             raise StoreError(f"{self.path}: the file is read-only")
         text = json.dumps({"apps": records} if wrapped else records, indent=2) + "\n"
         folder = os.path.dirname(os.path.abspath(self.path))
