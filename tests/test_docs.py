@@ -47,7 +47,11 @@ PATHLIKE = re.compile(r"^(scripts|deploy|tests|docs)/[\w./-]*$")
 # command's --help must show them.
 OTHER_COMMANDS = {"--pid": "gunicorn", "--target": "scripts/bench.py",
                   "--quick": "scripts/bench.py", "--minutes": "scripts/soak.py",
-                  "--connections": "scripts/bench_idle.py", "--debug": "flask"}
+                  "--connections": "scripts/bench_idle.py", "--debug": "flask",
+                  "--json": "bunpulse apps", "--set": "bunpulse apps",
+                  "--unset": "bunpulse apps"}
+APPS_COMMANDS = ("add", "list", "show", "update", "disable", "enable", "rotate-secret",
+                 "promote-key", "retire-key", "delete")
 
 
 def doc_files():
@@ -123,6 +127,9 @@ def program_help(program):
     """The --help text of a command the docs run; '' when it is not installed."""
     if program == "bunpulse":
         return bunpulse_help()
+    if program == "bunpulse apps":  # the apps command and each of its commands
+        return "".join(help_output([sys.executable, "-m", "bunpulse", "apps"] + command +
+                                   ["--help"])[1] for command in [[]] + [[c] for c in APPS_COMMANDS])
     if program == "gunicorn":
         return help_output([os.path.join(BIN, "gunicorn"), "--help"])[1]
     if program == "flask":  # the group's options and `flask run`'s
@@ -233,7 +240,13 @@ def check_command(tokens, problems):
                 check_flags(args[1:], args[0], problems)
             return
         return
-    if name == "bunpulse" or program == "scripts/serve":
+    if name == "bunpulse" and args[:1] == ["apps"]:
+        # the bare name, a command, an option before it, or a placeholder (COMMAND)
+        if len(args) > 1 and not (args[1] in APPS_COMMANDS or args[1].startswith("-")
+                                 or args[1].isupper()):
+            problems.append(f"bunpulse apps {' '.join(args[1:2])}: no such command")
+        check_flags(args, "bunpulse apps", problems)
+    elif name == "bunpulse" or program == "scripts/serve":
         check_flags(args, "bunpulse", problems)
     elif name == "pytest" or program == "scripts/test":
         check_flags(args, "pytest", problems)
@@ -435,7 +448,8 @@ def test_the_options_table_is_the_options_of_the_code():
 
 def test_the_apps_table_is_the_fields_of_an_app():
     from bunpulse.apps import App
-    text = read("docs/configuration.md").split("## Many apps", 1)[1]
+    # its own subsection's tables (the apps command's table lists commands)
+    text = read("docs/configuration.md").split("## Many apps", 1)[1].split("\n### ", 1)[0]
     fields = set()
     for cell in re.findall(r"^\| ([^|]+) \|", text, re.M):
         fields.update(re.findall(r"`(\w+)`", cell))
