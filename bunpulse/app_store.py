@@ -10,7 +10,7 @@ import json
 import os
 import tempfile
 
-from .apps import parse_apps
+from .apps import _no_repeated_fields, parse_apps
 from .config import ConfigError
 
 
@@ -35,7 +35,9 @@ class FileAppStore:
                              f"echo '[]' > {self.path})")
         try:
             with open(self.path, encoding="utf-8") as handle:
-                raw = json.load(handle)
+                raw = json.load(handle, object_pairs_hook=_no_repeated_fields)
+        except ConfigError as exc:  # a field given twice: a rewrite would drop one unseen
+            raise StoreError(f"{self.path}: {exc}") from None
         except OSError as exc:
             raise StoreError(f"{self.path}: cannot read it ({exc.strerror})") from None
         except json.JSONDecodeError as exc:

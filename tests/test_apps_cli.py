@@ -131,6 +131,8 @@ def test_clear_errors_leave_the_file_as_it_was(path, tmp_path):
     bad.write_text('[{"id": "1", "key": "k"}]')
     assert "field 'secret' is missing" in refused("add", "--id", "2", path=bad)
     assert bad.read_text() == '[{"id": "1", "key": "k"}]'
+    bad.write_text('[{"id": "1", "key": "k", "secret": "a", "secret": "b"}]')
+    assert "field 'secret' is given twice" in refused("disable", "1", path=bad)
 
 
 def test_a_wrapped_file_stays_wrapped_and_keeps_its_mode(path):
