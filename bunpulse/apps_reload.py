@@ -2,7 +2,9 @@
 app): `LiveApps` answers like an AppRegistry and looks at the file's stat at most once per
 `--apps-file-reload` seconds, from the lookup that comes due, in whatever process, worker or
 thread does it. A lookup, not a timer: every way of running gets it with no greenlet or thread
-of its own, and a steady-state lookup costs one clock read."""
+of its own, and a steady-state lookup costs one clock read. (The core adds a timer of its own
+in the hub that serves connections, so that a removed app's are closed with no lookup coming:
+BunPulse._watch_apps.)"""
 import logging
 import os
 import time

@@ -49,6 +49,9 @@ clients only:
                           connects, the retired one gets 4001, a connection opened with it
                           stays and takes a subscription signed with the new pair
                           (issue 22, item 3)
+20. app removed live    an app added to the apps file connects once the file is re-read; the
+                          file replaced without it, its open connection, with no request
+                          coming, gets pusher:error 4001 and close 4001 (issue 22, item 1)
 
 One server per (way, profile), started once per way: "limits" (cells 1-7, 9 on, 10, 18, then 11,
 which stops it), "plain" (compression off, default heartbeat: 8 through the HTTP API, 9 off),
@@ -924,6 +927,32 @@ def test_key_rotation_without_a_restart(plain):
         assert old.recv_event("pusher_internal:subscription_succeeded")
     finally:
         old.close()
+
+
+# ---------------------------------------------------------------------------- 20: app removed live
+
+def replace_apps(server, apps):
+    spare = server.apps_file + ".new"
+    with open(spare, "w") as handle:
+        json.dump(apps, handle)
+    os.replace(spare, server.apps_file)
+    time.sleep(APPS_RELOAD_S + 0.5)
+
+
+def test_app_removed_live_4001(plain):
+    """Leaves the file as it found it, whichever of cells 19 and 20 runs first."""
+    with open(plain.apps_file) as handle:
+        before = json.load(handle)
+    replace_apps(plain, before + [{"id": "31", "key": "key-live", "secret": "secret-live"}])
+    live = rotated_ws(plain, "key-live")
+    try:
+        assert first_answer(live) == "pusher:connection_established"
+        replace_apps(plain, before)
+        error = live.recv_event("pusher:error")
+        assert error["data"]["code"] == 4001, error
+        assert live.recv_close()[0] == 4001
+    finally:
+        live.close()
 
 
 # ---------------------------------------------------------------------------- 11: stop (last)

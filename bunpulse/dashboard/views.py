@@ -166,8 +166,11 @@ def sign_in():
     app = _core().apps.by_id(app_id)
     # Compared in constant time, and against a stand-in for an unknown id, so that timing
     # tells neither the secret nor which ids exist.
-    expected = app.secret if app is not None else secrets.token_hex(16)
-    if not hmac.compare_digest(secret.encode(), expected.encode()) or app is None:
+    # Every active secret of the app is compared (a rotation's new one signs in as the old).
+    expected = [pair.secret for pair in app.pairs] if app is not None else \
+        [secrets.token_hex(16)]
+    matches = [hmac.compare_digest(secret.encode(), one.encode()) for one in expected]
+    if not any(matches) or app is None:
         limit.failed(address)
         return _signin_page("Wrong app ID or secret.", app_id, 401)
     if not app.enabled:
@@ -210,7 +213,7 @@ def events():
     app, expires = _signed_in()
     if app is None:
         abort(401, "Sign in first")
-    feed, session_id = _feed(), session["sid"]
+    feed, session_id, apps = _feed(), session["sid"], _core().apps
 
     def stream():
         viewer = feed.add_viewer(app.id, session_id, expires)
@@ -229,6 +232,9 @@ def events():
                 gevent.sleep(POLL)
                 idle += POLL
                 if idle >= PING_EVERY:
+                    live = apps.by_id(app.id)  # removed or disabled since (apps file reloaded)
+                    if live is None or not live.enabled:
+                        break
                     yield ": ping\n\n"  # finds a closed page: the write fails
                     idle = 0.0
             yield "event: end\ndata: {}\n\n"
