@@ -298,6 +298,8 @@ def load_apps_file(path, taken=()):
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--apps-file {path}: invalid JSON at line {exc.lineno}: {exc.msg}") \
             from None
+    except UnicodeDecodeError as exc:  # before json.JSONDecodeError's parent ValueError
+        raise ConfigError(f"--apps-file {path}: not UTF-8 (byte {exc.start})") from None
     except ConfigError as exc:
         raise ConfigError(f"--apps-file {path}: {exc}") from None
     if isinstance(raw, dict) and "apps" in raw:

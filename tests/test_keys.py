@@ -296,6 +296,11 @@ def test_a_broken_file_keeps_the_apps_served(start_server, tmp_path):
         assert library(server, OLD).trigger("c", "e", {}) == {}
     assert server.log().count("apps file not reloaded") == 1, server.log()
     assert "invalid JSON" in server.log()
+    with open(path, "wb") as handle:  # not even UTF-8: refused the same way, no traceback
+        handle.write(b'[{"id": "30", "key": "\xff"}]')
+    time.sleep(RELOAD + 0.3)
+    assert opens(server, OLD["key"]) is True
+    assert "not UTF-8" in server.log() and "Traceback" not in server.log(), server.log()
     replace_file(path, [{"id": ROTATED, **NEW}])
     assert opens(server, NEW["key"]) is True
     assert opens(server, OLD["key"]) == 4001
