@@ -598,7 +598,8 @@ def test_a_batch_whose_retries_run_out_is_dropped_and_the_next_one_sent(
     attempts = list(webhook_receiver.requests)
     assert len(attempts) >= 2 and all(r["failed"] for r in attempts)  # retried, then dropped
     assert all(batch_of(r) == batch_of(attempts[0]) for r in attempts)
-    assert given_up - first >= 1.0, "dropped before --webhook-retry-seconds ran out"
+    # The server's second starts before its first request reaches the receiver: some slack.
+    assert given_up - first >= 0.9, "dropped before --webhook-retry-seconds ran out"
     dropped = len(batch_of(attempts[0]))
     assert {e["channel"] for e in batch_of(attempts[0])} == {lost}
     assert server.metric("bunpulse_webhooks_dropped_total", reason="retries_exhausted") \
