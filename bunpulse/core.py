@@ -10,7 +10,7 @@ from . import protocol
 from .adapters import make_adapter
 from .adapters.local import LocalAdapter
 from .addresses import TrustedProxies, client_address, counted_as
-from .apps_reload import live_apps
+from .apps_reload import FollowReloads, live_apps
 from .connection import Connection
 from .devapp import DevAppGuard
 from .errors import (ClientError, ConnectionRefused, ErrorCode, PresenceFull,
@@ -44,9 +44,8 @@ class BunPulse:
         self.rates = ApiRates(self.adapter)  # the apps' HTTP API rates (429 past them)
         self.webhooks = WebhookSender(settings, self.metrics, self._durable_webhooks(settings))
         self.counts = SubscriptionCounts(self)  # pusher_internal:subscription_count
-        if hasattr(self.apps, "on_reload"):  # the apps file, re-read when it changes
-            self.apps.on_reload = self._apps_reloaded
-            self.webhooks.current = lambda app: self.apps.by_id(app.id) or app
+        # The apps file re-read in place: what a reload does to the open connections.
+        self.reloads = FollowReloads(self) if hasattr(self.apps, "on_reload") else None
         self.hooks = Hooks()
         self.new_socket_id = SocketIds()
         # Clients ping after this many seconds of silence, well before the server's timeout.
@@ -62,8 +61,6 @@ class BunPulse:
         # the apps someone watches, so that an event costs one dict lookup when nobody does.
         self.watching = {}
         self.dashboard = None
-        self._loop = None  # the hub serving the connections, from the first one on
-        self._apps_timer = None  # its look at the apps file (_watch_apps)
         self.adapter.bind(self)
         self.adapter.start()
         self.webhooks.start(lambda: self.apps)  # with Redis: pending ones, a dead worker's too
@@ -74,48 +71,6 @@ class BunPulse:
             return None
         from .webhook_queue import DurableWebhooks  # imports redis: only when it is used
         return DurableWebhooks(self.adapter, settings)
-
-    def _apps_reloaded(self, old, new):
-        """Open connections take their app's new record (its keys: a subscription signed with
-        a pair added since they connected; its webhooks and limits); those of an app removed
-        or disabled are closed, in the hub that serves them. A lookup from a host
-        application's thread (flask run) may get here while the hub thread changes the
-        connections: those left out take the new record at their next subscription
-        (Connection.refresh_app), and the hub's own pass closes the gone ones."""
-        if self._loop is not None:  # else no connection was ever served: none to close
-            self._loop.run_callback_threadsafe(gevent.spawn_raw, self._close_gone, new)
-        try:
-            connections = self.hub.connections()
-        except RuntimeError:  # a dict changed size under another thread's iteration
-            return
-        for conn in connections:
-            record = new.by_id(conn.app.id)
-            if record is not None and record.enabled:
-                conn.app = record
-
-    def _close_gone(self, apps):
-        """Close the connections of an app that `apps` no longer has, or has disabled, as a
-        connect of that app is refused at admission: pusher:error, then 4001 or 4003."""
-        for conn in self.hub.connections():
-            record = apps.by_id(conn.app.id)
-            if conn.closed or (record is not None and record.enabled):
-                continue
-            if record is None:
-                conn.refuse(ErrorCode.APP_NOT_FOUND, f"App {conn.app.id} does not exist.")
-            else:
-                conn.refuse(ErrorCode.APP_DISABLED, "Application is disabled")
-
-    def _watch_apps(self):
-        """Look at the apps file now and then from the hub that serves the connections (the
-        first one served starts it), so that a worker with no lookup coming still closes a
-        removed or disabled app's connections within --apps-file-reload seconds."""
-        self._loop = gevent.get_hub().loop
-        if not hasattr(self.apps, "on_reload"):
-            return
-        every = self.settings.apps_file_reload
-        self._apps_timer = timer = self._loop.timer(every, every)
-        timer.ref = False  # never what keeps a hub alive
-        timer.start(self.apps.__len__)  # a lookup: it reads the file when it is due
 
     # ---------------------------------------------------------------- connections
 
@@ -131,8 +86,8 @@ class BunPulse:
         """Run one Pusher connection on an upgraded socket, given what `admit` said; returns
         at once: the event loop serves the socket from then on. `address` (the client's, see
         `address_of`) is counted against max_connections_per_ip while the connection lasts."""
-        if self._loop is None:
-            self._watch_apps()
+        if self.reloads is not None and not self.reloads.watching:
+            self.reloads.watch()  # from the hub that serves the connections
         ws.max_message_size = self.settings.max_message_size
         ws.outbox.limit = self.settings.max_buffer
         if isinstance(admission, ConnectionRefused):
@@ -191,7 +146,7 @@ class BunPulse:
         match = APP_PATH.match(path)
         if match is None:
             raise ConnectionRefused(ErrorCode.PATH_NOT_FOUND,
-                                    f"Path not found: connect to /app/{{key}}")
+                                    "Path not found: connect to /app/{key}")
         key = match.group(1)
         app = self.apps.by_key(key)
         if app is None:
@@ -263,8 +218,8 @@ class BunPulse:
         # causes: channels this server vacated are reported, not left occupied at the receiver.
         while self.hub.connections() and time.monotonic() < deadline:
             gevent.sleep(0.02)
-        if self._apps_timer is not None:
-            self._apps_timer.stop()
+        if self.reloads is not None:
+            self.reloads.stop()
         if self.dashboard is not None:
             self.dashboard.stop()
         self.webhooks.close(grace=max(0.0, deadline - time.monotonic()))
